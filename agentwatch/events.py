@@ -1,0 +1,206 @@
+"""Events that flow through agentwatch, and the findings detectors make of them.
+
+Every event is a frozen, slotted dataclass carrying its own timestamp (unix seconds), so
+detectors never read a clock. Events travel between workers as JSON objects whose keys are
+the field names (``orjson`` serialises these dataclasses natively); :func:`event_from_dict`
+turns such an object back into its event, ignoring keys a newer producer may have added.
+
+Structured payloads that vary per call (tool definitions, the tool calls a model asked for,
+finding evidence) are kept as JSON text or plain mappings so that each event maps onto one
+flat Parquet row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Mapping, TypeVar
+
+
+@dataclass(frozen=True, slots=True)
+class LlmCall:
+    """One model invocation (the innermost LLM span of a call), with usage and cost."""
+
+    table: ClassVar[str] = "llm_calls"
+
+    ts: float  # span end, unix seconds
+    trace_id: str
+    span_id: str
+    parent_span_id: str = ""
+    service: str = ""
+    project: str = ""
+    user: str = ""
+    session: str = ""
+    agent: str = ""
+    host: str = ""
+    provider: str = ""
+    model: str = ""  # response model when known, else the request model
+    request_model: str = ""
+    operation: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    priced: bool = False  # False when the model is missing from the pricing table (cost 0)
+    latency_ms: float = 0.0
+    status: str = "ok"  # "ok" | "error"
+    error: str = ""
+    prompt: str = ""  # truncated to the configured maximum
+    response: str = ""
+    # JSON text: [{"name": str, "parameters": {...JSON schema...}}, ...] declared to the model.
+    tool_definitions: str = ""
+    # JSON text: [{"name": str, "arguments": str, "id": str}, ...] the model asked to call.
+    requested_tool_calls: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool execution span (``execute_tool``, OpenInference TOOL, traceloop tool)."""
+
+    table: ClassVar[str] = "tool_calls"
+
+    ts: float
+    trace_id: str
+    span_id: str
+    parent_span_id: str = ""
+    service: str = ""
+    project: str = ""
+    user: str = ""
+    session: str = ""
+    agent: str = ""
+    host: str = ""
+    tool_name: str = ""
+    call_id: str = ""
+    arguments: str = ""  # as sent, usually JSON text
+    result: str = ""
+    latency_ms: float = 0.0
+    status: str = "ok"
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStep:
+    """An agent/chain/workflow span: the skeleton of a trace between model and tool calls."""
+
+    table: ClassVar[str] = "agent_steps"
+
+    ts: float
+    trace_id: str
+    span_id: str
+    parent_span_id: str = ""
+    service: str = ""
+    project: str = ""
+    user: str = ""
+    session: str = ""
+    agent: str = ""
+    host: str = ""
+    operation: str = ""  # invoke_agent, create_agent, chain, workflow, task, ...
+    name: str = ""  # span name
+    start_ts: float = 0.0
+    latency_ms: float = 0.0
+    status: str = "ok"
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LlmMessage:
+    """A prompt or completion message that arrived as an OTLP log record (openai-v2 style).
+
+    Joined to its :class:`LlmCall` by ``(trace_id, span_id)`` in the snapshot views.
+    """
+
+    table: ClassVar[str] = "llm_messages"
+
+    ts: float
+    trace_id: str
+    span_id: str
+    service: str = ""
+    event_name: str = ""  # gen_ai.user.message, gen_ai.choice, ...
+    role: str = ""
+    content: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One NVML (or DCGM) reading.
+
+    ``pid == 0`` is the whole device; otherwise the row is one compute process on it and
+    ``memory_used_bytes`` is that process's usage.
+    """
+
+    table: ClassVar[str] = "gpu_samples"
+
+    ts: float
+    host: str
+    gpu: int  # device index
+    gpu_uuid: str = ""
+    gpu_name: str = ""
+    pid: int = 0
+    process_name: str = ""
+    memory_used_bytes: int = 0
+    memory_free_bytes: int = 0
+    memory_total_bytes: int = 0
+    utilization_pct: float = 0.0
+    temperature_c: float = 0.0
+    power_w: float = 0.0
+    simulated: bool = False  # True when the sample came from the demo's simulated source
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What a detector concluded, at the timestamp of the event that made it conclude so.
+
+    ``key`` identifies the monitored thing (``project=shop/model=gpt-4o``, a trace id, a GPU);
+    ``detector`` + ``kind`` + ``key`` is the dedup identity used by alerting. A finding with
+    ``resolved=True`` says that condition has cleared.
+    """
+
+    table: ClassVar[str] = "findings"
+
+    detector: str
+    key: str
+    kind: str
+    severity: Severity
+    ts: float
+    value: float
+    threshold: float
+    evidence: Mapping[str, Any] = field(default_factory=dict)  # JSON-able
+    resolved: bool = False
+
+    @property
+    def dedup_key(self) -> str:
+        return f"{self.detector}:{self.kind}:{self.key}"
+
+
+EVENT_TYPES: tuple[type, ...] = (LlmCall, ToolCall, AgentStep, LlmMessage, GpuSample, Finding)
+EVENT_BY_TABLE: dict[str, type] = {t.table: t for t in EVENT_TYPES}
+
+E = TypeVar("E")
+
+
+def event_from_dict(cls: type[E], data: Mapping[str, Any]) -> E:
+    """Build ``cls`` from a decoded JSON object, ignoring unknown keys (forward compatible)."""
+    names = _field_names(cls)
+    kwargs = {k: v for k, v in data.items() if k in names}
+    if cls is Finding and "severity" in kwargs:
+        kwargs["severity"] = Severity(kwargs["severity"])
+    return cls(**kwargs)
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = frozenset(f.name for f in dataclasses.fields(cls))
+        _FIELD_NAMES[cls] = names
+    return names

@@ -1,0 +1,1 @@
+"""Alerts: alert model, routing/dedup/grouping/rate-limit policy and notifiers."""

@@ -1,0 +1,1 @@
+"""Dashboards: Prometheus metrics, Grafana dashboards as code and provisioning."""

@@ -1,0 +1,28 @@
+"""The detector contract.
+
+A detector is a pure online object: ``update(event)`` per event returns the findings that
+event caused (``()`` when none), state is bounded, and ``snapshot()``/``restore()`` move that
+state through JSON so a worker can checkpoint it. Detectors import stdlib, numpy and scipy
+only: no Kafka, no HTTP, no environment, no clock (every event carries its timestamp).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, Sequence, TypeVar, runtime_checkable
+
+from agentwatch.events import Finding
+
+E_contra = TypeVar("E_contra", contravariant=True)
+
+
+@runtime_checkable
+class Detector(Protocol[E_contra]):
+    name: ClassVar[str]
+    # The event classes this detector consumes; the stream runner routes by them.
+    accepts: ClassVar[tuple[type, ...]]
+
+    def update(self, event: E_contra) -> Sequence[Finding]: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def restore(self, snap: dict[str, Any]) -> None: ...

@@ -1,0 +1,1 @@
+"""Streams: the Faust app, topics and agents; OTLP decoding and semantic-convention mapping; snapshots."""
