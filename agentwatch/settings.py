@@ -1,0 +1,43 @@
+"""Process configuration, read once in ``main()`` from ``AGENTWATCH_*`` variables and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agentwatch.broker import MAX_MESSAGE_BYTES
+
+
+class Settings(BaseSettings):
+    """Everything a worker or the embedded stack needs; CLI flags override these fields."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTWATCH_", env_nested_delimiter="__", extra="ignore")
+
+    # Kafka. None = start the embedded Tansu broker on broker_port.
+    bootstrap_servers: str | None = None
+    broker_port: int = 9092
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    app_id: str = "agentwatch"
+
+    # Collector (rotel) ports.
+    otlp_grpc_port: int = 4317
+    otlp_http_port: int = 4318
+    # Largest span the collector's Kafka batches must hold without overflowing a record;
+    # a 32 KiB prompt plus attributes fits. Batches are sized as max_message_bytes / this.
+    collector_max_span_bytes: int = 40 * 1024
+
+    # Workers.
+    workers: int = 1
+    metrics_port: int = 9108  # worker i serves /metrics on metrics_port + i; 0 disables
+    data_dir: Path = Path("agentwatch-data")
+    pricing_path: Path | None = None
+    max_text_chars: int = 8192
+    snapshot_flush_rows: int = 50_000
+    snapshot_flush_seconds: float = 2.0
+
+    # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
+    rebalance_timeout_s: float = 6.0
+    session_timeout_s: float = 6.0
+    heartbeat_interval_s: float = 1.0
+    commit_interval_s: float = 1.0

@@ -1,0 +1,220 @@
+"""The Faust worker: thin agents over :mod:`agentwatch.streams.pipeline`.
+
+Topology (every record is a batch; nothing here runs per span):
+
+    otlp_spans ─► normalize ─► llm_calls / tool_calls / agent_steps (partitioned by trace id)
+    otlp_logs  ─► normalize ─► llm_messages
+    event topics ─► snapshot sink (Parquet) + detectors ─► findings, alerts
+    findings, alerts ─► snapshot sink
+
+Built by :func:`create_app` from explicit settings: there is no module-level app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import faust
+
+from agentwatch.broker import DEFAULT_TOPICS
+from agentwatch.events import Finding
+from agentwatch.settings import Settings
+from agentwatch.streams.normalize import Normalizer
+from agentwatch.streams.pipeline import (SpanPipeline, decode_event_rows, encode_by_partition,
+                                         rows_to_events)
+from agentwatch.streams.otlp import UndecodableRecord
+from agentwatch.streams.pricing import PricingTable
+from agentwatch.streams.snapshots import SnapshotSink
+
+log = logging.getLogger(__name__)
+
+EVENT_TOPICS = ("llm_calls", "tool_calls", "agent_steps", "llm_messages", "gpu_samples")
+# Topics whose events the detectors see (llm_messages only feed the snapshot join).
+DETECTED_TOPICS = frozenset({"llm_calls", "tool_calls", "agent_steps", "gpu_samples"})
+DLQ_REASON_HEADER = "agentwatch.dlq.reason"
+
+
+class WorkerState:
+    """Everything one worker process holds: the pipeline objects, sink, detectors, metrics."""
+
+    def __init__(self, settings: Settings, *, worker_index: int, detect: Callable[[Sequence[Any]], list[Finding]] | None,
+                 metrics: Any | None, alert_record: Callable[[Finding], bytes] | None) -> None:
+        self.settings = settings
+        self.partitions = dict(DEFAULT_TOPICS)
+        pricing = PricingTable.load(settings.pricing_path)
+        self.pipeline = SpanPipeline(Normalizer(pricing, max_text_chars=settings.max_text_chars), self.partitions)
+        self.sink = SnapshotSink(settings.data_dir, writer_id=f"{settings.app_id}-w{worker_index}",
+                                 flush_rows=settings.snapshot_flush_rows,
+                                 flush_seconds=settings.snapshot_flush_seconds)
+        self.detect = detect
+        self.metrics = metrics
+        self.alert_record = alert_record
+        self.counts = {"spans": 0, "records": 0, "dead_letter": 0, "findings": 0}
+
+
+def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | None = None,
+               detect: Callable[[Sequence[Any]], list[Finding]] | None = None,
+               metrics: Any | None = None,
+               alert_record: Callable[[Finding], bytes] | None = None) -> tuple[faust.App, WorkerState]:
+    if not settings.bootstrap_servers:
+        raise ValueError("create_app needs settings.bootstrap_servers")
+    state = WorkerState(settings, worker_index=worker_index, detect=detect, metrics=metrics,
+                        alert_record=alert_record)
+    fetch = settings.max_message_bytes * 2
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
+        store="memory://",
+        autodiscover=False,
+        web_enabled=False,  # metrics are served by prometheus_client on --metrics-port
+        topic_allow_declare=False,  # the supervisor creates topics with their partition counts
+        topic_disable_leader=True,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        broker_max_poll_interval=max(30.0, settings.session_timeout_s * 5),
+        consumer_max_fetch_size=fetch,
+        consumer_auto_offset_reset="earliest",
+        producer_max_request_size=settings.max_message_bytes,
+        producer_linger_ms=5,
+        stream_buffer_maxsize=64,
+    )
+
+    def topic(*names: str) -> faust.TopicT:
+        return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw", allow_empty=True)
+
+    out_topics = {name: topic(name) for name in DEFAULT_TOPICS}
+
+    async def send_all(outputs: list[tuple[str, int, bytes]]) -> None:
+        for name, partition, payload in outputs:
+            await out_topics[name].send(value=payload, partition=partition)
+
+    async def dead_letter(event: Any, reason: str) -> None:
+        message = event.message
+        state.counts["dead_letter"] += 1
+        if state.metrics is not None:
+            state.metrics.observe_dead_letter(topic=message.topic, reason=reason.split(":")[0])
+        log.warning("dead-lettered %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+        await out_topics["dead_letter"].send(
+            key=message.key, value=message.value or b"",
+            headers=[(DLQ_REASON_HEADER, reason.encode()[:4000]),
+                     ("agentwatch.dlq.topic", message.topic.encode()),
+                     ("agentwatch.dlq.partition", str(message.partition).encode()),
+                     ("agentwatch.dlq.offset", str(message.offset).encode())])
+
+    @app.agent(topic("otlp_spans"), name="agentwatch.normalize_spans")
+    async def normalize_spans(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            started = time.perf_counter()
+            try:
+                outcome = state.pipeline.on_traces(event.value or b"")
+            except Exception as exc:  # never let one record kill the worker
+                log.exception("normaliser failed on a record")
+                await dead_letter(event, f"normaliser error: {type(exc).__name__}: {exc}")
+                continue
+            await send_all(outcome.outputs)
+            state.counts["spans"] += outcome.spans
+            state.counts["records"] += 1
+            if outcome.dead_letter_reason:
+                await dead_letter(event, outcome.dead_letter_reason)
+            if state.metrics is not None:
+                state.metrics.observe_batch(topic="otlp_spans", spans=outcome.spans,
+                                            seconds=time.perf_counter() - started)
+                if outcome.batch is not None:
+                    state.metrics.observe_llm_calls(outcome.batch.llm_calls)
+                    state.metrics.observe_tool_calls(outcome.batch.tool_calls)
+
+    @app.agent(topic("otlp_logs"), name="agentwatch.normalize_logs")
+    async def normalize_logs(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                outcome = state.pipeline.on_logs(event.value or b"")
+            except Exception as exc:
+                await dead_letter(event, f"normaliser error: {type(exc).__name__}: {exc}")
+                continue
+            await send_all(outcome.outputs)
+            if outcome.dead_letter_reason:
+                await dead_letter(event, outcome.dead_letter_reason)
+
+    @app.agent(topic(*EVENT_TOPICS), name="agentwatch.detect_and_snapshot")
+    async def detect_and_snapshot(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            table = event.message.topic
+            try:
+                rows = decode_event_rows(event.value or b"")
+                events = rows_to_events(table, rows)
+            except UndecodableRecord as exc:
+                await dead_letter(event, f"undecodable {table} record: {exc}")
+                continue
+            state.sink.add_rows(table, rows)
+            if table == "gpu_samples" and state.metrics is not None:
+                state.metrics.observe_gpu_samples(events)
+            if state.detect is None or table not in DETECTED_TOPICS:
+                continue
+            try:
+                findings = state.detect(events)
+            except Exception as exc:
+                log.exception("detector failed")
+                await dead_letter(event, f"detector error: {type(exc).__name__}: {exc}")
+                continue
+            if findings:
+                state.counts["findings"] += len(findings)
+                await send_all(encode_by_partition_key("findings", findings, state.partitions["findings"]))
+                if state.alert_record is not None:
+                    for finding in findings:
+                        await out_topics["alerts"].send(key=finding.dedup_key.encode(),
+                                                        value=state.alert_record(finding))
+                if state.metrics is not None:
+                    state.metrics.observe_findings(findings)
+
+    @app.agent(topic("findings", "alerts"), name="agentwatch.snapshot_outputs")
+    async def snapshot_outputs(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                rows = decode_event_rows(event.value or b"")
+            except UndecodableRecord as exc:
+                await dead_letter(event, f"undecodable {event.message.topic} record: {exc}")
+                continue
+            state.sink.add_rows(event.message.topic, rows)
+
+    @app.timer(0.5)
+    async def flush_snapshots() -> None:
+        due = state.sink.take_due()
+        if due:
+            # Parquet encoding runs in a thread so the consumer loop keeps heartbeating.
+            await asyncio.get_running_loop().run_in_executor(None, state.sink.write, due)
+
+    @app.on_before_shutdown.connect
+    async def flush_on_shutdown(app: faust.App, **kwargs: Any) -> None:
+        state.sink.flush(force=True)
+
+    if ready_file is not None:
+        @app.task
+        async def announce_ready() -> None:
+            # Ready means joined: the group has handed this worker its partitions.
+            while not app.consumer.assignment():
+                await asyncio.sleep(0.1)
+            ready_file.write_text(str(time.time()))
+
+    return app, state
+
+
+def encode_by_partition_key(topic: str, findings: Sequence[Finding], partitions: int) -> list[tuple[str, int, bytes]]:
+    """Findings partitioned by their dedup key, so one condition's history stays in order."""
+    import zlib
+
+    import orjson
+
+    groups: dict[int, list[Finding]] = {}
+    for finding in findings:
+        groups.setdefault(zlib.crc32(finding.dedup_key.encode()) % partitions, []).append(finding)
+    return [(topic, p, orjson.dumps(group)) for p, group in groups.items()]
+
+
+__all__ = ["create_app", "WorkerState", "encode_by_partition"]

@@ -1,0 +1,530 @@
+"""OTLP export requests -> LlmCall / ToolCall / AgentStep / LlmMessage events.
+
+A Kafka record of ``otlp_spans`` is a batch; it is decoded once and walked in plain Python.
+Per span the attributes are read in a single pass into a dict; everything else is dict look-ups,
+so the normaliser stays close to the decode + attribute-walk limit.
+
+Real instrumentations nest spans: an agent-level span and its child LLM span may both carry
+the model and even the same token counts. Only the innermost LLM span of a call becomes an
+:class:`LlmCall`; an LLM-looking ancestor becomes an :class:`AgentStep`, and the fields the
+child lacks (request model, provider, tokens) are taken from it. Ancestors arriving in a later
+batch are recognised through a bounded memory of recent LLM spans' parents.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import orjson
+
+from agentwatch.events import AgentStep, LlmCall, LlmMessage, ToolCall
+from agentwatch.streams import semconv as sc
+from agentwatch.streams.otlp import any_value, attributes
+from agentwatch.streams.pricing import PricingTable
+
+_STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+_MAX_TOKENS = 10**12  # anything larger is corrupt input, not usage
+
+
+@dataclass
+class NormalizedBatch:
+    spans: int = 0
+    llm_calls: list[LlmCall] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    agent_steps: list[AgentStep] = field(default_factory=list)
+    # Spans that could not be mapped: (span id, reason). The rest of the batch still counts.
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Normalizer:
+    """Maps decoded OTLP requests onto events. Holds only bounded memory across batches.
+
+    Parameters
+    ----------
+    pricing
+        Model prices; unknown models cost 0 and are counted in ``unpriced_models``.
+    max_text_chars
+        Prompt, response, argument and result texts are cut to this many characters.
+    parent_memory
+        How many recent LLM spans' parents to remember to demote ancestors seen later.
+    """
+
+    def __init__(self, pricing: PricingTable, *, max_text_chars: int = 8192,
+                 parent_memory: int = 100_000) -> None:
+        if max_text_chars < 0:
+            raise ValueError("max_text_chars must be >= 0")
+        if parent_memory < 0:
+            raise ValueError("parent_memory must be >= 0")
+        self.pricing = pricing
+        self.max_text_chars = max_text_chars
+        self.parent_memory = parent_memory
+        self._llm_parents: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.unpriced_models: collections.Counter[str] = collections.Counter()
+
+    # -- traces -------------------------------------------------------------------------------
+
+    def normalize_traces(self, request: Any) -> NormalizedBatch:
+        batch = NormalizedBatch()
+        # First pass: classify every span; keep only the GenAI ones.
+        staged: list[tuple[str, Any, dict[str, Any], dict[str, Any], str, str]] = []
+        for resource_spans in request.resource_spans:
+            resource = attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    batch.spans += 1
+                    try:
+                        attrs = attributes(span.attributes)
+                        role = _span_role(attrs)
+                        if role is not None:
+                            staged.append((role, span, attrs, resource, span.trace_id.hex(),
+                                           span.span_id.hex()))
+                    except Exception as exc:  # hostile attribute content must not sink the batch
+                        batch.failures.append((span.span_id.hex(), f"{type(exc).__name__}: {exc}"))
+        if not staged:
+            return batch
+
+        # Which LLM spans are ancestors of another LLM span (this batch or remembered)?
+        llm_parent_ids = {(t, s.parent_span_id.hex()) for role, s, _, _, t, _ in staged if role == "llm"}
+        llm_by_id = {(t, sid): (a, (t, s.parent_span_id.hex())) for role, s, a, _, t, sid in staged if role == "llm"}
+        trace_context = _trace_context(staged)
+        remembered = self._llm_parents
+
+        for role, span, attrs, resource, trace_id, span_id in staged:
+            try:
+                if role == "llm" and ((trace_id, span_id) in llm_parent_ids or (trace_id, span_id) in remembered):
+                    role = "agent"  # an outer wrapper of a model call: counted once, in the child
+                context = trace_context[trace_id]
+                if role == "llm":
+                    parent_key = (trace_id, span.parent_span_id.hex())
+                    merged = _merge_ancestors(attrs, parent_key, llm_by_id)
+                    batch.llm_calls.append(self._llm_call(span, merged, resource, context, trace_id, span_id))
+                    if self.parent_memory:
+                        remembered[parent_key] = None
+                        if len(remembered) > self.parent_memory:
+                            remembered.popitem(last=False)
+                elif role == "tool":
+                    batch.tool_calls.append(self._tool_call(span, attrs, resource, context, trace_id, span_id))
+                else:
+                    batch.agent_steps.append(self._agent_step(span, attrs, resource, context, trace_id, span_id))
+            except Exception as exc:
+                batch.failures.append((span_id, f"{type(exc).__name__}: {exc}"))
+        return batch
+
+    def _llm_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
+                  context: dict[str, str], trace_id: str, span_id: str) -> LlmCall:
+        clip = self.max_text_chars
+        request_model = _str(_first(attrs, sc.REQUEST_MODEL))
+        model = _str(_first(attrs, sc.RESPONSE_MODEL)) or request_model
+        input_tokens = _int(_first(attrs, sc.INPUT_TOKENS))
+        output_tokens = _int(_first(attrs, sc.OUTPUT_TOKENS))
+        cache_read = _int(_first(attrs, sc.CACHE_READ_TOKENS))
+        cost, priced = self.pricing.cost_usd(model, input_tokens, output_tokens, cache_read)
+        if not priced and model and len(self.unpriced_models) < 1000:
+            self.unpriced_models[model] += 1
+        prompt = _prompt_text(attrs, span)
+        response, requested = _response(attrs, span)
+        status, error = _status(span, attrs)
+        start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        return LlmCall(
+            ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
+            service=_str(resource.get("service.name")), project=context["project"] or _ctx(sc.PROJECT, attrs, resource),
+            user=context["user"], session=context["session"], agent=context["agent"],
+            host=_ctx(sc.HOST, attrs, resource),
+            provider=_str(_first(attrs, sc.PROVIDER)), model=model, request_model=request_model,
+            operation=_str(_first(attrs, sc.OPERATION)) or "chat",
+            input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
+            reasoning_tokens=_int(_first(attrs, sc.REASONING_TOKENS)),
+            cost_usd=cost, priced=priced,
+            latency_ms=max(end - start, 0) / 1e6, status=status, error=error[:clip],
+            prompt=prompt[:clip], response=response[:clip],
+            tool_definitions=_dump(_tool_definitions(attrs)),
+            requested_tool_calls=_dump(requested),
+        )
+
+    def _tool_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
+                   context: dict[str, str], trace_id: str, span_id: str) -> ToolCall:
+        clip = self.max_text_chars
+        name = _str(_first(attrs, sc.TOOL_NAME)) or _str(attrs.get(sc.TRACELOOP_ENTITY))
+        if not name:
+            # "execute_tool get_weather" is the span-name convention when the attribute is absent.
+            name = span.name.removeprefix("execute_tool").strip() or span.name
+        status, error = _status(span, attrs)
+        start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        return ToolCall(
+            ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
+            service=_str(resource.get("service.name")), project=context["project"] or _ctx(sc.PROJECT, attrs, resource),
+            user=context["user"], session=context["session"], agent=context["agent"],
+            host=_ctx(sc.HOST, attrs, resource), tool_name=name,
+            call_id=_str(_first(attrs, sc.TOOL_CALL_ID)),
+            arguments=_text(_first(attrs, sc.TOOL_ARGUMENTS))[:clip],
+            result=_text(_first(attrs, sc.TOOL_RESULT))[:clip],
+            latency_ms=max(end - start, 0) / 1e6, status=status, error=error[:clip],
+        )
+
+    def _agent_step(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
+                    context: dict[str, str], trace_id: str, span_id: str) -> AgentStep:
+        status, error = _status(span, attrs)
+        start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        operation = (_str(attrs.get("gen_ai.operation.name")) or _str(attrs.get(sc.OPENINFERENCE_KIND)).lower()
+                     or _str(attrs.get(sc.TRACELOOP_KIND)) or "step")
+        return AgentStep(
+            ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
+            service=_str(resource.get("service.name")), project=context["project"] or _ctx(sc.PROJECT, attrs, resource),
+            user=context["user"], session=context["session"],
+            agent=_str(_first(attrs, sc.AGENT)) or context["agent"] or _str(attrs.get(sc.TRACELOOP_ENTITY)),
+            host=_ctx(sc.HOST, attrs, resource), operation=operation, name=span.name,
+            start_ts=start / 1e9, latency_ms=max(end - start, 0) / 1e6, status=status,
+            error=error[: self.max_text_chars],
+        )
+
+    # -- logs ---------------------------------------------------------------------------------
+
+    def normalize_logs(self, request: Any) -> tuple[int, list[LlmMessage]]:
+        """(log records seen, messages): the GenAI message events among the log records."""
+        seen = 0
+        messages: list[LlmMessage] = []
+        clip = self.max_text_chars
+        for resource_logs in request.resource_logs:
+            service = _str(attributes(resource_logs.resource.attributes).get("service.name"))
+            for scope_logs in resource_logs.scope_logs:
+                for record in scope_logs.log_records:
+                    seen += 1
+                    attrs = attributes(record.attributes)
+                    event_name = getattr(record, "event_name", "") or _str(attrs.get("event.name"))
+                    if not event_name.startswith("gen_ai.") or not record.trace_id:
+                        continue
+                    body = any_value(record.body) if record.HasField("body") else None
+                    role, content = _message_role_content(event_name, body, attrs)
+                    ts = (record.time_unix_nano or record.observed_time_unix_nano) / 1e9
+                    messages.append(LlmMessage(
+                        ts=ts, trace_id=record.trace_id.hex(), span_id=record.span_id.hex(),
+                        service=service, event_name=event_name, role=role, content=content[:clip]))
+        return seen, messages
+
+
+# -- classification ---------------------------------------------------------------------------
+
+def _span_role(attrs: dict[str, Any]) -> str | None:
+    op = attrs.get("gen_ai.operation.name")
+    if op:
+        if op in sc.LLM_OPERATIONS:
+            return "llm"
+        if op in sc.TOOL_OPERATIONS:
+            return "tool"
+        if op in sc.AGENT_OPERATIONS:
+            return "agent"
+    kind = attrs.get(sc.OPENINFERENCE_KIND)
+    if kind:
+        kind = str(kind).upper()
+        if kind in sc.OI_LLM_KINDS:
+            return "llm"
+        return "tool" if kind == "TOOL" else "agent"
+    kind = attrs.get(sc.TRACELOOP_KIND)
+    if kind:
+        return "tool" if kind == "tool" else "agent"
+    if attrs.get("llm.request.type"):
+        return "llm"
+    for key in sc.REQUEST_MODEL + sc.RESPONSE_MODEL:
+        if attrs.get(key):
+            return "llm"
+    for key in sc.TOOL_NAME:
+        if attrs.get(key):
+            return "tool"
+    if attrs.get("gen_ai.agent.name"):
+        return "agent"
+    return None
+
+
+def _trace_context(staged: list) -> dict[str, dict[str, str]]:
+    """Project/user/session/agent per trace: set on one span (often the root), shared by all."""
+    out: dict[str, dict[str, str]] = {}
+    for _, _, attrs, _, trace_id, _ in staged:
+        ctx = out.get(trace_id)
+        if ctx is None:
+            ctx = out[trace_id] = {"project": "", "user": "", "session": "", "agent": ""}
+        for name, keys in (("project", sc.PROJECT[:-1]), ("user", sc.USER), ("session", sc.SESSION),
+                           ("agent", sc.AGENT)):
+            if not ctx[name]:
+                ctx[name] = _str(_first(attrs, keys))
+    return out
+
+
+def _merge_ancestors(attrs: dict[str, Any], parent_key: tuple[str, str],
+                     llm_by_id: Mapping[tuple[str, str], tuple[dict[str, Any], tuple[str, str]]]
+                     ) -> dict[str, Any]:
+    """The child's attributes, with what it lacks filled from its LLM ancestors in this batch."""
+    found = llm_by_id.get(parent_key)
+    if found is None:
+        return attrs
+    merged = dict(attrs)
+    for _ in range(8):  # nesting depth guard against cyclic parent ids in hostile input
+        parent_attrs, grand_key = found
+        for key, value in parent_attrs.items():
+            if merged.get(key) in (None, ""):
+                merged[key] = value
+        found = llm_by_id.get(grand_key)
+        if found is None:
+            break
+    return merged
+
+
+def _status(span: Any, attrs: dict[str, Any]) -> tuple[str, str]:
+    error_type = attrs.get("error.type")
+    if span.status.code == _STATUS_ERROR or error_type:
+        message = span.status.message or _str(error_type)
+        if not message:
+            for event in span.events:
+                if event.name == "exception":
+                    message = _str(attributes(event.attributes).get("exception.message"))
+                    break
+        return "error", message or "error"
+    return "ok", ""
+
+
+# -- text -------------------------------------------------------------------------------------
+
+def _prompt_text(attrs: dict[str, Any], span: Any) -> str:
+    messages = _json_value(attrs.get(sc.INPUT_MESSAGES))
+    if isinstance(messages, list) and messages:
+        return _last_message_text(messages, "user")
+    indexed = _indexed_messages(attrs, sc.TRACELOOP_PROMPT_PREFIX, ".role", ".content")
+    if indexed:
+        return _last_message_text(indexed, "user")
+    indexed = _indexed_messages(attrs, sc.OI_INPUT_MESSAGES_PREFIX, ".message.role", ".message.content")
+    if indexed:
+        return _last_message_text(indexed, "user")
+    legacy = attrs.get(sc.LEGACY_PROMPT)
+    if legacy:
+        return _text(legacy)
+    if attrs.get(sc.OI_INPUT):
+        return _text(attrs[sc.OI_INPUT])
+    for event in span.events:
+        if event.name in ("gen_ai.user.message", "gen_ai.content.prompt"):
+            ev = attributes(event.attributes)
+            return _text(ev.get("content") or ev.get("gen_ai.prompt") or "")
+    return ""
+
+
+def _response(attrs: dict[str, Any], span: Any) -> tuple[str, list[dict[str, str]]]:
+    """The model's text output and the tool calls it asked for."""
+    messages = _json_value(attrs.get(sc.OUTPUT_MESSAGES))
+    if isinstance(messages, list) and messages:
+        return _last_message_text(messages, None), _requested_calls(messages)
+    indexed = _indexed_messages(attrs, sc.TRACELOOP_COMPLETION_PREFIX, ".role", ".content",
+                                tool_calls=(".tool_calls.", ".name", ".arguments", ".id"))
+    if indexed:
+        return _last_message_text(indexed, None), _requested_calls(indexed)
+    indexed = _indexed_messages(attrs, sc.OI_OUTPUT_MESSAGES_PREFIX, ".message.role", ".message.content",
+                                tool_calls=(".message.tool_calls.", ".tool_call.function.name",
+                                            ".tool_call.function.arguments", ".tool_call.id"))
+    if indexed:
+        return _last_message_text(indexed, None), _requested_calls(indexed)
+    legacy = attrs.get(sc.LEGACY_COMPLETION) or attrs.get(sc.OI_OUTPUT)
+    if legacy:
+        return _text(legacy), []
+    for event in span.events:
+        if event.name in ("gen_ai.choice", "gen_ai.content.completion"):
+            ev = attributes(event.attributes)
+            return _text(ev.get("content") or ev.get("gen_ai.completion") or ev.get("message") or ""), []
+    return "", []
+
+
+def _indexed_messages(attrs: dict[str, Any], prefix: str, role_suffix: str, content_suffix: str,
+                      tool_calls: tuple[str, str, str, str] | None = None) -> list[dict[str, Any]]:
+    """Rebuild ``prefix.N.<suffix>`` attribute families into messages, ordered by N.
+
+    Indexes need not start at 0 or be contiguous (OpenInference), so they are sorted, not counted.
+    """
+    by_index: dict[int, dict[str, Any]] = {}
+    for key, value in attrs.items():
+        if not key.startswith(prefix):
+            continue
+        index_text, _, rest = key[len(prefix):].partition(".")
+        if not index_text.isdigit():
+            continue
+        message = by_index.setdefault(int(index_text), {})
+        suffix = "." + rest
+        if suffix == role_suffix:
+            message["role"] = _str(value)
+        elif suffix == content_suffix:
+            message["content"] = value
+        elif tool_calls is not None and suffix.startswith(tool_calls[0]):
+            call_index, _, call_rest = suffix[len(tool_calls[0]):].partition(".")
+            if call_index.isdigit():
+                call = message.setdefault("_calls", {}).setdefault(int(call_index), {})
+                call_suffix = "." + call_rest
+                if call_suffix == tool_calls[1]:
+                    call["name"] = _str(value)
+                elif call_suffix == tool_calls[2]:
+                    call["arguments"] = _text(value)
+                elif call_suffix == tool_calls[3]:
+                    call["id"] = _str(value)
+    out = []
+    for index in sorted(by_index):
+        message = by_index[index]
+        calls = message.pop("_calls", None)
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        out.append(message)
+    return out
+
+
+def _last_message_text(messages: list[Any], role: str | None) -> str:
+    """Text of the last message with ``role`` (any role when None, else the last message)."""
+    chosen = None
+    for message in reversed(messages):
+        if isinstance(message, dict) and (role is None or message.get("role") == role):
+            chosen = message
+            break
+    if chosen is None:
+        chosen = messages[-1] if isinstance(messages[-1], dict) else {"content": messages[-1]}
+    return _content_text(chosen.get("content") if "content" in chosen else chosen.get("parts"))
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # parts: [{"type": "text", "content"|"text": ...}, ...]
+        texts = []
+        for part in content:
+            if isinstance(part, dict):
+                if part.get("type", "text") == "text":
+                    texts.append(_text(part.get("content", part.get("text", ""))))
+            elif isinstance(part, str):
+                texts.append(part)
+        return "\n".join(t for t in texts if t)
+    return _text(content)
+
+
+def _requested_calls(messages: list[Any]) -> list[dict[str, str]]:
+    """Tool calls a model asked for, from current-semconv parts or OpenAI-style tool_calls."""
+    calls = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        for part in message.get("parts") or ():
+            if isinstance(part, dict) and part.get("type") == "tool_call":
+                calls.append({"name": _str(part.get("name")), "arguments": _text(part.get("arguments", "")),
+                              "id": _str(part.get("id"))})
+        for call in message.get("tool_calls") or ():
+            if not isinstance(call, dict):
+                continue
+            function = call.get("function") if isinstance(call.get("function"), dict) else call
+            calls.append({"name": _str(function.get("name")), "arguments": _text(function.get("arguments", "")),
+                          "id": _str(call.get("id"))})
+    return [c for c in calls if c["name"]]
+
+
+def _tool_definitions(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = _json_value(attrs.get(sc.TOOL_DEFINITIONS))
+    defs: list[Any] = raw if isinstance(raw, list) else []
+    if not defs:
+        functions: dict[int, dict[str, Any]] = {}
+        for key, value in attrs.items():
+            if key.startswith(sc.TRACELOOP_FUNCTIONS_PREFIX):
+                index, _, field_name = key[len(sc.TRACELOOP_FUNCTIONS_PREFIX):].partition(".")
+                if index.isdigit():
+                    functions.setdefault(int(index), {})[field_name] = (
+                        _json_value(value) if field_name == "parameters" else value)
+            elif key.startswith(sc.OI_TOOLS_PREFIX) and key.endswith(".tool.json_schema"):
+                schema = _json_value(value)
+                if schema is not None:
+                    defs.append(schema)
+        defs.extend(functions[i] for i in sorted(functions))
+    out = []
+    for item in defs:
+        if not isinstance(item, dict):
+            continue
+        function = item.get("function") if isinstance(item.get("function"), dict) else item
+        name = _str(function.get("name"))
+        if name:
+            parameters = function.get("parameters", function.get("input_schema"))
+            out.append({"name": name, "parameters": parameters if isinstance(parameters, dict) else {}})
+    return out
+
+
+def _message_role_content(event_name: str, body: Any, attrs: dict[str, Any]) -> tuple[str, str]:
+    role = sc.MESSAGE_EVENT_ROLES.get(event_name, "")
+    if isinstance(body, dict):
+        message = body.get("message") if isinstance(body.get("message"), dict) else body
+        role = _str(message.get("role")) or role
+        content = message.get("content")
+        if content is None and message.get("tool_calls"):
+            content = _dump(message["tool_calls"])
+        return role, _content_text(content)
+    if body is None:
+        for key in (sc.INPUT_MESSAGES, sc.OUTPUT_MESSAGES):
+            messages = _json_value(attrs.get(key))
+            if isinstance(messages, list) and messages:
+                return ("user" if key == sc.INPUT_MESSAGES else "assistant"), _last_message_text(messages, None)
+        return role, ""
+    return role, _text(body)
+
+
+# -- scalar coercion (attributes can be empty, odd-typed or hostile) --------------------------
+
+def _first(attrs: Mapping[str, Any], keys: Iterable[str]) -> Any:
+    for key in keys:
+        value = attrs.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _ctx(keys: tuple[str, ...], attrs: Mapping[str, Any], resource: Mapping[str, Any]) -> str:
+    return _str(_first(attrs, keys)) or _str(_first(resource, keys))
+
+
+def _str(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, dict)):
+        return _dump(value)
+    return str(value)
+
+
+def _text(value: Any) -> str:
+    return _str(value)
+
+
+def _int(value: Any) -> int:
+    if value is None or isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        number = int(value) if value == value and abs(value) < 1e15 else 0  # NaN / inf
+    elif isinstance(value, (str, bytes)):
+        try:
+            number = int(float(value))
+        except (ValueError, OverflowError):
+            return 0
+    else:
+        return 0
+    return number if 0 <= number <= _MAX_TOKENS else 0
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (str, bytes)) and value:
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+    return value
+
+
+def _dump(value: Any) -> str:
+    if not value:
+        return ""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return orjson.dumps(value, default=str).decode()

@@ -1,0 +1,34 @@
+"""One worker process: metrics endpoint, detectors, alert encoding, and the Faust app."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from agentwatch.settings import Settings
+
+
+def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int = 0,
+               ready_file: Path | None = None, loglevel: str = "warning") -> None:
+    import faust
+    from prometheus_client import CollectorRegistry
+
+    from agentwatch.alerts.model import alert_record_from_finding
+    from agentwatch.dashboards.metrics import PipelineMetrics, serve_metrics
+    from agentwatch.detectors.registry import build_detectors
+    from agentwatch.streams.app import create_app
+
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    if metrics_port:
+        serve_metrics(registry, metrics_port)
+    try:  # TEMP until detectors/runner.py lands
+        from agentwatch.detectors.runner import DetectorRunner
+        detect = DetectorRunner(build_detectors()).process
+    except ImportError:
+        detect = None
+    app, _ = create_app(settings, worker_index=worker_index, ready_file=ready_file, detect=detect,
+                        metrics=metrics, alert_record=alert_record_from_finding)
+    logging.getLogger("faust").setLevel(loglevel.upper())
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
