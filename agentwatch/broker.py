@@ -30,7 +30,9 @@ DEFAULT_TOPICS: Mapping[str, int] = {
 }
 
 # Large prompts travel inside OTLP batches; the broker and every client agree on this limit.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# rotel drops an export it would have to split into many Kafka records, so one record must hold
+# a whole SDK export (512 spans by default) even when every span carries a 32 KiB prompt.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 class PortInUseError(RuntimeError):

@@ -40,9 +40,12 @@ class RotelConfig:
     brokers: str
     grpc_port: int = 4317
     http_port: int = 4318
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = 32 * 1024 * 1024
     max_span_bytes: int = 40 * 1024
     batch_timeout_ms: int = 100
+    # An SDK exports up to 512 spans per request; with 32 KiB prompts that is ~17 MB, far over
+    # the 4 MiB gRPC default, and the SDK drops the whole export after its retries.
+    grpc_max_recv_mib: int = 64
     traces_topic: str = "otlp_spans"
     logs_topic: str = "otlp_logs"
     pid_file: str = "/tmp/agentwatch-rotel.pid"
@@ -53,6 +56,7 @@ class RotelConfig:
             rotel_binary(), "start",
             "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
             "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
+            "--otlp-grpc-max-recv-msg-size-mib", str(self.grpc_max_recv_mib),
             "--otlp-receiver-metrics-disabled",
             "--exporter", "kafka",
             "--kafka-exporter-brokers", self.brokers,

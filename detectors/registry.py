@@ -9,8 +9,21 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from agentwatch.detectors.base import Detector
+from agentwatch.detectors.cost import BudgetDetector, CostAnomalyDetector, RetryStormDetector
+from agentwatch.detectors.loops import LoopDetector
+from agentwatch.detectors.slo import SloDetector
+from agentwatch.detectors.tools import HallucinatedToolDetector
+from agentwatch.detectors.vram import VramLeakDetector
 
-DETECTORS: dict[str, type] = {}
+DETECTORS: dict[str, type] = {
+    CostAnomalyDetector.name: CostAnomalyDetector,
+    BudgetDetector.name: BudgetDetector,
+    RetryStormDetector.name: RetryStormDetector,
+    LoopDetector.name: LoopDetector,
+    HallucinatedToolDetector.name: HallucinatedToolDetector,
+    SloDetector.name: SloDetector,
+    VramLeakDetector.name: VramLeakDetector,
+}
 
 
 def build_detectors(config: Mapping[str, Mapping[str, Any]] | None = None,

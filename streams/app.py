@@ -82,6 +82,9 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         consumer_auto_offset_reset="earliest",
         producer_max_request_size=settings.max_message_bytes,
         producer_linger_ms=5,
+        # Output records are tens of KB (a batch of events each); aiokafka's 16 KB default batch
+        # would make every send wait for the previous one to drain.
+        producer_max_batch_size=settings.max_message_bytes,
         stream_buffer_maxsize=64,
     )
 
@@ -188,7 +191,10 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         due = state.sink.take_due()
         if due:
             # Parquet encoding runs in a thread so the consumer loop keeps heartbeating.
-            await asyncio.get_running_loop().run_in_executor(None, state.sink.write, due)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, state.sink.write, due)
+            except OSError:  # disk full / permissions: log and keep consuming; the timer retries
+                log.exception("snapshot write failed")
 
     @app.on_before_shutdown.connect
     async def flush_on_shutdown(app: faust.App, **kwargs: Any) -> None:

@@ -69,8 +69,10 @@ class Normalizer:
         batch = NormalizedBatch()
         # First pass: classify every span; keep only the GenAI ones.
         staged: list[tuple[str, Any, dict[str, Any], dict[str, Any], str, str]] = []
+        # Non-GenAI spans that carry trace context (a web server root span with enduser.id).
+        context_only: list[tuple[dict[str, Any], str]] = []
         for resource_spans in request.resource_spans:
-            resource = attributes(resource_spans.resource.attributes)
+            resource = _resource_context(attributes(resource_spans.resource.attributes))
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     batch.spans += 1
@@ -80,6 +82,8 @@ class Normalizer:
                         if role is not None:
                             staged.append((role, span, attrs, resource, span.trace_id.hex(),
                                            span.span_id.hex()))
+                        elif not _CONTEXT_KEYS.isdisjoint(attrs):
+                            context_only.append((attrs, span.trace_id.hex()))
                     except Exception as exc:  # hostile attribute content must not sink the batch
                         batch.failures.append((span.span_id.hex(), f"{type(exc).__name__}: {exc}"))
         if not staged:
@@ -88,7 +92,7 @@ class Normalizer:
         # Which LLM spans are ancestors of another LLM span (this batch or remembered)?
         llm_parent_ids = {(t, s.parent_span_id.hex()) for role, s, _, _, t, _ in staged if role == "llm"}
         llm_by_id = {(t, sid): (a, (t, s.parent_span_id.hex())) for role, s, a, _, t, sid in staged if role == "llm"}
-        trace_context = _trace_context(staged)
+        trace_context = _trace_context(staged, context_only)
         remembered = self._llm_parents
 
         for role, span, attrs, resource, trace_id, span_id in staged:
@@ -129,9 +133,9 @@ class Normalizer:
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         return LlmCall(
             ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
-            service=_str(resource.get("service.name")), project=context["project"] or _ctx(sc.PROJECT, attrs, resource),
+            service=resource["service"], project=context["project"] or resource["project"],
             user=context["user"], session=context["session"], agent=context["agent"],
-            host=_ctx(sc.HOST, attrs, resource),
+            host=_str(_first(attrs, sc.HOST)) or resource["host"],
             provider=_str(_first(attrs, sc.PROVIDER)), model=model, request_model=request_model,
             operation=_str(_first(attrs, sc.OPERATION)) or "chat",
             input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
@@ -154,9 +158,9 @@ class Normalizer:
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         return ToolCall(
             ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
-            service=_str(resource.get("service.name")), project=context["project"] or _ctx(sc.PROJECT, attrs, resource),
+            service=resource["service"], project=context["project"] or resource["project"],
             user=context["user"], session=context["session"], agent=context["agent"],
-            host=_ctx(sc.HOST, attrs, resource), tool_name=name,
+            host=_str(_first(attrs, sc.HOST)) or resource["host"], tool_name=name,
             call_id=_str(_first(attrs, sc.TOOL_CALL_ID)),
             arguments=_text(_first(attrs, sc.TOOL_ARGUMENTS))[:clip],
             result=_text(_first(attrs, sc.TOOL_RESULT))[:clip],
@@ -171,10 +175,10 @@ class Normalizer:
                      or _str(attrs.get(sc.TRACELOOP_KIND)) or "step")
         return AgentStep(
             ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
-            service=_str(resource.get("service.name")), project=context["project"] or _ctx(sc.PROJECT, attrs, resource),
+            service=resource["service"], project=context["project"] or resource["project"],
             user=context["user"], session=context["session"],
             agent=_str(_first(attrs, sc.AGENT)) or context["agent"] or _str(attrs.get(sc.TRACELOOP_ENTITY)),
-            host=_ctx(sc.HOST, attrs, resource), operation=operation, name=span.name,
+            host=_str(_first(attrs, sc.HOST)) or resource["host"], operation=operation, name=span.name,
             start_ts=start / 1e9, latency_ms=max(end - start, 0) / 1e6, status=status,
             error=error[: self.max_text_chars],
         )
@@ -237,15 +241,31 @@ def _span_role(attrs: dict[str, Any]) -> str | None:
     return None
 
 
-def _trace_context(staged: list) -> dict[str, dict[str, str]]:
-    """Project/user/session/agent per trace: set on one span (often the root), shared by all."""
+_CONTEXT_FIELDS = (("project", sc.PROJECT[:-1]), ("user", sc.USER), ("session", sc.SESSION), ("agent", sc.AGENT))
+_CONTEXT_KEYS = frozenset(k for _, keys in _CONTEXT_FIELDS for k in keys)
+
+
+def _resource_context(resource: dict[str, Any]) -> dict[str, str]:
+    """What every span of one resource shares, computed once per resource, not per span."""
+    return {"service": _str(resource.get("service.name")), "host": _str(_first(resource, sc.HOST)),
+            "project": _str(_first(resource, sc.PROJECT))}
+
+
+def _trace_context(staged: list, context_only: Iterable[tuple[dict[str, Any], str]] = ()
+                   ) -> dict[str, dict[str, str]]:
+    """Project/user/session/agent per trace: set on one span (often the root), shared by all.
+
+    GenAI spans are read first; non-GenAI spans of the same trace only fill what they left empty.
+    """
     out: dict[str, dict[str, str]] = {}
-    for _, _, attrs, _, trace_id, _ in staged:
+    pairs = [(attrs, trace_id) for _, _, attrs, _, trace_id, _ in staged]
+    for attrs, trace_id in pairs + list(context_only):
         ctx = out.get(trace_id)
         if ctx is None:
             ctx = out[trace_id] = {"project": "", "user": "", "session": "", "agent": ""}
-        for name, keys in (("project", sc.PROJECT[:-1]), ("user", sc.USER), ("session", sc.SESSION),
-                           ("agent", sc.AGENT)):
+        if _CONTEXT_KEYS.isdisjoint(attrs):  # most spans carry none of them: one C-level check
+            continue
+        for name, keys in _CONTEXT_FIELDS:
             if not ctx[name]:
                 ctx[name] = _str(_first(attrs, keys))
     return out
@@ -342,7 +362,7 @@ def _indexed_messages(attrs: dict[str, Any], prefix: str, role_suffix: str, cont
         if not key.startswith(prefix):
             continue
         index_text, _, rest = key[len(prefix):].partition(".")
-        if not index_text.isdigit():
+        if not index_text.isdecimal():  # isdigit() admits "²", which int() rejects
             continue
         message = by_index.setdefault(int(index_text), {})
         suffix = "." + rest
@@ -352,7 +372,7 @@ def _indexed_messages(attrs: dict[str, Any], prefix: str, role_suffix: str, cont
             message["content"] = value
         elif tool_calls is not None and suffix.startswith(tool_calls[0]):
             call_index, _, call_rest = suffix[len(tool_calls[0]):].partition(".")
-            if call_index.isdigit():
+            if call_index.isdecimal():
                 call = message.setdefault("_calls", {}).setdefault(int(call_index), {})
                 call_suffix = "." + call_rest
                 if call_suffix == tool_calls[1]:
@@ -406,11 +426,12 @@ def _requested_calls(messages: list[Any]) -> list[dict[str, str]]:
     for message in messages:
         if not isinstance(message, dict):
             continue
-        for part in message.get("parts") or ():
+        parts, tool_calls = message.get("parts"), message.get("tool_calls")
+        for part in parts if isinstance(parts, list) else ():
             if isinstance(part, dict) and part.get("type") == "tool_call":
                 calls.append({"name": _str(part.get("name")), "arguments": _text(part.get("arguments", "")),
                               "id": _str(part.get("id"))})
-        for call in message.get("tool_calls") or ():
+        for call in tool_calls if isinstance(tool_calls, list) else ():
             if not isinstance(call, dict):
                 continue
             function = call.get("function") if isinstance(call.get("function"), dict) else call
@@ -427,7 +448,7 @@ def _tool_definitions(attrs: dict[str, Any]) -> list[dict[str, Any]]:
         for key, value in attrs.items():
             if key.startswith(sc.TRACELOOP_FUNCTIONS_PREFIX):
                 index, _, field_name = key[len(sc.TRACELOOP_FUNCTIONS_PREFIX):].partition(".")
-                if index.isdigit():
+                if index.isdecimal():
                     functions.setdefault(int(index), {})[field_name] = (
                         _json_value(value) if field_name == "parameters" else value)
             elif key.startswith(sc.OI_TOOLS_PREFIX) and key.endswith(".tool.json_schema"):
@@ -473,10 +494,6 @@ def _first(attrs: Mapping[str, Any], keys: Iterable[str]) -> Any:
         if value is not None and value != "":
             return value
     return None
-
-
-def _ctx(keys: tuple[str, ...], attrs: Mapping[str, Any], resource: Mapping[str, Any]) -> str:
-    return _str(_first(attrs, keys)) or _str(_first(resource, keys))
 
 
 def _str(value: Any) -> str:
@@ -527,4 +544,7 @@ def _dump(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
     except TypeError:
-        return orjson.dumps(value, default=str).decode()
+        try:
+            return orjson.dumps(value, default=str).decode()
+        except TypeError:  # nested beyond orjson's depth limit: hostile input, no text worth keeping
+            return ""

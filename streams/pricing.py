@@ -36,16 +36,21 @@ class PricingTable:
         else:
             text = Path(path).read_text()
         doc = json.loads(text)
-        models = doc.get("models", doc)
+        models = doc.get("models", doc) if isinstance(doc, dict) else doc
+        if not isinstance(models, dict):
+            raise ValueError("pricing file must be a JSON object of models ({\"models\": {name: prices}})")
         prices = {}
         for name, p in models.items():
             if name.startswith("_"):
                 continue
             try:
-                prices[name.lower()] = ModelPrice(float(p["input"]), float(p["output"]),
-                                                  float(p.get("cache_read", p["input"])))
-            except (KeyError, TypeError, ValueError) as exc:
+                price = ModelPrice(float(p["input"]), float(p["output"]),
+                                   float(p.get("cache_read", p["input"])))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ValueError(f"pricing entry {name!r} needs numeric 'input' and 'output': {exc}") from exc
+            if not all(0.0 <= v < float("inf") for v in (price.input, price.output, price.cache_read)):
+                raise ValueError(f"pricing entry {name!r} has a negative or non-finite price: {price}")
+            prices[name.lower()] = price
         return cls(prices)
 
     def price(self, model: str) -> ModelPrice | None:

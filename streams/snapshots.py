@@ -93,6 +93,7 @@ class SnapshotSink:
         self._seq = 0
         self._lock = threading.Lock()  # buffers are swapped on the event loop, written in a thread
         self.rows_written: dict[str, int] = {}
+        self.rows_rejected = 0
         self._known_tables: set[str] = set()
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -146,12 +147,12 @@ class SnapshotSink:
         return self.write(self.take_due(force))
 
     def _write_file(self, table: str, hour: str, rows: list[dict[str, Any]]) -> None:
-        schema = SCHEMAS.get(table)
-        if schema is None:
-            rows = [{k: _jsonable(v) for k, v in row.items()} for row in rows]
-            arrow = pa.Table.from_pylist(rows)
-        else:
-            arrow = pa.Table.from_pylist(rows, schema=schema)
+        try:
+            arrow = _to_arrow(table, rows)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            # Rows that do not fit the table's schema are kept, not dropped, and never stop the worker.
+            self._quarantine(table, rows, exc)
+            return
         folder = self.data_dir / table / f"hour={hour}"
         folder.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -161,6 +162,27 @@ class SnapshotSink:
         tmp = folder / f".{name}.tmp"
         pq.write_table(arrow, tmp, compression="zstd")
         os.replace(tmp, folder / name)
+
+
+    def _quarantine(self, table: str, rows: list[dict[str, Any]], exc: Exception) -> None:
+        folder = self.data_dir / "_rejected"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{table}-{self.writer_id}-{int(time.time() * 1000)}.jsonl"
+        with open(path, "wb") as out:
+            for row in rows:
+                out.write(orjson.dumps(row, default=str) + b"\n")
+        self.rows_rejected += len(rows)
+        log.error("%d %s rows did not fit the snapshot schema (%s); kept in %s", len(rows), table, exc, path)
+
+
+def _to_arrow(table: str, rows: list[dict[str, Any]]) -> pa.Table:
+    schema = SCHEMAS.get(table)
+    if schema is None:
+        return pa.Table.from_pylist([{k: _jsonable(v) for k, v in row.items()} for row in rows])
+    # Structured values (finding evidence, nested JSON from other producers) are stored as JSON text.
+    if any(isinstance(v, (dict, list, tuple)) for row in rows[:1] for v in row.values()) or table == "findings":
+        rows = [{k: _jsonable(v) for k, v in row.items()} for row in rows]
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 # -- reading --------------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""``agentwatch bench``: measured throughput of the span path, written to bench/results.json.
+
+- ``decode_limit_spans_per_s``: protobuf decode + attribute walk of otlp_spans records, in
+  process: the practical ceiling for any Python consumer on this machine.
+- ``normalize_spans_per_s``: the same records through the real pipeline code (decode,
+  convention mapping, pricing, partitioned JSON encoding), in process.
+- ``end_to_end_spans_per_s``: records produced to the embedded broker until all of their events
+  have been consumed from the output topics by a separate consumer, through one Faust worker
+  (which also runs the detectors and the snapshot sink on those events).
+
+Detector sections (state memory, drift, alert latency) are added by their packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agentwatch.broker import free_port
+
+OUTPUT_TOPICS = ("llm_calls", "tool_calls", "agent_steps")
+
+
+def make_records(n_records: int, spans_per_record: int = 1000, seed: int = 11) -> list[bytes]:
+    """Realistic otlp_spans records: demo agent traffic from the real SDK, encoded as the collector does."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agentwatch.traffic import AgentTraffic
+
+    exporters: list[InMemorySpanExporter] = []
+
+    def factory(_service: str) -> InMemorySpanExporter:
+        exporters.append(InMemorySpanExporter())
+        return exporters[-1]
+
+    traffic = AgentTraffic(factory, seed=seed, schedule_delay_ms=50)
+    now = time.time_ns()
+    # Generate a pool of distinct spans once, then re-encode slices of it as records.
+    pool_target = min(n_records * spans_per_record, 60_000)
+    i = 0
+    while traffic.stats.spans < pool_target:
+        traffic.run(now + i * 10_000_000)
+        i += 1
+    traffic.shutdown()
+    spans = [s for e in exporters for s in e.get_finished_spans()]
+    records = []
+    for r in range(n_records):
+        start = (r * spans_per_record) % max(1, len(spans) - spans_per_record)
+        records.append(encode_spans(spans[start:start + spans_per_record]).SerializeToString())
+    return records
+
+
+def bench_decode(records: list[bytes]) -> float:
+    from agentwatch.streams.otlp import attributes, decode_traces
+
+    spans = 0
+    started = time.perf_counter()
+    for payload in records:
+        request = decode_traces(payload)
+        for rs in request.resource_spans:
+            attributes(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    attributes(span.attributes)
+                    spans += 1
+    return spans / (time.perf_counter() - started)
+
+
+def bench_normalize(records: list[bytes]) -> tuple[float, int]:
+    from agentwatch.broker import DEFAULT_TOPICS
+    from agentwatch.streams.normalize import Normalizer
+    from agentwatch.streams.pipeline import SpanPipeline
+    from agentwatch.streams.pricing import PricingTable
+
+    pipeline = SpanPipeline(Normalizer(PricingTable.load()), DEFAULT_TOPICS)
+    spans = events = 0
+    started = time.perf_counter()
+    for payload in records:
+        outcome = pipeline.on_traces(payload)
+        spans += outcome.spans
+        batch = outcome.batch
+        events += len(batch.llm_calls) + len(batch.tool_calls) + len(batch.agent_steps)
+    return spans / (time.perf_counter() - started), events
+
+
+def bench_end_to_end(records: list[bytes], expected_events: int, say: Callable[[str], None]) -> dict[str, Any]:
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    from agentwatch.settings import Settings
+    from agentwatch.stack import Stack
+
+    data_dir = Path(tempfile.mkdtemp(prefix="agentwatch-bench-"))
+    settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
+                        metrics_port=free_port(), data_dir=data_dir)
+    with Stack(settings, say=lambda _m: None) as stack:
+        consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap_servers, enable_auto_commit=False,
+                                 fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+        parts = [TopicPartition(t, p) for t in OUTPUT_TOPICS for p in consumer.partitions_for_topic(t) or ()]
+        consumer.assign(parts)
+        consumer.seek_to_end(*parts)
+        for tp in parts:
+            consumer.position(tp)
+        producer = KafkaProducer(bootstrap_servers=stack.bootstrap_servers, max_request_size=settings.max_message_bytes,
+                                 linger_ms=5, batch_size=1 << 20, acks=1)
+        spans = sum(len(r) for r in records)  # replaced below by the exact count
+        started = time.perf_counter()
+        for payload in records:
+            producer.send("otlp_spans", payload)
+        producer.flush()
+        produced_at = time.perf_counter()
+        seen = 0
+        deadline = time.monotonic() + 300
+        while seen < expected_events and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200, max_records=1000).values():
+                for message in batch:
+                    seen += message.value.count(b'"trace_id"')
+        finished = time.perf_counter()
+        consumer.close()
+        producer.close()
+    del spans
+    return {"seconds": finished - started, "produce_seconds": produced_at - started, "events_seen": seen}
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_bench(output: Path, *, quick: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+    n_records = 40 if quick else 200
+    say(f"building {n_records} records x 1000 spans of demo agent traffic ...")
+    records = make_records(n_records)
+    total_spans = n_records * 1000
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                           "platform": platform.platform()},
+                               "records": n_records, "spans_per_record": 1000,
+                               "record_bytes_mean": sum(map(len, records)) // len(records)}
+    results["decode_limit_spans_per_s"] = round(bench_decode(records))
+    normalize_rate, events = bench_normalize(records)
+    results["normalize_spans_per_s"] = round(normalize_rate)
+    results["normalize_vs_decode"] = round(normalize_rate / results["decode_limit_spans_per_s"], 3)
+    say(f"decode limit {results['decode_limit_spans_per_s']:,} spans/s; normalise {results['normalize_spans_per_s']:,} spans/s")
+    e2e = bench_end_to_end(records, events, say)
+    results["end_to_end_spans_per_s"] = round(total_spans / e2e["seconds"]) if e2e["events_seen"] >= events else 0
+    results["end_to_end"] = {**e2e, "spans": total_spans, "events_expected": events}
+    say(f"end to end {results['end_to_end_spans_per_s']:,} spans/s ({events:,} events in {e2e['seconds']:.2f}s)")
+
+    for name, section in _extra_sections(quick):
+        try:
+            say(f"running {name} ...")
+            results[name] = section()
+        except Exception as exc:  # one section failing must not hide the others' figures
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        say(f"{name}: {json.dumps(results[name], default=str)[:400]}")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, default=str))
+    say(_table(results))
+    say(f"wrote {output}")
+    return results
+
+
+def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
+    sections: list[tuple[str, Callable[[], Any]]] = []
+    return sections
+
+
+def _table(results: dict[str, Any]) -> str:
+    rows = [("decode_limit_spans_per_s", results["decode_limit_spans_per_s"], ""),
+            ("normalize_spans_per_s", results["normalize_spans_per_s"],
+             f"{results['normalize_vs_decode']:.2f} x decode (target >= 0.33)"),
+            ("end_to_end_spans_per_s", results["end_to_end_spans_per_s"], "target >= 50,000 with 1 worker")]
+    width = max(len(r[0]) for r in rows)
+    lines = ["", f"{'measure':<{width}}  {'value':>12}  note"]
+    lines += [f"{name:<{width}}  {value:>12,}  {note}" for name, value, note in rows]
+    return "\n".join(lines)

@@ -1,0 +1,786 @@
+"""Embedding skew (window vs a reference set) and drift (window vs the previous windows).
+
+Embedding happens outside the detector (the streams side samples prompts per key and window
+and embeds them); the detector receives :class:`EmbeddedWindow` events and compares each window
+with the reference bound to its key ("skew") and with the pooled previous windows of the same
+key ("drift").
+
+One check pools the window (``m`` rows) with a comparison sample (``n`` rows: a seeded
+subsample of the reference, or of the previous windows) and draws one set of label
+permutations that calibrates every two-sample statistic at once:
+
+- ``mmd``: unbiased MMD^2 with an RBF kernel whose bandwidth is the median of the cross
+  distances (the median heuristic, as Evidently computes it);
+- ``centroid_cosine`` / ``centroid_euclidean``: distance between the two means;
+- ``vocab_jsd`` / ``new_token_share``: Jensen-Shannon divergence (bits) of the token
+  distributions, and the share of window tokens unseen in the comparison sample.
+
+The permutation null of each is summarised by its mean, spread and skewness and its upper tail
+read from the matching Pearson type III distribution, so the threshold at a small ``alpha``
+does not need thousands of permutations (a plain empirical p-value is reported next to it).
+The other statistics have closed-form nulls:
+
+- ``classifier_auc``: two-fold cross-validated AUC of a shrinkage LDA separating window from
+  comparison rows; threshold from the Mann-Whitney null (mean 0.5, known variance);
+- ``ood_share`` (skew only): share of window rows whose nearest-reference cosine similarity is
+  under the reference's own leave-one-out ``ood_quantile``; binomial tail against that rate;
+- ``drifted_components``: share of embedding dimensions whose normed Wasserstein distance
+  reaches ``component_threshold``, Evidently's "ratio" method; a fixed
+  threshold, as in Evidently, so it is evidence, not a default decision.
+
+A finding is raised when a test in ``skew_decide_on`` / ``drift_decide_on`` rejects at
+``alpha`` divided among the deciding tests (Bonferroni), and resolved when it stops doing so.
+
+Examples
+--------
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> detector = DriftDetector(permutations=100, min_window_size=20)
+>>> detector.set_reference("service=shop", rng.normal(size=(300, 8)))
+>>> same = EmbeddedWindow("service=shop", 60.0, ("q",) * 100, rng.normal(size=(100, 8)))
+>>> detector.update(same)
+()
+>>> moved = EmbeddedWindow("service=shop", 120.0, ("q",) * 100, rng.normal(1.0, 1.0, (100, 8)))
+>>> [(f.kind, f.key) for f in detector.update(moved)]
+[('skew', 'service=shop'), ('drift', 'service=shop')]
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import zlib
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+from scipy import sparse, stats
+
+from agentwatch.events import Finding, Severity
+
+# ---------------------------------------------------------------------------------------------
+# The event
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EmbeddedWindow:
+    """A sampled window of prompts for one key, with their embeddings.
+
+    Built by the streams side (``agentwatch.streams.drift_sampler``); never travels on Kafka.
+
+    Parameters
+    ----------
+    key : str
+        The monitored thing (``service=shop``), the same key the reference is bound to.
+    ts : float
+        Event time at which the window closed (unix seconds); the findings carry it.
+    texts : tuple of str
+        The sampled prompts; ``texts[i]`` is embedded in ``vectors[i]``.
+    vectors : numpy.ndarray
+        ``(len(texts), dim)`` embeddings.
+    start_ts : float
+        Event time at which the window opened.
+    seen : int
+        Prompts offered during the window before sampling (0 when unknown).
+    """
+
+    key: str
+    ts: float
+    texts: tuple[str, ...]
+    vectors: np.ndarray
+    start_ts: float = 0.0
+    seen: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure statistics
+
+
+def pairwise_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared euclidean distances between the rows of ``a`` and ``b`` (clipped at 0)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(sq, 0.0)
+
+
+def median_heuristic_gamma(x: np.ndarray, y: np.ndarray) -> float:
+    """RBF ``gamma = 1 / median(cross distance)^2``: Evidently's bandwidth for its MMD method.
+
+    Degenerate samples (all cross distances 0) get ``gamma = 1`` so the kernel stays finite.
+    """
+    median = float(np.median(np.sqrt(pairwise_sq_distances(x, y))))
+    return 1.0 / (median * median) if median > 0 else 1.0
+
+
+def rbf_kernel(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    """``exp(-gamma * |a_i - b_j|^2)``."""
+    return np.exp(-gamma * pairwise_sq_distances(a, b))
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, gamma: float | None = None) -> float:
+    """Unbiased MMD^2 between samples ``x`` and ``y`` with an RBF kernel.
+
+    ``gamma`` defaults to :func:`median_heuristic_gamma`. Equals Evidently's ``MMD2u`` on the
+    same rows (its reported score is this clipped at 0).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    m, n = len(x), len(y)
+    if m < 2 or n < 2:
+        raise ValueError("mmd2_unbiased needs at least 2 rows in each sample")
+    if gamma is None:
+        gamma = median_heuristic_gamma(x, y)
+    kxx = rbf_kernel(x, x, gamma)
+    kyy = rbf_kernel(y, y, gamma)
+    kxy = rbf_kernel(x, y, gamma)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1.0))
+                 + (kyy.sum() - np.trace(kyy)) / (n * (n - 1.0))
+                 - 2.0 * kxy.sum() / (m * n))
+
+
+def mmd2_unbiased_by_labels(kernel: np.ndarray, in_first: np.ndarray) -> np.ndarray:
+    """Unbiased MMD^2 of many splits of one pooled kernel matrix at once.
+
+    Parameters
+    ----------
+    kernel : (N, N) array
+        Kernel over the pooled rows.
+    in_first : (N, P) array of 0/1
+        Column ``p`` marks the rows of the first sample in split ``p``; every column has the
+        same count ``m``.
+
+    Returns
+    -------
+    (P,) array of MMD^2_u values.
+    """
+    labels = np.asarray(in_first, dtype=kernel.dtype)
+    size = kernel.shape[0]
+    m = float(labels[:, 0].sum())
+    n = size - m
+    row_sums = kernel.sum(1, dtype=np.float64)
+    diag = np.diagonal(kernel).astype(np.float64)
+    total, total_diag = float(row_sums.sum()), float(diag.sum())
+    s_xx = np.einsum("ip,ip->p", labels, kernel @ labels, dtype=np.float64)
+    r_x = row_sums @ labels
+    d_x = diag @ labels
+    s_xy = r_x - s_xx
+    s_yy = total - 2.0 * r_x + s_xx
+    return ((s_xx - d_x) / (m * (m - 1.0)) + (s_yy - (total_diag - d_x)) / (n * (n - 1.0))
+            - 2.0 * s_xy / (m * n))
+
+
+def centroid_distances(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(cosine distance, euclidean distance) between the means of ``x`` and ``y``."""
+    cx = np.asarray(x, dtype=np.float64).mean(0)
+    cy = np.asarray(y, dtype=np.float64).mean(0)
+    return _cosine_distance(cx[None, :], cy[None, :])[0], float(np.linalg.norm(cx - cy))
+
+
+def _cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine distance of two equally shaped 2-D arrays."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = (a * b).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sim = np.where(norms > 0, dots / norms, 0.0)
+    return 1.0 - sim
+
+
+def component_wasserstein(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Per-dimension Wasserstein-1 distance normed by the reference column's std.
+
+    Evidently's ``wasserstein`` stattest (std floored at 0.001), for every column at once:
+    W1 is the integral of |Q_ref(u) - Q_cur(u)| over u in [0, 1], and both empirical quantile
+    functions are step functions whose steps sit at i/n_ref and j/n_cur for every column
+    alike, so one merged grid and two plain sorts replace a scipy call per dimension.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    n_ref, n_cur = len(ref), len(cur)
+    ref_sorted = np.sort(np.ascontiguousarray(ref.T), axis=1)
+    cur_sorted = np.sort(np.ascontiguousarray(cur.T), axis=1)
+    steps = np.unique(np.concatenate([np.arange(n_ref) / n_ref, np.arange(n_cur) / n_cur,
+                                      [1.0]]))
+    lower, widths = steps[:-1], np.diff(steps)
+    # Index of the quantile step holding each interval; the tiny offset guards i/n rounding.
+    ref_idx = np.minimum((lower * n_ref + 1e-9).astype(np.int64), n_ref - 1)
+    cur_idx = np.minimum((lower * n_cur + 1e-9).astype(np.int64), n_cur - 1)
+    gaps = np.abs(ref_sorted[:, ref_idx] - cur_sorted[:, cur_idx])
+    return (gaps @ widths) / np.maximum(ref.std(0), 0.001)
+
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case word tokens (letters/digits, with an apostrophe suffix kept)."""
+    return _TOKEN.findall(text.lower())
+
+
+def _entropy_bits(counts: np.ndarray) -> np.ndarray:
+    """Shannon entropy (bits) of each row of a count matrix."""
+    totals = counts.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(totals > 0, counts / np.where(totals > 0, totals, 1.0), 0.0)
+        logs = np.where(p > 0, np.log2(np.where(p > 0, p, 1.0)), 0.0)
+    return -(p * logs).sum(1)
+
+
+def vocabulary_shift(first_counts: np.ndarray, second_counts: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Jensen-Shannon divergence (bits) and new-token share for rows of token counts.
+
+    Row ``i`` of ``first_counts`` (the window) is compared with row ``i`` of
+    ``second_counts`` (the comparison sample); both are counts over one vocabulary.
+    The new-token share is the share of the first row's tokens whose term never occurs in the
+    second row.
+    """
+    first = np.atleast_2d(np.asarray(first_counts, dtype=np.float64))
+    second = np.atleast_2d(np.asarray(second_counts, dtype=np.float64))
+    t1 = np.maximum(first.sum(1, keepdims=True), 1.0)
+    t2 = np.maximum(second.sum(1, keepdims=True), 1.0)
+    mixture = 0.5 * (first / t1 + second / t2)
+    jsd = _entropy_bits(mixture) - 0.5 * (_entropy_bits(first) + _entropy_bits(second))
+    new_share = (first * (second == 0)).sum(1) / t1[:, 0]
+    return np.maximum(jsd, 0.0), new_share
+
+
+def classifier_auc(x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+                   shrinkage: float = 0.5) -> float:
+    """Two-fold cross-validated ROC AUC of a shrinkage LDA telling ``y`` rows from ``x`` rows.
+
+    Numpy only: the within-class covariance is shrunk towards its mean variance times the
+    identity, which keeps the solve stable when rows are fewer than dimensions.
+    0.5 means the samples cannot be told apart; 1.0 perfectly separated.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    fold_x = rng.permutation(len(x)) % 2
+    fold_y = rng.permutation(len(y)) % 2
+    aucs = []
+    for test in (0, 1):
+        tx, ty = x[fold_x != test], y[fold_y != test]
+        ex, ey = x[fold_x == test], y[fold_y == test]
+        if min(len(tx), len(ty), len(ex), len(ey)) < 2:
+            continue
+        mx, my = tx.mean(0), ty.mean(0)
+        centred = np.concatenate([tx - mx, ty - my], axis=0).astype(np.float32)
+        cov = (centred.T @ centred).astype(np.float64) / max(len(centred) - 2, 1)
+        scale = np.trace(cov) / cov.shape[0]
+        cov = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(cov.shape[0])
+        weights = np.linalg.solve(cov, my - mx)
+        scores = np.concatenate([ex @ weights, ey @ weights])
+        aucs.append(_auc(scores, len(ex)))
+    return float(np.mean(aucs)) if aucs else 0.5
+
+
+def _auc(scores: np.ndarray, n_negative: int) -> float:
+    """AUC of the last ``len(scores) - n_negative`` scores (positives) over the first ones."""
+    ranks = stats.rankdata(scores)
+    n_pos = len(scores) - n_negative
+    return float((ranks[n_negative:].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_negative))
+
+
+def auc_null_std(n_first: int, n_second: int) -> float:
+    """Standard deviation of the AUC of an uninformative score, two folds averaged."""
+    a, b = max(n_first / 2.0, 1.0), max(n_second / 2.0, 1.0)
+    return math.sqrt((a + b + 1.0) / (12.0 * a * b)) / math.sqrt(2.0)
+
+
+def nearest_similarity(window: np.ndarray, reference_unit: np.ndarray, block: int = 2048
+                       ) -> np.ndarray:
+    """Cosine similarity of each window row to its nearest row of a unit-normed reference."""
+    unit = _unit_rows(window).astype(reference_unit.dtype)
+    best = np.full(len(unit), -np.inf)
+    for start in range(0, len(reference_unit), block):
+        sims = unit @ reference_unit[start:start + block].T
+        best = np.maximum(best, sims.max(1))
+    return best
+
+
+def leave_one_out_nearest_similarity(reference_unit: np.ndarray, block: int = 1024
+                                     ) -> np.ndarray:
+    """Each reference row's cosine similarity to its nearest *other* reference row."""
+    size = len(reference_unit)
+    best = np.full(size, -np.inf)
+    for start in range(0, size, block):
+        sims = reference_unit[start:start + block] @ reference_unit.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, start + rows] = -np.inf
+        best[start:start + block] = sims.max(1)
+    return best
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    v = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class NullTail:
+    """A permutation null summarised as a Pearson type III distribution."""
+
+    mean: float
+    std: float
+    skew: float
+
+    @classmethod
+    def fit(cls, null: np.ndarray) -> "NullTail":
+        null = np.asarray(null, dtype=np.float64)
+        std = float(null.std())
+        skew = float(stats.skew(null)) if std > 0 else 0.0
+        return cls(float(null.mean()), std, skew if math.isfinite(skew) else 0.0)
+
+    def threshold(self, alpha: float) -> float:
+        if self.std == 0:
+            return self.mean
+        return float(stats.pearson3.isf(alpha, self.skew, loc=self.mean, scale=self.std))
+
+    def p_value(self, observed: float) -> float:
+        if self.std == 0:
+            return 1.0 if observed <= self.mean else 0.0
+        return float(stats.pearson3.sf(observed, self.skew, loc=self.mean, scale=self.std))
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector
+
+PERMUTATION_STATISTICS = ("mmd", "centroid_cosine", "centroid_euclidean", "vocab_jsd",
+                          "new_token_share")
+DECIDING_STATISTICS = PERMUTATION_STATISTICS + ("classifier_auc", "ood_share")
+
+
+@dataclass(slots=True)
+class _Reference:
+    name: str
+    vectors: np.ndarray  # float64, as given
+    unit: np.ndarray  # row-normed, for cosine similarity
+    texts: tuple[str, ...]
+    similarity_threshold: float
+    expected_ood_share: float
+    vocabulary: dict  # term -> column of ``counts``
+    counts: Any  # scipy CSR document x term counts of ``texts`` (None without texts)
+
+
+@dataclass(slots=True)
+class _KeyState:
+    history: deque = field(default_factory=deque)  # of (ts, texts, vectors float32)
+    active: set = field(default_factory=set)  # kinds currently raised
+
+
+class DriftDetector:
+    """Embedding skew against a reference and drift against the previous windows, per key.
+
+    Parameters
+    ----------
+    alpha : float
+        Family-wise false-alarm rate per check; divided among the deciding tests.
+    permutations : int
+        Label permutations drawn per check (one set shared by all permutation statistics).
+    reference_sample_size : int
+        Comparison rows drawn (seeded) from the reference or the pooled history per check;
+        bounds the cost of a check. The nearest-reference similarity uses the whole reference.
+    history_windows : int
+        Previous windows kept per key for the drift comparison.
+    min_history_windows : int
+        Previous windows needed before drift is checked.
+    min_window_size : int
+        Windows with fewer sampled prompts are skipped (and not kept as history).
+    skew_decide_on, drift_decide_on : tuple of str
+        Statistics whose rejection raises a skew / drift finding; any of
+        ``mmd, centroid_cosine, centroid_euclidean, vocab_jsd, new_token_share,
+        classifier_auc, ood_share`` (``ood_share`` for skew only).
+    ood_quantile : float
+        Without ``ood_similarity_threshold``, the threshold is this quantile of the
+        reference's leave-one-out nearest-neighbour similarity, so about this share of
+        reference-like prompts fall under it.
+    ood_similarity_threshold : float or None
+        Fixed cosine-similarity threshold for "out of distribution".
+    ood_rate_slack : float
+        The binomial test is against the reference's own under-threshold rate times this.
+        Leave-one-out within a reference overstates how close new prompts of the same mix
+        come to it (references hold near-paraphrases of each other): on CLINC150 held-out
+        in-mix prompts fall under the 5% quantile 6.4% of the time, so 1.25 by default.
+    component_threshold : float
+        A dimension counts as drifted when its Wasserstein distance normed by the reference
+        std reaches this. Evidently's default 0.1 suits large samples; at 200-row windows the
+        sampling noise alone is about 0.08, so 0.1 marks ~40% of dimensions of undrifted
+        windows (CLINC150), hence 0.2 here.
+    component_share_threshold : float
+        Share of drifted dimensions above which ``drifted_components`` flags (Evidently: 0.2).
+    max_examples : int
+        Example prompts carried by a finding (those least similar to the comparison set).
+    max_keys : int
+        Keys with history kept (least recently updated evicted first). References are bound
+        by the worker and not evicted.
+    max_reference_rows : int
+        References larger than this are subsampled (seeded) when set.
+    seed : int
+        Seeds the permutations, subsamples and folds; each check derives its own stream from
+        (seed, key, kind, ts), so results do not depend on the order keys are checked in.
+    """
+
+    name: ClassVar[str] = "drift"
+    accepts: ClassVar[tuple[type, ...]] = (EmbeddedWindow,)
+
+    def __init__(self, *, alpha: float = 0.005, permutations: int = 200,
+                 reference_sample_size: int = 1000, history_windows: int = 3,
+                 min_history_windows: int = 1, min_window_size: int = 30,
+                 skew_decide_on: Sequence[str] = ("mmd", "ood_share"),
+                 drift_decide_on: Sequence[str] = ("mmd",),
+                 ood_quantile: float = 0.05, ood_similarity_threshold: float | None = None,
+                 ood_rate_slack: float = 1.25,
+                 component_threshold: float = 0.2,
+                 component_share_threshold: float = 0.2, max_examples: int = 5,
+                 max_keys: int = 128, max_reference_rows: int = 5000, seed: int = 0) -> None:
+        if not 0.0 < alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+        if permutations < 20:
+            raise ValueError(f"permutations must be >= 20, got {permutations}")
+        if reference_sample_size < 10:
+            raise ValueError(f"reference_sample_size must be >= 10, got {reference_sample_size}")
+        if history_windows < 1:
+            raise ValueError(f"history_windows must be >= 1, got {history_windows}")
+        if not 1 <= min_history_windows <= history_windows:
+            raise ValueError("min_history_windows must be in [1, history_windows], got "
+                             f"{min_history_windows}")
+        if min_window_size < 5:
+            raise ValueError(f"min_window_size must be >= 5, got {min_window_size}")
+        skew_decide_on, drift_decide_on = tuple(skew_decide_on), tuple(drift_decide_on)
+        for label, chosen, allowed in (
+                ("skew_decide_on", skew_decide_on, DECIDING_STATISTICS),
+                ("drift_decide_on", drift_decide_on,
+                 tuple(s for s in DECIDING_STATISTICS if s != "ood_share"))):
+            if not chosen or any(s not in allowed for s in chosen):
+                raise ValueError(f"{label} must be a non-empty subset of {allowed}, got {chosen}")
+        if not 0.0 < ood_quantile < 0.5:
+            raise ValueError(f"ood_quantile must be in (0, 0.5), got {ood_quantile}")
+        if ood_similarity_threshold is not None and not -1.0 <= ood_similarity_threshold <= 1.0:
+            raise ValueError("ood_similarity_threshold must be in [-1, 1], got "
+                             f"{ood_similarity_threshold}")
+        if ood_rate_slack < 1.0:
+            raise ValueError(f"ood_rate_slack must be >= 1, got {ood_rate_slack}")
+        if component_threshold <= 0:
+            raise ValueError(f"component_threshold must be > 0, got {component_threshold}")
+        if not 0.0 < component_share_threshold < 1.0:
+            raise ValueError("component_share_threshold must be in (0, 1), got "
+                             f"{component_share_threshold}")
+        if max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0, got {max_examples}")
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        if max_reference_rows < 10:
+            raise ValueError(f"max_reference_rows must be >= 10, got {max_reference_rows}")
+        self.alpha = alpha
+        self.permutations = permutations
+        self.reference_sample_size = reference_sample_size
+        self.history_windows = history_windows
+        self.min_history_windows = min_history_windows
+        self.min_window_size = min_window_size
+        self.skew_decide_on = skew_decide_on
+        self.drift_decide_on = drift_decide_on
+        self.ood_quantile = ood_quantile
+        self.ood_similarity_threshold = ood_similarity_threshold
+        self.ood_rate_slack = ood_rate_slack
+        self.component_threshold = component_threshold
+        self.component_share_threshold = component_share_threshold
+        self.max_examples = max_examples
+        self.max_keys = max_keys
+        self.max_reference_rows = max_reference_rows
+        self.seed = seed
+        self._references: dict[str, _Reference] = {}
+        self._keys: OrderedDict[str, _KeyState] = OrderedDict()
+
+    # -- references ---------------------------------------------------------------------------
+
+    def set_reference(self, key: str, vectors: np.ndarray, texts: Sequence[str] = (),
+                      *, name: str = "") -> None:
+        """Bind reference embeddings (and their texts, for the vocabulary statistics) to ``key``.
+
+        Computes the out-of-distribution similarity threshold once, here, from the
+        reference's leave-one-out nearest-neighbour similarities.
+        """
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if vectors.ndim != 2 or len(vectors) < 10:
+            raise ValueError("reference vectors must be a 2-D array with at least 10 rows")
+        texts = tuple(texts)
+        if texts and len(texts) != len(vectors):
+            raise ValueError("reference texts and vectors differ in length")
+        if len(vectors) > self.max_reference_rows:
+            rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+            keep = np.sort(rng.choice(len(vectors), self.max_reference_rows, replace=False))
+            vectors = vectors[keep]
+            texts = tuple(texts[i] for i in keep) if texts else ()
+        unit = _unit_rows(vectors)
+        loo = leave_one_out_nearest_similarity(unit)
+        if self.ood_similarity_threshold is None:
+            threshold = float(np.quantile(loo, self.ood_quantile))
+        else:
+            threshold = float(self.ood_similarity_threshold)
+        # The expected share is measured, not assumed: ties and a fixed threshold move it.
+        expected = float(np.clip((loo < threshold).mean(), 1.0 / len(loo), 1.0))
+        vocabulary: dict[str, int] = {}
+        counts = _count_rows(texts, vocabulary) if texts else None
+        self._references[key] = _Reference(name or key, vectors, unit.astype(np.float32),
+                                           texts, threshold, expected, vocabulary, counts)
+
+    def clear_reference(self, key: str) -> None:
+        """Forget the reference bound to ``key`` (skew is no longer checked for it)."""
+        self._references.pop(key, None)
+
+    @property
+    def reference_keys(self) -> tuple[str, ...]:
+        return tuple(self._references)
+
+    # -- the contract ---------------------------------------------------------------------------
+
+    def update(self, event: EmbeddedWindow) -> Sequence[Finding]:
+        vectors = np.asarray(event.vectors, dtype=np.float64)
+        if vectors.ndim != 2 or len(vectors) != len(event.texts):
+            raise ValueError("EmbeddedWindow.vectors must be (len(texts), dim)")
+        if len(vectors) < self.min_window_size:
+            return ()
+        state = self._keys.get(event.key)
+        if state is None:
+            state = _KeyState(history=deque(maxlen=self.history_windows))
+            self._keys[event.key] = state
+            while len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(event.key)
+        findings: list[Finding] = []
+
+        reference = self._references.get(event.key)
+        if reference is not None and reference.vectors.shape[1] == vectors.shape[1]:
+            rng = self._rng(event.key, "skew", event.ts)
+            idx = _subsample(len(reference.vectors), self.reference_sample_size, rng)
+            counts = None if reference.counts is None else reference.counts[idx]
+            result = self._compare(vectors, event.texts, reference.vectors[idx], counts,
+                                   reference.vocabulary, rng, self.skew_decide_on, reference)
+            result["reference"] = reference.name
+            result["reference_size"] = len(reference.vectors)
+            findings.extend(self._decide(state, event, "skew", result, self.skew_decide_on))
+
+        usable = [h for h in state.history if h[2].shape[1] == vectors.shape[1]]
+        if len(usable) >= self.min_history_windows:
+            rng = self._rng(event.key, "drift", event.ts)
+            past_vectors = np.concatenate([h[2] for h in usable], axis=0).astype(np.float64)
+            past_texts = tuple(t for h in usable for t in h[1])
+            idx = _subsample(len(past_vectors), self.reference_sample_size, rng)
+            vocabulary = {}
+            counts = _count_rows([past_texts[i] for i in idx], vocabulary)
+            result = self._compare(vectors, event.texts, past_vectors[idx], counts, vocabulary,
+                                   rng, self.drift_decide_on, None)
+            result["history_windows"] = len(usable)
+            result["history_from_ts"] = float(usable[0][0])
+            findings.extend(self._decide(state, event, "drift", result, self.drift_decide_on))
+
+        state.history.append((float(event.ts), tuple(event.texts),
+                              vectors.astype(np.float32)))
+        return tuple(findings)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Per-key history and raised kinds. References are not included: the worker binds
+        them again from the reference store after a restore."""
+        keys = {}
+        for key, state in self._keys.items():
+            keys[key] = {
+                "active": sorted(state.active),
+                "history": [{"ts": ts, "texts": list(texts), "shape": list(vec.shape),
+                             "vectors_f32_b64": base64.b64encode(
+                                 np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode()}
+                            for ts, texts, vec in state.history],
+            }
+        return {"version": 1, "keys": keys}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self._keys = OrderedDict()
+        for key, data in list(snap.get("keys", {}).items())[-self.max_keys:]:
+            state = _KeyState(history=deque(maxlen=self.history_windows),
+                              active=set(data.get("active", ())))
+            for item in data.get("history", ()):
+                raw = base64.b64decode(item["vectors_f32_b64"])
+                vec = np.frombuffer(raw, dtype="<f4").reshape(item["shape"]).astype(np.float32)
+                state.history.append((float(item["ts"]), tuple(item["texts"]), vec))
+            self._keys[key] = state
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _rng(self, key: str, kind: str, ts: float) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), zlib.crc32(
+            kind.encode()), int(round(ts * 1000.0)) & 0xFFFFFFFF])
+
+    def _compare(self, window: np.ndarray, window_texts: Sequence[str], comparison: np.ndarray,
+                 comparison_counts: Any, vocabulary: dict[str, int],
+                 rng: np.random.Generator,
+                 deciding: Sequence[str], reference: _Reference | None) -> dict[str, Any]:
+        """All statistics of window vs comparison, each with threshold and verdict."""
+        m, n = len(window), len(comparison)
+        alpha_each = self.alpha / len(deciding)
+        pooled = np.concatenate([window, comparison], axis=0)
+        # A random m-subset per permutation is all a split needs: partition, not a full sort.
+        permutations = np.argpartition(rng.random((self.permutations, m + n)), m - 1,
+                                       axis=1)[:, :m]
+        in_window = np.zeros((m + n, self.permutations))
+        in_window[permutations, np.arange(self.permutations)[:, None]] = 1.0
+        observed_labels = np.zeros((m + n, 1))
+        observed_labels[:m] = 1.0
+
+        scores: dict[str, dict[str, Any]] = {}
+        # One distance matrix serves the bandwidth (its cross block) and the kernel; float32
+        # halves the cost of the products, which dominate a check.
+        pooled32 = pooled.astype(np.float32)
+        sq_norms = (pooled32 * pooled32).sum(1)
+        sq = sq_norms[:, None] + sq_norms[None, :] - 2.0 * (pooled32 @ pooled32.T)
+        np.maximum(sq, 0.0, out=sq)
+        median = _median_sqrt(sq[:m, m:])
+        gamma = 1.0 / (median * median) if median > 0 else 1.0
+        kernel = np.exp(sq * np.float32(-gamma), out=sq)
+        np.fill_diagonal(kernel, 1.0)
+        in_window = in_window.astype(np.float32)
+        mmd_observed = float(mmd2_unbiased_by_labels(kernel, observed_labels)[0])
+        mmd_null = mmd2_unbiased_by_labels(kernel, in_window)
+        scores["mmd"] = self._permutation_verdict(max(mmd_observed, 0.0), mmd_observed,
+                                                  mmd_null, alpha_each)
+        scores["mmd"]["gamma"] = gamma
+
+        # Centroids of every permuted split from one product: window mean = labels' @ X / m.
+        window_means = in_window.T @ pooled / m
+        rest_means = (pooled.sum(0)[None, :] - window_means * m) / n
+        cos_obs, euc_obs = centroid_distances(window, comparison)
+        cos_null = _cosine_distance(window_means, rest_means)
+        euc_null = np.linalg.norm(window_means - rest_means, axis=1)
+        scores["centroid_cosine"] = self._permutation_verdict(cos_obs, cos_obs, cos_null,
+                                                              alpha_each)
+        scores["centroid_euclidean"] = self._permutation_verdict(euc_obs, euc_obs, euc_null,
+                                                                 alpha_each)
+
+        if comparison_counts is not None:
+            # Window terms unseen in the comparison vocabulary get new columns in a copy.
+            window_vocabulary = dict(vocabulary)
+            window_rows = _count_rows(window_texts, window_vocabulary)
+            comparison_counts = comparison_counts.copy()
+            comparison_counts.resize((n, window_rows.shape[1]))
+            counts = sparse.vstack([window_rows, comparison_counts], format="csr")
+            totals = np.asarray(counts.sum(0)).ravel()
+            window_counts = np.asarray((counts.T @ sparse.csc_matrix(observed_labels)).todense()).T
+            null_window = np.asarray((counts.T @ sparse.csc_matrix(in_window)).todense()).T
+            jsd_obs, new_obs = vocabulary_shift(window_counts, totals - window_counts)
+            jsd_null, new_null = vocabulary_shift(null_window, totals[None, :] - null_window)
+            scores["vocab_jsd"] = self._permutation_verdict(float(jsd_obs[0]), float(jsd_obs[0]),
+                                                            jsd_null, alpha_each)
+            scores["new_token_share"] = self._permutation_verdict(
+                float(new_obs[0]), float(new_obs[0]), new_null, alpha_each)
+
+        auc = classifier_auc(comparison, window, rng)
+        auc_threshold = 0.5 + float(stats.norm.isf(alpha_each)) * auc_null_std(n, m)
+        scores["classifier_auc"] = {
+            "score": auc, "threshold": auc_threshold,
+            "p_value": float(stats.norm.sf((auc - 0.5) / auc_null_std(n, m))),
+            "drifted": auc > auc_threshold}
+
+        share = float((component_wasserstein(comparison, window)
+                       >= self.component_threshold).mean())
+        scores["drifted_components"] = {
+            "score": share, "threshold": self.component_share_threshold,
+            "component_test": "wasserstein_normed",
+            "component_threshold": self.component_threshold,
+            "drifted": share > self.component_share_threshold}
+
+        if reference is not None:
+            nearest = nearest_similarity(window, reference.unit)
+            outside = int((nearest < reference.similarity_threshold).sum())
+            p0 = min(reference.expected_ood_share * self.ood_rate_slack, 1.0)
+            scores["ood_share"] = {
+                "score": outside / m,
+                "threshold": float(stats.binom.isf(alpha_each, m, p0)) / m,
+                "p_value": float(stats.binom.sf(outside - 1, m, p0)),
+                "similarity_threshold": reference.similarity_threshold,
+                "expected_share": p0,
+                "drifted": bool(stats.binom.sf(outside - 1, m, p0) <= alpha_each)}
+        else:
+            nearest = nearest_similarity(window, _unit_rows(comparison))
+        order = np.argsort(nearest, kind="stable")[:self.max_examples]
+        examples = [{"text": window_texts[i], "nearest_similarity": round(float(nearest[i]), 4)}
+                    for i in order]
+        return {"scores": scores, "window_size": m, "comparison_size": n,
+                "alpha_per_test": alpha_each, "examples": examples}
+
+    @staticmethod
+    def _permutation_verdict(score: float, observed: float, null: np.ndarray,
+                             alpha_each: float) -> dict[str, Any]:
+        tail = NullTail.fit(null)
+        threshold = tail.threshold(alpha_each)
+        p_value = tail.p_value(observed)
+        return {"score": float(score), "threshold": float(threshold), "p_value": p_value,
+                "p_value_empirical": float((1 + (null >= observed).sum()) / (1 + len(null))),
+                "drifted": bool(p_value <= alpha_each)}
+
+    def _decide(self, state: _KeyState, event: EmbeddedWindow, kind: str,
+                result: dict[str, Any], deciding: Sequence[str]) -> list[Finding]:
+        scores = result["scores"]
+        rejected = [s for s in deciding if s in scores and scores[s]["drifted"]]
+        primary = scores["mmd"]
+        evidence = {
+            "method": "mmd_rbf_median_heuristic+permutation_pearson3",
+            "decided_by": rejected, "deciding": list(deciding), "alpha": self.alpha,
+            "window_start_ts": float(event.start_ts), "window_seen": int(event.seen),
+            **result,
+        }
+        evidence = _jsonable(evidence)
+        if rejected:
+            state.active.add(kind)
+            severity = Severity.CRITICAL if len(rejected) > 1 else Severity.WARNING
+            return [Finding(self.name, event.key, kind, severity, float(event.ts),
+                            primary["score"], primary["threshold"], evidence)]
+        if kind in state.active:
+            state.active.discard(kind)
+            return [Finding(self.name, event.key, kind, Severity.INFO, float(event.ts),
+                            primary["score"], primary["threshold"], evidence, resolved=True)]
+        return []
+
+
+def _subsample(size: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    if size <= limit:
+        return np.arange(size)
+    return np.sort(rng.choice(size, limit, replace=False))
+
+
+def _median_sqrt(squared: np.ndarray) -> float:
+    """``median(sqrt(squared))`` without a square root per element (sqrt is monotone)."""
+    flat = squared.ravel()
+    half = flat.size // 2
+    if flat.size % 2:
+        return float(np.sqrt(np.partition(flat, half)[half]))
+    low, high = np.partition(flat, [half - 1, half])[[half - 1, half]]
+    return float((np.sqrt(low) + np.sqrt(high)) / 2.0)
+
+
+def _count_rows(texts: Sequence[str], vocabulary: dict[str, int]) -> sparse.csr_matrix:
+    """Document x term counts; terms missing from ``vocabulary`` are added to it in place."""
+    rows, cols, vals = [], [], []
+    for row, text in enumerate(texts):
+        for term, count in Counter(tokenize(text)).items():
+            rows.append(row)
+            cols.append(vocabulary.setdefault(term, len(vocabulary)))
+            vals.append(count)
+    return sparse.csr_matrix((np.asarray(vals, dtype=np.float64), (rows, cols)),
+                             shape=(len(texts), max(len(vocabulary), 1)))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    return value

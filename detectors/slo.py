@@ -1,0 +1,314 @@
+"""Error-rate and latency SLOs per (service, model) over a sliding event-time window.
+
+The window is a ring of sub-buckets (counts of calls, errors and slow calls), so per-event work is
+O(1) and memory per key is fixed. Latency is judged without a histogram: the ``q`` quantile of
+latency exceeds ``T`` exactly when more than ``1 - q`` of the calls took longer than ``T``; the
+quantile itself (for the finding's value) is computed only when a finding is made, from the most
+recent calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, ClassVar, Mapping, Sequence
+
+from agentwatch.detectors.bounded import EventTimeLru, check_positive
+from agentwatch.detectors.contract import ContractStream
+from agentwatch.events import Finding, LlmCall, Severity
+
+_OVERRIDABLE = frozenset({"error_rate_threshold", "latency_threshold_ms"})
+
+
+class _SloWindow:
+    __slots__ = ("service", "model", "head", "ring_calls", "ring_errors", "ring_slow", "calls",
+                 "errors", "slow", "error_firing", "latency_firing", "last_ts", "recent",
+                 "error_rate_threshold", "latency_threshold_ms")
+
+    def __init__(self, service: str, model: str, n_buckets: int, recent_maxlen: int,
+                 error_rate_threshold: float, latency_threshold_ms: float) -> None:
+        self.service = service
+        self.model = model
+        self.head = -1  # index of the newest sub-bucket (event time // bucket_s)
+        self.ring_calls = [0] * n_buckets
+        self.ring_errors = [0] * n_buckets
+        self.ring_slow = [0] * n_buckets
+        self.calls = self.errors = self.slow = 0
+        self.error_firing = False
+        self.latency_firing = False
+        self.last_ts = float("-inf")
+        self.recent: deque[tuple[float, float]] = deque(maxlen=recent_maxlen)  # (ts, latency_ms)
+        self.error_rate_threshold = error_rate_threshold
+        self.latency_threshold_ms = latency_threshold_ms
+
+    @property
+    def key(self) -> str:
+        return f"service={self.service}/model={self.model}"
+
+    def advance(self, bucket: int) -> None:
+        """Slide the window so ``bucket`` is the newest sub-bucket, dropping expired ones."""
+        n = len(self.ring_calls)
+        if bucket - self.head >= n:
+            for ring in (self.ring_calls, self.ring_errors, self.ring_slow):
+                ring[:] = [0] * n
+            self.calls = self.errors = self.slow = 0
+        else:
+            for b in range(self.head + 1, bucket + 1):
+                slot = b % n
+                self.calls -= self.ring_calls[slot]
+                self.errors -= self.ring_errors[slot]
+                self.slow -= self.ring_slow[slot]
+                self.ring_calls[slot] = self.ring_errors[slot] = self.ring_slow[slot] = 0
+        self.head = bucket
+
+
+def nearest_rank_quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile by nearest rank (an observed value, no interpolation)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class SloDetector:
+    """Error rate and latency quantile per (service, model) against on-call thresholds.
+
+    A condition fires once when the window over ``window_s`` (with at least ``min_calls`` calls)
+    crosses its threshold, and resolves once when it falls to ``resolve_ratio`` x threshold (the
+    gap stops a rate hovering at the threshold from paging on every call).
+
+    Parameters
+    ----------
+    window_s : float
+        Sliding window length, event time.
+    n_buckets : int
+        Sub-buckets in the window; the window slides in steps of ``window_s / n_buckets``.
+    min_calls : int
+        Calls the window must hold before anything is judged (warm-up and low-traffic guard).
+    error_rate_threshold : float
+        Fraction of failed calls above which ``error_rate`` fires.
+    latency_threshold_ms : float
+        The ``latency_quantile`` latency above which ``latency`` fires.
+    latency_quantile : float
+        Which latency quantile the SLO is about (0.95 = p95).
+    resolve_ratio : float
+        A firing condition resolves when its statistic is <= ``resolve_ratio`` x its threshold.
+    overrides : Mapping[str, Mapping[str, float]]
+        Per ``"service"`` or ``"service/model"`` (more specific wins) values of
+        ``error_rate_threshold`` and/or ``latency_threshold_ms``.
+    max_keys : int
+        Most (service, model) windows held.
+    key_ttl_s : float
+        A key without calls for this long (event time) is forgotten (resolving what it had firing).
+
+    Examples
+    --------
+    >>> slo = SloDetector(min_calls=4, error_rate_threshold=0.5)
+    >>> calls = [LlmCall(ts=float(i), trace_id="t", span_id=str(i), service="api", model="m",
+    ...                  status="error" if i >= 2 else "ok") for i in range(6)]
+    >>> [(f.kind, f.value) for c in calls for f in slo.update(c)]
+    [('error_rate', 0.6)]
+    """
+
+    name: ClassVar[str] = "slo"
+    accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
+
+    def __init__(self, *, window_s: float = 300.0, n_buckets: int = 10, min_calls: int = 100,
+                 error_rate_threshold: float = 0.05, latency_threshold_ms: float = 20_000.0,
+                 latency_quantile: float = 0.95, resolve_ratio: float = 0.8,
+                 overrides: Mapping[str, Mapping[str, float]] | None = None,
+                 max_keys: int = 5_000, key_ttl_s: float = 86_400.0,
+                 recent_latencies: int = 256) -> None:
+        check_positive("window_s", window_s)
+        check_positive("latency_threshold_ms", latency_threshold_ms)
+        check_positive("key_ttl_s", key_ttl_s)
+        if n_buckets < 1:
+            raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+        if min_calls < 1:
+            raise ValueError(f"min_calls must be >= 1, got {min_calls}")
+        if not 0 < error_rate_threshold < 1:
+            raise ValueError(f"error_rate_threshold must be in (0, 1), got {error_rate_threshold}")
+        if not 0 < latency_quantile < 1:
+            raise ValueError(f"latency_quantile must be in (0, 1), got {latency_quantile}")
+        if not 0 < resolve_ratio <= 1:
+            raise ValueError(f"resolve_ratio must be in (0, 1], got {resolve_ratio}")
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        if recent_latencies < 1:
+            raise ValueError(f"recent_latencies must be >= 1, got {recent_latencies}")
+        overrides = {str(k): dict(v) for k, v in (overrides or {}).items()}
+        for scope, values in overrides.items():
+            unknown = set(values) - _OVERRIDABLE
+            if unknown:
+                raise ValueError(f"overrides[{scope!r}] has unknown settings {sorted(unknown)}; "
+                                 f"allowed: {sorted(_OVERRIDABLE)}")
+        self.window_s = float(window_s)
+        self.n_buckets = n_buckets
+        self.min_calls = min_calls
+        self.error_rate_threshold = float(error_rate_threshold)
+        self.latency_threshold_ms = float(latency_threshold_ms)
+        self.latency_quantile = float(latency_quantile)
+        self.resolve_ratio = float(resolve_ratio)
+        self.overrides = overrides
+        self.max_keys = max_keys
+        self.key_ttl_s = float(key_ttl_s)
+        self.recent_latencies = recent_latencies
+        self._bucket_s = self.window_s / n_buckets
+        self._slow_fraction_limit = 1.0 - self.latency_quantile
+        self._windows: EventTimeLru[tuple[str, str], _SloWindow] = EventTimeLru(max_keys, key_ttl_s)
+
+    def state_size(self) -> int:
+        return len(self._windows)
+
+    def _thresholds(self, service: str, model: str) -> tuple[float, float]:
+        values = {"error_rate_threshold": self.error_rate_threshold,
+                  "latency_threshold_ms": self.latency_threshold_ms}
+        values.update(self.overrides.get(service, {}))
+        values.update(self.overrides.get(f"{service}/{model}", {}))
+        return values["error_rate_threshold"], values["latency_threshold_ms"]
+
+    def _new_window(self, service: str, model: str) -> _SloWindow:
+        err_thr, lat_thr = self._thresholds(service, model)
+        return _SloWindow(service, model, self.n_buckets, self.recent_latencies, err_thr, lat_thr)
+
+    def update(self, event: LlmCall) -> Sequence[Finding]:
+        ts = event.ts
+        findings: list[Finding] = []
+        windows = self._windows
+        for _, gone in windows.expire(ts):
+            findings.extend(self._resolve_all(gone, ts, "no calls within key_ttl_s"))
+        key = (event.service, event.model)
+        w = windows.get(key)
+        if w is None:
+            w = self._new_window(*key)
+            for _, gone in windows.insert(key, w):
+                findings.extend(self._resolve_all(gone, ts, "evicted: max_keys reached"))
+        bucket = int(ts // self._bucket_s)
+        if bucket > w.head:
+            w.advance(bucket)
+        elif bucket <= w.head - self.n_buckets:
+            return findings  # older than the whole window: it cannot change the SLO any more
+        if ts > w.last_ts:
+            w.last_ts = ts
+        slot = bucket % self.n_buckets
+        w.ring_calls[slot] += 1
+        w.calls += 1
+        if event.status == "error":
+            w.ring_errors[slot] += 1
+            w.errors += 1
+        latency_ms = event.latency_ms
+        if latency_ms > w.latency_threshold_ms:
+            w.ring_slow[slot] += 1
+            w.slow += 1
+        w.recent.append((ts, latency_ms))
+        if w.calls >= self.min_calls:
+            self._judge(w, ts, findings)
+        return findings
+
+    def _judge(self, w: _SloWindow, ts: float, findings: list[Finding]) -> None:
+        error_rate = w.errors / w.calls
+        if w.error_firing:
+            if error_rate <= w.error_rate_threshold * self.resolve_ratio:
+                w.error_firing = False
+                findings.append(self._error_finding(w, ts, error_rate, resolved=True))
+        elif error_rate > w.error_rate_threshold:
+            w.error_firing = True
+            findings.append(self._error_finding(w, ts, error_rate, resolved=False))
+        slow_fraction = w.slow / w.calls
+        if w.latency_firing:
+            if slow_fraction <= self._slow_fraction_limit * self.resolve_ratio:
+                w.latency_firing = False
+                findings.append(self._latency_finding(w, ts, resolved=True))
+        elif slow_fraction > self._slow_fraction_limit:
+            w.latency_firing = True
+            findings.append(self._latency_finding(w, ts, resolved=False))
+
+    def _evidence(self, w: _SloWindow) -> dict[str, Any]:
+        return {"service": w.service, "model": w.model, "window_s": self.window_s,
+                "calls": w.calls, "errors": w.errors, "slow_calls": w.slow,
+                "error_rate": w.errors / w.calls if w.calls else 0.0,
+                "slow_fraction": w.slow / w.calls if w.calls else 0.0}
+
+    def _error_finding(self, w: _SloWindow, ts: float, error_rate: float, *,
+                       resolved: bool) -> Finding:
+        return Finding(detector=self.name, key=w.key, kind="error_rate",
+                       severity=Severity.INFO if resolved else Severity.CRITICAL, ts=ts,
+                       value=error_rate, threshold=w.error_rate_threshold,
+                       evidence=self._evidence(w), resolved=resolved)
+
+    def _latency_finding(self, w: _SloWindow, ts: float, *, resolved: bool) -> Finding:
+        start = ts - self.window_s
+        sample = [lat for t, lat in w.recent if t > start] or [lat for _, lat in w.recent]
+        observed = nearest_rank_quantile(sample, self.latency_quantile) if sample else 0.0
+        evidence = self._evidence(w)
+        evidence.update(quantile=self.latency_quantile, latency_sample_size=len(sample),
+                        observed_quantile_ms=observed)
+        return Finding(detector=self.name, key=w.key, kind="latency",
+                       severity=Severity.INFO if resolved else Severity.WARNING, ts=ts,
+                       value=observed, threshold=w.latency_threshold_ms, evidence=evidence,
+                       resolved=resolved)
+
+    def _resolve_all(self, w: _SloWindow, ts: float, reason: str) -> list[Finding]:
+        out = []
+        if w.error_firing:
+            w.error_firing = False
+            f = self._error_finding(w, ts, w.errors / w.calls if w.calls else 0.0, resolved=True)
+            out.append(_with_reason(f, reason))
+        if w.latency_firing:
+            w.latency_firing = False
+            out.append(_with_reason(self._latency_finding(w, ts, resolved=True), reason))
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "lru": self._windows.snapshot_meta(),
+            "windows": [[w.service, w.model, w.head, w.ring_calls, w.ring_errors, w.ring_slow,
+                         w.error_firing, w.latency_firing, w.last_ts,
+                         [list(p) for p in w.recent]] for _, w in self._windows.items()],
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self._windows.clear()
+        self._windows.restore_meta(snap.get("lru", {}))
+        for (service, model, head, calls, errors, slow, err_f, lat_f, last_ts,
+             recent) in snap.get("windows", []):
+            w = self._new_window(service, model)
+            if len(calls) == self.n_buckets:
+                w.head = head
+                w.ring_calls, w.ring_errors, w.ring_slow = list(calls), list(errors), list(slow)
+                w.calls, w.errors, w.slow = sum(calls), sum(errors), sum(slow)
+            # else: n_buckets changed since the checkpoint; the window refills from new calls.
+            w.error_firing, w.latency_firing = bool(err_f), bool(lat_f)
+            w.last_ts = float(last_ts)
+            w.recent.extend((float(t), float(lat)) for t, lat in recent)
+            self._windows.insert((service, model), w)
+
+    @classmethod
+    def contract_stream(cls, seed: int) -> ContractStream:
+        import random
+
+        from agentwatch.detectors.synthetic import START_TS, agent_traffic
+
+        rng = random.Random(seed)
+        params = {"min_calls": 20, "window_s": 60.0, "max_keys": 50}
+        warmup = [e for e in agent_traffic(seed, 60, traces_per_s=2.0, error_rate=0.0)
+                  if isinstance(e, LlmCall)]
+        t0 = warmup[-1].ts + 1.0
+        events = []
+        for i in range(120):  # an outage (errors) then a slow spell, then recovery
+            phase = i // 40
+            events.append(LlmCall(
+                ts=t0 + i * 0.5, trace_id=f"c{seed}-{i}", span_id="s", service="helpdesk",
+                model="gpt-4o", status="error" if phase == 0 and rng.random() < 0.6 else "ok",
+                latency_ms=rng.uniform(25_000, 40_000) if phase == 1 else rng.uniform(500, 900)))
+        flood = [LlmCall(ts=START_TS + i, trace_id=f"f{i}", span_id="s", service=f"svc{i % 400}",
+                         model=f"m{i % 7}") for i in range(2_000)]
+        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
+                              state_cap=params["max_keys"])
+
+
+def _with_reason(finding: Finding, reason: str) -> Finding:
+    evidence = dict(finding.evidence)
+    evidence["reason"] = reason
+    return Finding(detector=finding.detector, key=finding.key, kind=finding.kind,
+                   severity=finding.severity, ts=finding.ts, value=finding.value,
+                   threshold=finding.threshold, evidence=evidence, resolved=finding.resolved)

@@ -1,0 +1,502 @@
+"""Hallucinated tool calls: calls to tools nobody declared, and arguments that break the schema.
+
+The registry a call is judged against is the union of the configured tools (``known_tools``,
+``tool_schemas``) and the tools declared to the model earlier in the same trace
+(``LlmCall.tool_definitions``, which the normaliser fills from ``gen_ai.tool.definitions`` and
+OpenInference tool schemas). Both what the model asked for (``LlmCall.requested_tool_calls``,
+the only trace of a call to an undeclared tool when the framework refused to run it) and what
+was executed (``ToolCall``) are checked. A trace with no declared tools and an empty configured
+registry is not judged: without a registry every call would look hallucinated.
+
+Argument validation uses ``jsonschema``. It is pure Python (no I/O, no native code), so it keeps
+the detectors' "stdlib/numpy/scipy only" spirit; it is imported where a validator is built.
+Validators are built once per distinct schema and cached.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
+
+from agentwatch.detectors.bounded import EventTimeLru, check_positive, stable_hash
+from agentwatch.detectors.contract import ContractStream
+from agentwatch.detectors.loops import NOT_JSON, parsed_json, requested_calls
+from agentwatch.events import Finding, LlmCall, Severity, ToolCall
+
+_EVIDENCE_TEXT_MAX = 500
+_EVIDENCE_TOOLS_MAX = 50
+_PARSE_CACHE_MAX = 512
+_VERDICT_CACHE_MAX = 4_096
+_UNKNOWN = object()  # distinct tool_definitions texts kept parsed (agents resend the same one)
+
+# A validator answers None when the arguments are valid, else a short reason.
+Check = Callable[[Any], "str | None"]
+
+
+# Keywords that only annotate (jsonschema asserts ``format`` only with a format checker, which
+# the detector does not pass).
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "$id",
+                          "$schema", "format", "readOnly", "writeOnly", "deprecated",
+                          "contentMediaType", "contentEncoding"})
+_JSON_TYPES: dict[str, frozenset[type]] = {
+    "string": frozenset({str}),
+    "integer": frozenset({int}),  # 1.0 is an integer to JSON Schema too: left to jsonschema
+    "number": frozenset({int, float}),
+    "boolean": frozenset({bool}),
+    "null": frozenset({type(None)}),
+    "array": frozenset({list}),
+    "object": frozenset({dict}),
+}
+_SCALARS = (str, int, float, bool, type(None))
+_Fast = Callable[[Any], bool]
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_SIZES = ("minLength", "maxLength", "minItems", "maxItems")
+_HANDLED = frozenset({"type", "enum", "required", "properties", "additionalProperties", "items",
+                      "pattern", *_BOUNDS, *_SIZES})
+
+
+def compile_fast_check(schema: Any) -> _Fast | None:
+    """A plain-Python check for the schema subset tool definitions use in practice.
+
+    Returns None when the schema uses anything outside the subset. The check is *sound for
+    acceptance*: True means jsonschema would accept the instance too; False means "not sure",
+    and the caller asks jsonschema (which also words the error). Tool arguments are validated on
+    the hot path, and jsonschema's general machinery costs ~10x more per call.
+    """
+    import re
+
+    if not isinstance(schema, dict):
+        return None
+    if any(k not in _HANDLED and k not in _ANNOTATIONS for k in schema):
+        return None
+    allowed: frozenset[type] | None = None
+    if "type" in schema:
+        names = schema["type"]
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or any(n not in _JSON_TYPES for n in names):
+            return None
+        allowed = frozenset().union(*(_JSON_TYPES[n] for n in names))
+    enum = schema.get("enum")
+    if enum is not None and (not isinstance(enum, list)
+                             or not all(isinstance(v, _SCALARS) for v in enum)):
+        return None
+    required = schema.get("required", ())
+    if not isinstance(required, (list, tuple)) or not all(isinstance(r, str) for r in required):
+        return None
+    props: dict[str, _Fast] = {}
+    raw_props = schema.get("properties", {})
+    if not isinstance(raw_props, dict):
+        return None
+    for prop, sub in raw_props.items():
+        check = compile_fast_check(sub)
+        if check is None:
+            return None
+        props[prop] = check
+    extra_schema = schema.get("additionalProperties", True)
+    extra: _Fast | bool
+    if isinstance(extra_schema, bool):
+        extra = extra_schema
+    else:
+        compiled = compile_fast_check(extra_schema)
+        if compiled is None:
+            return None
+        extra = compiled
+    items = None
+    if "items" in schema:
+        items = compile_fast_check(schema["items"])
+        if items is None:
+            return None
+    bounds = []
+    for keyword in _BOUNDS:
+        if keyword in schema:
+            value = schema[keyword]
+            if type(value) not in (int, float):
+                return None  # draft-04 boolean exclusiveMinimum and the like
+            bounds.append((keyword, float(value)))
+    sizes = {}
+    for keyword in _SIZES:
+        if keyword in schema:
+            if type(schema[keyword]) is not int:
+                return None
+            sizes[keyword] = schema[keyword]
+    search = None
+    if "pattern" in schema:
+        try:
+            search = re.compile(schema["pattern"]).search
+        except (re.error, TypeError):
+            return None
+    min_len, max_len = sizes.get("minLength", 0), sizes.get("maxLength")
+    min_items, max_items = sizes.get("minItems", 0), sizes.get("maxItems")
+
+    def check(x: Any) -> bool:
+        tx = type(x)
+        if allowed is not None and tx not in allowed:
+            return False
+        if enum is not None and not any(type(v) is tx and v == x for v in enum):
+            return False
+        if tx is dict:
+            for key in required:
+                if key not in x:
+                    return False
+            for key, value in x.items():
+                sub = props.get(key)
+                if sub is not None:
+                    if not sub(value):
+                        return False
+                elif extra is False or (extra is not True and not extra(value)):
+                    return False
+        elif tx is str:
+            if len(x) < min_len or (max_len is not None and len(x) > max_len):
+                return False
+            if search is not None and search(x) is None:
+                return False
+        elif tx is int or tx is float:
+            for keyword, bound in bounds:
+                if not ((keyword == "minimum" and x >= bound) or (keyword == "maximum" and x <= bound)
+                        or (keyword == "exclusiveMinimum" and x > bound)
+                        or (keyword == "exclusiveMaximum" and x < bound)):
+                    return False
+        elif tx is list:
+            if len(x) < min_items or (max_items is not None and len(x) > max_items):
+                return False
+            if items is not None:
+                for value in x:
+                    if not items(value):
+                        return False
+        return True
+
+    return check
+
+
+def build_check(schema: Mapping[str, Any]) -> Check | None:
+    """A checker for ``schema``, or None when the schema itself is not a valid JSON schema."""
+    import jsonschema  # pure Python; see the module docstring
+    from jsonschema.exceptions import SchemaError, best_match
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError:
+        return None
+    validator = cls(schema)
+    fast = compile_fast_check(schema)
+
+    def check(instance: Any) -> str | None:
+        if (fast is not None and fast(instance)) or validator.is_valid(instance):
+            return None
+        error = best_match(validator.iter_errors(instance))
+        path = "/".join(str(p) for p in error.absolute_path)
+        return f"{path}: {error.message}" if path else error.message
+
+    return check
+
+
+def _judge_text(check: Check, arguments: str) -> str | None:
+    """None when the arguments text is valid (or was not captured), else the reason."""
+    text = arguments.strip()
+    if not text:
+        return None  # not captured by the instrumentation
+    instance = parsed_json(text)  # shared with the loop detector's canonicalisation
+    if instance is NOT_JSON:
+        return "arguments are not valid JSON"
+    return check(instance)
+
+
+def parse_tool_definitions(text: str) -> list[tuple[str, str, Any]]:
+    """``[(name, schema_key, schema)]`` from ``LlmCall.tool_definitions``.
+
+    Accepts ``parameters`` / ``input_schema`` / ``inputSchema`` (OpenAI, Anthropic, MCP) and
+    the OpenAI ``{"type": "function", "function": {...}}`` wrapping. A tool without a schema
+    gets key ``""`` (declared, arguments not checked).
+    """
+    try:
+        tools = json.loads(text)
+    except ValueError:
+        return []
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        return []
+    out = []
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        if isinstance(tool.get("function"), dict):
+            tool = tool["function"]
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        schema = tool.get("parameters", tool.get("input_schema", tool.get("inputSchema")))
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                schema = None
+        if isinstance(schema, dict) and schema:
+            canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+            out.append((name, stable_hash(canonical), schema))
+        else:
+            out.append((name, "", None))
+    return out
+
+
+class _ToolTrace:
+    __slots__ = ("last_ts", "declared", "fired", "defs_hash")
+
+    def __init__(self, ts: float) -> None:
+        self.last_ts = ts
+        # hash() of the last tool_definitions text merged: agents resend the same definitions
+        # on every call. Process-local, so not checkpointed; re-merging after a restore is a no-op.
+        self.defs_hash: int | None = None
+        self.declared: dict[str, str] = {}  # tool name -> schema key ("" = no schema)
+        self.fired: list[str] = []  # "kind:tool" already reported in this trace
+
+
+class HallucinatedToolDetector:
+    """Calls to undeclared tools and arguments failing the declared JSON schema, per trace.
+
+    Each (kind, tool) fires once per trace: a model that keeps calling a tool it made up is one
+    incident, and the loop detector already counts repetitions.
+
+    Parameters
+    ----------
+    known_tools : Collection[str]
+        Tools that exist everywhere (configured registry), schema unknown.
+    tool_schemas : Mapping[str, Mapping]
+        Configured tools with their JSON schema (these are known tools too). A schema declared
+        in the trace takes precedence: it is what the model was shown.
+    validate_arguments : bool
+        Check arguments against schemas (False: only undeclared tools are reported).
+    max_traces : int
+        Most traces held (least recently active evicted first).
+    trace_ttl_s : float
+        A trace without events for this long (event time) is forgotten.
+    max_tools_per_trace : int
+        Most declared tools remembered per trace.
+    max_schemas : int
+        Most distinct declared schemas kept (shared by all traces).
+
+    Examples
+    --------
+    >>> det = HallucinatedToolDetector()
+    >>> defs = '[{"name": "search", "parameters": {"type": "object", "required": ["q"]}}]'
+    >>> events = [
+    ...     LlmCall(ts=1.0, trace_id="t", span_id="a", tool_definitions=defs,
+    ...             requested_tool_calls='[{"name": "search", "arguments": "{}", "id": "1"}]'),
+    ...     ToolCall(ts=2.0, trace_id="t", span_id="b", tool_name="delete_all", arguments="{}")]
+    >>> [(f.kind, f.evidence["tool"]) for e in events for f in det.update(e)]
+    [('invalid_tool_arguments', 'search'), ('undeclared_tool', 'delete_all')]
+    """
+
+    name: ClassVar[str] = "hallucinated_tool"
+    accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall)
+    _MAX_FIRED_PER_TRACE: ClassVar[int] = 16
+
+    def __init__(self, *, known_tools: Collection[str] = (),
+                 tool_schemas: Mapping[str, Mapping[str, Any]] | None = None,
+                 validate_arguments: bool = True, max_traces: int = 50_000,
+                 trace_ttl_s: float = 900.0, max_tools_per_trace: int = 128,
+                 max_schemas: int = 4_096) -> None:
+        if isinstance(known_tools, str):
+            raise ValueError("known_tools must be a collection of tool names, not one string")
+        for arg, value in (("max_traces", max_traces), ("max_tools_per_trace", max_tools_per_trace),
+                           ("max_schemas", max_schemas)):
+            if value < 1:
+                raise ValueError(f"{arg} must be >= 1, got {value}")
+        check_positive("trace_ttl_s", trace_ttl_s)
+        self.known_tools = frozenset(str(t) for t in known_tools)
+        self.tool_schemas = {str(k): dict(v) for k, v in (tool_schemas or {}).items()}
+        self._configured_checks: dict[str, Check] = {}
+        for tool, schema in self.tool_schemas.items():
+            check = build_check(schema)
+            if check is None:
+                raise ValueError(f"tool_schemas[{tool!r}] is not a valid JSON schema")
+            self._configured_checks[tool] = check
+        self.validate_arguments = bool(validate_arguments)
+        self.max_traces = max_traces
+        self.trace_ttl_s = float(trace_ttl_s)
+        self.max_tools_per_trace = max_tools_per_trace
+        self.max_schemas = max_schemas
+        self._has_registry = bool(self.known_tools or self.tool_schemas)
+        self._traces: EventTimeLru[str, _ToolTrace] = EventTimeLru(max_traces, trace_ttl_s)
+        # schema key -> schema, first-in first-out: the registration order depends only on the
+        # events, so a restored detector evicts exactly what an uninterrupted one would.
+        self._schemas: OrderedDict[str, Any] = OrderedDict()
+        # Derived caches (not checkpointed): rebuilt from the above on demand.
+        self._checks: dict[str, Check | None] = {}
+        self._parsed: OrderedDict[str, list[tuple[str, str, Any]]] = OrderedDict()
+        self._verdicts: dict[tuple[str, str], str | None] = {}
+
+    def state_size(self) -> int:
+        return len(self._traces)
+
+    def update(self, event: LlmCall | ToolCall) -> Sequence[Finding]:
+        ts = event.ts
+        traces = self._traces
+        if traces.next_sweep_ts <= ts:
+            traces.expire(ts)
+        trace_id = event.trace_id
+        t = traces.get(trace_id)
+        if type(event) is LlmCall:
+            if event.tool_definitions:
+                if t is None:
+                    t = _ToolTrace(ts)
+                    traces.insert(trace_id, t)
+                self._declare(t, event.tool_definitions)
+            if not event.requested_tool_calls:
+                if t is not None and ts > t.last_ts:
+                    t.last_ts = ts
+                return ()
+            if t is None:
+                if not self._has_registry:
+                    return ()  # nothing declared, nothing configured: no registry to judge by
+                t = _ToolTrace(ts)
+                traces.insert(trace_id, t)
+            findings: list[Finding] = []
+            for name, arguments in requested_calls(event.requested_tool_calls):
+                self._check_call(trace_id, t, ts, name, arguments, "requested", findings)
+        else:
+            if t is None:
+                if not self._has_registry:
+                    return ()
+                t = _ToolTrace(ts)
+                traces.insert(trace_id, t)
+            findings = []
+            self._check_call(trace_id, t, ts, event.tool_name, event.arguments, "executed",
+                             findings)
+        if ts > t.last_ts:
+            t.last_ts = ts
+        return findings
+
+    def _declare(self, t: _ToolTrace, text: str) -> None:
+        text_hash = hash(text)
+        if text_hash == t.defs_hash:
+            return
+        t.defs_hash = text_hash
+        parsed = self._parsed.get(text)
+        if parsed is None:
+            parsed = parse_tool_definitions(text)
+            self._parsed[text] = parsed
+            if len(self._parsed) > _PARSE_CACHE_MAX:
+                self._parsed.popitem(last=False)
+        declared = t.declared
+        schemas = self._schemas
+        for name, key, schema in parsed:
+            if key and key not in schemas:
+                schemas[key] = schema
+                if len(schemas) > self.max_schemas:
+                    old, _ = schemas.popitem(last=False)
+                    self._checks.pop(old, None)
+            if declared.get(name) != key and (name in declared
+                                              or len(declared) < self.max_tools_per_trace):
+                declared[name] = key
+
+    def _check_for(self, name: str, t: _ToolTrace) -> tuple[bool, Check | None, str]:
+        """(is the tool known, its argument check if a schema is known, the schema's identity)."""
+        key = t.declared.get(name)
+        if key is not None:
+            if not key:
+                return True, self._configured_checks.get(name), f"config:{name}"
+            if key not in self._checks:
+                schema = self._schemas.get(key)
+                if schema is None:
+                    return True, None, ""  # schema evicted: declared, arguments not checkable
+                self._checks[key] = build_check(schema)
+            return True, self._checks[key], key
+        if name in self.tool_schemas:
+            return True, self._configured_checks[name], f"config:{name}"
+        return name in self.known_tools, None, ""
+
+    def _check_call(self, trace_id: str, t: _ToolTrace, ts: float, name: str, arguments: Any,
+                    source: str, findings: list[Finding]) -> None:
+        known, check, schema_id = self._check_for(name, t)
+        if not known:
+            if t.declared or self._has_registry:
+                self._fire(trace_id, t, ts, "undeclared_tool", name, arguments, source, None,
+                           findings)
+            return
+        if check is None or not self.validate_arguments:
+            return
+        if isinstance(arguments, str):
+            # The executed call usually repeats the text the model requested a moment before:
+            # remember verdicts per (check, text) so it is parsed and validated once.
+            verdict_key = (schema_id, arguments)  # a pure function of both: never stale
+            reason = self._verdicts.get(verdict_key, _UNKNOWN)
+            if reason is _UNKNOWN:
+                reason = _judge_text(check, arguments)
+                if len(self._verdicts) >= _VERDICT_CACHE_MAX:
+                    self._verdicts.clear()
+                self._verdicts[verdict_key] = reason
+        else:
+            reason = check(arguments)
+        if reason is not None:
+            self._fire(trace_id, t, ts, "invalid_tool_arguments", name, arguments, source,
+                       reason, findings)
+
+    def _fire(self, trace_id: str, t: _ToolTrace, ts: float, kind: str, tool: str,
+              arguments: Any, source: str, reason: str | None, findings: list[Finding]) -> None:
+        tag = f"{kind}:{tool}"
+        if tag in t.fired or len(t.fired) >= self._MAX_FIRED_PER_TRACE:
+            return
+        t.fired.append(tag)
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, sort_keys=True)
+        declared = sorted(t.declared)
+        evidence: dict[str, Any] = {
+            "trace_id": trace_id, "tool": tool, "arguments": arguments[:_EVIDENCE_TEXT_MAX],
+            "source": source, "declared_tools": declared[:_EVIDENCE_TOOLS_MAX],
+            "declared_tool_count": len(declared), "configured_tool_count":
+                len(self.known_tools | self.tool_schemas.keys())}
+        if reason is not None:
+            evidence["error"] = reason[:_EVIDENCE_TEXT_MAX]
+        findings.append(Finding(detector=self.name, key=trace_id, kind=kind,
+                                severity=Severity.WARNING, ts=ts, value=1.0, threshold=0.0,
+                                evidence=evidence))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"version": 1, "lru": self._traces.snapshot_meta(),
+                "schemas": [[k, s] for k, s in self._schemas.items()],
+                "traces": [[trace_id, t.last_ts, t.declared, t.fired]
+                           for trace_id, t in self._traces.items()]}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self._traces.clear()
+        self._traces.restore_meta(snap.get("lru", {}))
+        self._schemas = OrderedDict((k, s) for k, s in snap.get("schemas", []))
+        self._checks.clear()
+        self._parsed.clear()
+        self._verdicts.clear()
+        for trace_id, last_ts, declared, fired in snap.get("traces", []):
+            t = _ToolTrace(float(last_ts))
+            t.declared = {str(k): str(v) for k, v in declared.items()}
+            t.fired = list(fired)
+            self._traces.insert(trace_id, t)
+
+    @classmethod
+    def contract_stream(cls, seed: int) -> ContractStream:
+        import random
+
+        from agentwatch.detectors.synthetic import START_TS, agent_traffic, tool_definitions_json
+
+        rng = random.Random(seed)
+        params = {"max_traces": 100, "trace_ttl_s": 120.0}
+        warmup = agent_traffic(seed, 30, traces_per_s=1.0)
+        t0 = warmup[-1].ts + 1.0
+        defs = tool_definitions_json(("search", "lookup_order"))
+        bad_args = json.dumps({"query": "x", "top_k": rng.randint(50, 99)})  # maximum is 20
+        events: list[Any] = [
+            LlmCall(ts=t0, trace_id="h1", span_id="a", tool_definitions=defs,
+                    requested_tool_calls=json.dumps([{"name": "issue_refund", "id": "1",
+                                                      "arguments": '{"amount": 500}'}])),
+            LlmCall(ts=t0 + 2, trace_id="h1", span_id="b", tool_definitions=defs,
+                    requested_tool_calls=json.dumps([{"name": "search", "id": "2",
+                                                      "arguments": bad_args}])),
+            ToolCall(ts=t0 + 3, trace_id="h1", span_id="c", tool_name="search",
+                     arguments=bad_args),
+        ]
+        events += agent_traffic(seed + 1, 10, start_ts=t0 + 5, traces_per_s=1.0)
+        flood = [LlmCall(ts=START_TS + i * 0.1, trace_id=f"flood{i}", span_id="s",
+                         tool_definitions=defs) for i in range(3_000)]
+        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
+                              state_cap=params["max_traces"])

@@ -1,0 +1,226 @@
+"""PipelineMetrics: exact values per label set, cardinality caps, gauge eviction, exposition."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agentwatch.broker import free_port
+from agentwatch.dashboards.metrics import PipelineMetrics, serve_metrics
+from agentwatch.events import Finding, GpuSample, LlmCall, Severity, ToolCall
+
+
+def _call(i: int, **kw) -> LlmCall:
+    return LlmCall(ts=float(i), trace_id=f"t{i}", span_id=f"s{i}", **kw)
+
+
+def _tool(i: int, **kw) -> ToolCall:
+    return ToolCall(ts=float(i), trace_id=f"t{i}", span_id=f"s{i}", **kw)
+
+
+@pytest.fixture()
+def reg() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def test_llm_calls_aggregate_per_label_set(reg):
+    m = PipelineMetrics(reg)
+    m.observe_llm_calls([
+        _call(1, service="shop", model="gpt-4o", project="p1", input_tokens=100, output_tokens=7,
+              cost_usd=0.25, priced=True),
+        _call(2, service="shop", model="gpt-4o", project="p1", input_tokens=50, output_tokens=3,
+              cache_read_tokens=20, cost_usd=0.5, priced=True, status="error"),
+        _call(3, service="shop", model="mystery", project="p1", input_tokens=9),
+    ])
+    gpt = {"service": "shop", "model": "gpt-4o", "project": "p1"}
+    mystery = {"service": "shop", "model": "mystery", "project": "p1"}
+    v = reg.get_sample_value
+    assert v("agentwatch_llm_calls_total", gpt) == 2
+    assert v("agentwatch_llm_errors_total", gpt) == 1
+    assert v("agentwatch_llm_cost_usd_total", gpt) == pytest.approx(0.75)
+    assert v("agentwatch_llm_tokens_total", {**gpt, "direction": "input"}) == 150
+    assert v("agentwatch_llm_tokens_total", {**gpt, "direction": "output"}) == 10
+    assert v("agentwatch_llm_tokens_total", {**gpt, "direction": "cache_read"}) == 20
+    # No reasoning tokens were reported, so no series is created for them.
+    assert v("agentwatch_llm_tokens_total", {**gpt, "direction": "reasoning"}) is None
+    assert v("agentwatch_llm_unpriced_calls_total", mystery) == 1
+    assert v("agentwatch_llm_unpriced_calls_total", gpt) == 0
+    m.observe_llm_calls([_call(4, service="shop", model="gpt-4o", project="p1", input_tokens=1)])
+    assert v("agentwatch_llm_tokens_total", {**gpt, "direction": "input"}) == 151
+
+
+def test_empty_and_long_label_values_are_normalised(reg):
+    m = PipelineMetrics(reg, max_label_value_length=10)
+    m.observe_llm_calls([_call(1, model="x" * 50)])
+    assert reg.get_sample_value("agentwatch_llm_calls_total", {
+        "service": "unknown", "model": "x" * 10, "project": "unknown"}) == 1
+
+
+def test_counter_families_fold_beyond_cap_and_keep_totals(reg):
+    m = PipelineMetrics(reg, max_label_sets=2)
+    m.observe_llm_calls([_call(i, service="s", model=f"m{i}", project="p", input_tokens=10)
+                         for i in range(5)])
+    v = reg.get_sample_value
+    assert v("agentwatch_llm_calls_total", {"service": "s", "model": "m0", "project": "p"}) == 1
+    assert v("agentwatch_llm_calls_total", {"service": "s", "model": "m1", "project": "p"}) == 1
+    assert v("agentwatch_llm_calls_total", {"service": "s", "model": "m2", "project": "p"}) is None
+    other = {"service": "other", "model": "other", "project": "other"}
+    assert v("agentwatch_llm_calls_total", other) == 3
+    # The direction label is a closed vocabulary and survives folding.
+    assert v("agentwatch_llm_tokens_total", {**other, "direction": "input"}) == 30
+    assert v("agentwatch_metric_label_sets_folded_total", {"metric": "agentwatch_llm_calls"}) == 3
+    series = [s for fam in reg.collect() if fam.name == "agentwatch_llm_calls"
+              for s in fam.samples if s.name.endswith("_total")]
+    assert len(series) == 3
+
+
+def test_tool_status_survives_folding(reg):
+    m = PipelineMetrics(reg, max_label_sets=1)
+    m.observe_tool_calls([_tool(1, service="a", tool_name="t1"),
+                          _tool(2, service="b", tool_name="t2", status="error"),
+                          _tool(3, service="b", tool_name="t3", status="weird")])
+    v = reg.get_sample_value
+    assert v("agentwatch_tool_calls_total", {"service": "a", "tool": "t1", "status": "ok"}) == 1
+    assert v("agentwatch_tool_calls_total",
+             {"service": "other", "tool": "other", "status": "error"}) == 1
+    assert v("agentwatch_tool_calls_total",
+             {"service": "other", "tool": "other", "status": "other"}) == 1
+
+
+def test_findings_counts_and_drift_gauges(reg):
+    m = PipelineMetrics(reg)
+    m.observe_findings([
+        Finding(detector="loops", key="t1", kind="repeat", severity=Severity.WARNING, ts=1,
+                value=4, threshold=3),
+        Finding(detector="loops", key="t2", kind="repeat", severity=Severity.WARNING, ts=2,
+                value=5, threshold=3),
+        Finding(detector="loops", key="t1", kind="repeat", severity=Severity.WARNING, ts=3,
+                value=0, threshold=3, resolved=True),
+        Finding(detector="drift_embedding", key="project=a", kind="mmd",
+                severity=Severity.CRITICAL, ts=4, value=0.3, threshold=0.1,
+                evidence={"method": "mmd"}),
+        Finding(detector="drift_embedding", key="project=a", kind="mmd",
+                severity=Severity.INFO, ts=5, value=0.05, threshold=0.1,
+                evidence={"method": "mmd"}, resolved=True),
+    ])
+    v = reg.get_sample_value
+    assert v("agentwatch_findings_total", {"detector": "loops", "severity": "warning"}) == 2
+    assert v("agentwatch_findings_resolved_total", {"detector": "loops"}) == 1
+    assert v("agentwatch_findings_total",
+             {"detector": "drift_embedding", "severity": "critical"}) == 1
+    # The latest score wins, resolved or not.
+    assert v("agentwatch_drift_score", {"key": "project=a", "method": "mmd"}) == 0.05
+    assert v("agentwatch_drift_threshold", {"key": "project=a", "method": "mmd"}) == 0.1
+
+
+def test_gauge_family_evicts_least_recently_set(reg):
+    m = PipelineMetrics(reg, max_label_sets=2)
+    for i, key in enumerate(["a", "b", "a", "c"]):
+        m.observe_findings([Finding(detector="drift_x", key=key, kind="psi",
+                                    severity=Severity.INFO, ts=i, value=i, threshold=1)])
+    v = reg.get_sample_value
+    assert v("agentwatch_drift_score", {"key": "b", "method": "psi"}) is None
+    assert v("agentwatch_drift_score", {"key": "a", "method": "psi"}) == 2
+    assert v("agentwatch_drift_threshold", {"key": "b", "method": "psi"}) is None
+    assert v("agentwatch_drift_score", {"key": "c", "method": "psi"}) == 3
+
+
+def test_vram_gauges_from_samples_and_findings(reg):
+    m = PipelineMetrics(reg, gauge_stale_after_s=60)
+    m.observe_gpu_samples([
+        GpuSample(ts=0, host="h", gpu=0, memory_used_bytes=100, memory_total_bytes=1000),
+        GpuSample(ts=0, host="h", gpu=0, pid=7, process_name="python", memory_used_bytes=40),
+    ])
+    v = reg.get_sample_value
+    proc = {"host": "h", "gpu": "0", "pid": "7", "process": "python"}
+    assert v("agentwatch_vram_used_bytes", {"host": "h", "gpu": "0", "pid": "0",
+                                            "process": "device"}) == 100
+    assert v("agentwatch_vram_total_bytes", {"host": "h", "gpu": "0"}) == 1000
+    assert v("agentwatch_vram_used_bytes", proc) == 40
+    # Labels come from the key when the evidence lacks them.
+    m.observe_findings([Finding(
+        detector="vram_leak", key="host=h/gpu=0/pid=7/process=python", kind="leak",
+        severity=Severity.WARNING, ts=10, value=5.0, threshold=0,
+        evidence={"slope_bytes_per_second": 5.0, "seconds_to_threshold": 120.0,
+                  "used_bytes": 45})])
+    assert v("agentwatch_vram_slope_bytes_per_second", proc) == 5.0
+    assert v("agentwatch_vram_seconds_to_threshold", proc) == 120.0
+    assert v("agentwatch_vram_used_bytes", proc) == 45
+    m.observe_findings([Finding(detector="vram_leak", key="host=h/gpu=0/pid=7/process=python",
+                                kind="leak", severity=Severity.INFO, ts=20, value=0,
+                                threshold=0, resolved=True)])
+    assert v("agentwatch_vram_slope_bytes_per_second", proc) is None
+    assert v("agentwatch_vram_seconds_to_threshold", proc) is None
+    # 100 s later only the device reports: the process (last seen at ts 10) is gone.
+    m.observe_gpu_samples([GpuSample(ts=100, host="h", gpu=0, memory_used_bytes=60)])
+    assert v("agentwatch_vram_used_bytes", proc) is None
+    assert v("agentwatch_vram_used_bytes", {"host": "h", "gpu": "0", "pid": "0",
+                                            "process": "device"}) == 60
+
+
+def test_batches_dead_letters_lag_and_deliveries(reg):
+    m = PipelineMetrics(reg)
+    m.observe_batch(topic="otlp_spans", spans=120, seconds=0.02)
+    m.observe_batch(topic="otlp_spans", spans=30, seconds=0.2)
+    m.observe_dead_letter(topic="otlp_spans", reason="bad_proto", n=3)
+    m.set_consumer_lag("otlp_spans", 2, 17)
+    m.set_consumer_lag("otlp_spans", 3, 4)
+    m.clear_consumer_lag("otlp_spans", 3)
+    m.observe_delivery(destination="slack", ok=True)
+    m.observe_delivery(destination="slack", ok=False)
+    m.observe_delivery(destination="slack", ok=True)
+    v = reg.get_sample_value
+    assert v("agentwatch_batches_total", {"topic": "otlp_spans"}) == 2
+    assert v("agentwatch_spans_total", {"topic": "otlp_spans"}) == 150
+    assert v("agentwatch_processing_seconds_count", {"stage": "otlp_spans"}) == 2
+    assert v("agentwatch_processing_seconds_sum", {"stage": "otlp_spans"}) == pytest.approx(0.22)
+    assert v("agentwatch_processing_seconds_bucket", {"stage": "otlp_spans", "le": "0.025"}) == 1
+    assert v("agentwatch_dead_letter_total", {"topic": "otlp_spans", "reason": "bad_proto"}) == 3
+    assert v("agentwatch_consumer_lag", {"topic": "otlp_spans", "partition": "2"}) == 17
+    assert v("agentwatch_consumer_lag", {"topic": "otlp_spans", "partition": "3"}) is None
+    assert v("agentwatch_notifier_deliveries_total", {"destination": "slack"}) == 2
+    assert v("agentwatch_notifier_failures_total", {"destination": "slack"}) == 1
+
+
+def test_trace_steps_histogram(reg):
+    m = PipelineMetrics(reg)
+    m.observe_trace_steps(service="a", steps=[1, 4, 40])
+    v = reg.get_sample_value
+    assert v("agentwatch_trace_steps_count", {"service": "a"}) == 3
+    assert v("agentwatch_trace_steps_bucket", {"service": "a", "le": "5.0"}) == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"max_label_sets": 0}, {"gauge_stale_after_s": 0},
+                                    {"max_label_value_length": 2}])
+def test_constructor_validates(reg, kwargs):
+    with pytest.raises(ValueError):
+        PipelineMetrics(reg, **kwargs)
+
+
+def test_serve_metrics_exposes_registry(reg):
+    m = PipelineMetrics(reg)
+    m.observe_llm_calls([_call(1, service="svc", model="m", project="p")])
+    port = free_port()
+    server = serve_metrics(reg, port)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+    assert 'agentwatch_llm_calls_total{model="m",project="p",service="svc"} 1.0' in body
+
+
+def test_vram_finding_in_the_vram_detectors_units(reg):
+    # detectors.vram reports MiB and MiB/min with process_name; gauges are bytes and bytes/s.
+    m = PipelineMetrics(reg)
+    m.observe_findings([Finding(
+        detector="vram_leak", key="gpu-b/1/99", kind="leak", severity=Severity.CRITICAL,
+        ts=5, value=600.0, threshold=900.0,
+        evidence={"host": "gpu-b", "gpu": 1, "pid": 99, "process_name": "trainer",
+                  "floor_mib": 2048.0, "leak_mib_per_min": 60.0, "eta_s": 600.0})])
+    labels = {"host": "gpu-b", "gpu": "1", "pid": "99", "process": "trainer"}
+    v = reg.get_sample_value
+    assert v("agentwatch_vram_slope_bytes_per_second", labels) == 1024 * 1024  # 60 MiB/min
+    assert v("agentwatch_vram_seconds_to_threshold", labels) == 600.0
+    assert v("agentwatch_vram_used_bytes", labels) == 2048 * 1024 * 1024
