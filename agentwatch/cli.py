@@ -29,6 +29,8 @@ def stack_options(func):
         click.option("--workers", type=int, help="Faust worker processes [1]."),
         click.option("--metrics-port", type=int, help="First worker's /metrics port, +1 per worker; 0 = off [9108]."),
         click.option("--data-dir", type=click.Path(path_type=Path), help="Snapshot directory [./agentwatch-data]."),
+        click.option("--alert-routes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Routes YAML: start the Slack/PagerDuty/Grafana notifier (see alerts/routes.example.yaml)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -166,6 +168,17 @@ def worker(worker_index: int, metrics_port: int, ready_file: Path | None, bootst
     run_worker(settings, worker_index=worker_index, metrics_port=metrics_port, ready_file=ready_file,
                loglevel=loglevel)
 
+
+def _register_subcommands() -> None:
+    from agentwatch.alerts.cli import notify, silence
+    from agentwatch.collectors.gpu_exporter import gpu_exporter
+    from agentwatch.dashboards.push import dashboards_group
+
+    for command in (notify, silence, gpu_exporter, dashboards_group):
+        main.add_command(command)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     main()

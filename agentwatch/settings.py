@@ -30,11 +30,19 @@ class Settings(BaseSettings):
     # Workers.
     workers: int = 1
     metrics_port: int = 9108  # worker i serves /metrics on metrics_port + i; 0 disables
+    metrics_addr: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
     data_dir: Path = Path("agentwatch-data")
     pricing_path: Path | None = None
     max_text_chars: int = 8192
     snapshot_flush_rows: int = 50_000
     snapshot_flush_seconds: float = 2.0
+
+    # Alerting: the notifier runs when a routes file is given (see alerts/routes.example.yaml).
+    alert_routes: Path | None = None
+    alerts_state_dir: Path = Path(".agentwatch/alerts")
+    # GPU exporter: started by `up` when NVML answers; "auto" | "off".
+    gpu_exporter: str = "auto"
+    gpu_interval_s: float = 5.0
 
     # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
     rebalance_timeout_s: float = 6.0

@@ -96,6 +96,8 @@ class Stack:
             create_topics(self.bootstrap_servers, DEFAULT_TOPICS)
             self._start_collector()
             self._start_workers(deadline=started + timeout_s)
+            self._start_notifier()
+            self._start_gpu_exporter()
         except BaseException:
             self.stop()
             raise
@@ -148,6 +150,32 @@ class Stack:
                 time.sleep(0.1)
         metrics = f", /metrics on {', '.join(map(str, ports))}" if ports else ""
         self.say(f"workers   {s.workers} Faust worker(s) joined group {s.app_id!r}{metrics}")
+
+    def _start_notifier(self) -> None:
+        s = self.settings
+        if s.alert_routes is None:
+            self.say("alerts    no routes file (--alert-routes): alerts stay on the `alerts` topic and in snapshots")
+            return
+        self._spawn("notifier", [sys.executable, "-m", "agentwatch", "notify", "--bootstrap-servers",
+                                 self.bootstrap_servers, "--routes", str(s.alert_routes),
+                                 "--state-dir", str(s.alerts_state_dir)])
+        self.say(f"alerts    notifier delivering per {s.alert_routes}")
+
+    def _start_gpu_exporter(self) -> None:
+        s = self.settings
+        if s.gpu_exporter != "auto":
+            return
+        import pynvml
+
+        from agentwatch.collectors.gpu import nvml_available
+
+        if not nvml_available(pynvml):
+            self.say("gpu       NVML not available: GPU exporter not started "
+                     "(see `agentwatch gpu-exporter --help` for dcgm and simulated sources)")
+            return
+        self._spawn("gpu-exporter", [sys.executable, "-m", "agentwatch", "gpu-exporter", "--bootstrap-servers",
+                                     self.bootstrap_servers, "--interval", str(s.gpu_interval_s)])
+        self.say(f"gpu       NVML exporter sampling every {s.gpu_interval_s:g}s -> gpu_samples")
 
     def dead_child(self) -> Child | None:
         for child in self.children:

@@ -162,6 +162,7 @@ class CostAnomalyDetector:
         self._getters: list[Callable[[Any], tuple[str, ...]]] = [
             attrgetter(*fields) if len(fields) > 1 else _single_getter(fields[0])
             for fields in group_by]
+        self._scratch: list[Finding] = []
         self._series: EventTimeLru[tuple, _CostSeries] = EventTimeLru(max_keys, key_ttl_s)
 
     def state_size(self) -> int:
@@ -170,7 +171,8 @@ class CostAnomalyDetector:
     def update(self, event: LlmCall) -> Sequence[Finding]:
         ts = event.ts
         series = self._series
-        findings: list[Finding] = []
+        findings = self._scratch  # reused: a fresh list per event is GC pressure
+        findings.clear()
         if series.next_sweep_ts <= ts:
             for _, gone in series.expire(ts):
                 if gone.firing:  # quiet for key_ttl_s: whatever spiked is long over
@@ -212,7 +214,7 @@ class CostAnomalyDetector:
                 if not s.firing:
                     s.firing = True
                     findings.append(self._finding(s, ts, resolved=False))
-        return findings
+        return tuple(findings) if findings else ()
 
     def _close_interval(self, s: _CostSeries, bucket: int, ts: float) -> Finding | None:
         """Fold the open interval into the baseline and open ``bucket``."""
@@ -419,6 +421,7 @@ class BudgetDetector:
         self.levels = levels
         self.burn_min_elapsed_fraction = float(burn_min_elapsed_fraction)
         self.burn_resolve_ratio = float(burn_resolve_ratio)
+        self._scratch: list[Finding] = []
         self._periods: dict[str, list[_BudgetPeriod]] = {
             project: [_BudgetPeriod(project, _PERIODS[k], v) for k, v in sorted(limits.items())]
             for project, limits in budgets.items()}
@@ -430,7 +433,8 @@ class BudgetDetector:
         periods = self._periods.get(event.project)
         if periods is None:
             return ()
-        findings: list[Finding] = []
+        findings = self._scratch  # reused: a fresh list per event is GC pressure
+        findings.clear()
         ts = event.ts
         for p in periods:
             if ts >= p.end or p.end == _INF:
@@ -443,7 +447,7 @@ class BudgetDetector:
                 p.first_ts = ts
             p.spent += event.cost_usd
             self._judge(p, ts, findings)
-        return findings
+        return tuple(findings) if findings else ()
 
     def _roll(self, p: _BudgetPeriod, ts: float, findings: list[Finding]) -> None:
         for i in range(p.levels_fired):
@@ -611,6 +615,7 @@ class RetryStormDetector:
         self.window_s = float(window_s)
         self.min_repeats = min_repeats
         self.max_entries = max_entries
+        self._scratch: list[Finding] = []
         self._repeats: EventTimeLru[tuple, _Repeat] = EventTimeLru(max_entries, window_s)
 
     def state_size(self) -> int:
@@ -619,14 +624,15 @@ class RetryStormDetector:
     def update(self, event: LlmCall) -> Sequence[Finding]:
         ts = event.ts
         repeats = self._repeats
-        findings: list[Finding] = []
+        findings = self._scratch  # reused: a fresh list per event is GC pressure
+        findings.clear()
         if repeats.next_sweep_ts <= ts:
             for (_, _, digest), gone in repeats.expire(ts):
                 if gone.firing:
                     findings.append(self._finding(gone, digest, ts, resolved=True))
         prompt = event.prompt
         if not prompt:
-            return findings  # nothing to compare: the instrumentation did not capture prompts
+            return tuple(findings) if findings else ()  # nothing to compare: the instrumentation did not capture prompts
         client = (event.project, event.service, event.user, event.session)
         digest = stable_hash(prompt)
         key = (client, event.input_tokens, digest)
@@ -641,13 +647,13 @@ class RetryStormDetector:
             if not r.firing and r.count >= self.min_repeats:
                 r.firing = True
                 findings.append(self._finding(r, digest, ts, resolved=False))
-            return findings
+            return tuple(findings) if findings else ()
         if r is not None and r.firing:  # the gap ended the old storm before the sweep saw it
             findings.append(self._finding(r, digest, ts, resolved=True))
         for (_, _, old_digest), gone in repeats.insert(key, _Repeat(ts, event.trace_id, client)):
             if gone.firing:
                 findings.append(self._finding(gone, old_digest, ts, resolved=True))
-        return findings
+        return tuple(findings) if findings else ()
 
     def _finding(self, r: _Repeat, digest: str, ts: float, *, resolved: bool) -> Finding:
         project, service, user, session = r.client

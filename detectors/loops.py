@@ -231,6 +231,7 @@ class LoopDetector:
         # (tool, arguments text) -> (signature, canonical): an executed call usually repeats the
         # arguments text the model just requested, so canonicalising once serves both. A pure
         # function of its key, so it is not checkpointed; cleared when full (bounded).
+        self._scratch: list[Finding] = []
         self._signatures: dict[tuple[str, Any], tuple[str, str]] = {}
 
     def _signature(self, name: str, arguments: Any) -> tuple[str, str]:
@@ -252,7 +253,8 @@ class LoopDetector:
     def update(self, event: LlmCall | ToolCall | AgentStep) -> Sequence[Finding]:
         ts = event.ts
         traces = self._traces
-        findings: list[Finding] = []
+        findings = self._scratch  # reused: a fresh list per event is GC pressure
+        findings.clear()
         if traces.next_sweep_ts <= ts:
             for trace_id, gone in traces.expire(ts):
                 self._resolve(trace_id, gone, ts, "trace idle for trace_ttl_s", findings)
@@ -282,7 +284,7 @@ class LoopDetector:
         if not t.fired & _TOO_LONG and ts - t.first_ts > self.max_duration_s:
             self._fire(trace_id, t, "trace_too_long", ts, ts - t.first_ts, self.max_duration_s,
                        {}, findings)
-        return findings
+        return tuple(findings) if findings else ()
 
     # -- per event kind ---------------------------------------------------------------------
 

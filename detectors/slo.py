@@ -153,6 +153,7 @@ class SloDetector:
         self.recent_latencies = recent_latencies
         self._bucket_s = self.window_s / n_buckets
         self._slow_fraction_limit = 1.0 - self.latency_quantile
+        self._scratch: list[Finding] = []
         self._windows: EventTimeLru[tuple[str, str], _SloWindow] = EventTimeLru(max_keys, key_ttl_s)
 
     def state_size(self) -> int:
@@ -171,7 +172,8 @@ class SloDetector:
 
     def update(self, event: LlmCall) -> Sequence[Finding]:
         ts = event.ts
-        findings: list[Finding] = []
+        findings = self._scratch  # reused: a fresh list per event is GC pressure
+        findings.clear()
         windows = self._windows
         for _, gone in windows.expire(ts):
             findings.extend(self._resolve_all(gone, ts, "no calls within key_ttl_s"))
@@ -185,7 +187,7 @@ class SloDetector:
         if bucket > w.head:
             w.advance(bucket)
         elif bucket <= w.head - self.n_buckets:
-            return findings  # older than the whole window: it cannot change the SLO any more
+            return tuple(findings) if findings else ()  # older than the whole window: it cannot change the SLO any more
         if ts > w.last_ts:
             w.last_ts = ts
         slot = bucket % self.n_buckets
@@ -201,7 +203,7 @@ class SloDetector:
         w.recent.append((ts, latency_ms))
         if w.calls >= self.min_calls:
             self._judge(w, ts, findings)
-        return findings
+        return tuple(findings) if findings else ()
 
     def _judge(self, w: _SloWindow, ts: float, findings: list[Finding]) -> None:
         error_rate = w.errors / w.calls

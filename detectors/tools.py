@@ -326,6 +326,7 @@ class HallucinatedToolDetector:
         # Derived caches (not checkpointed): rebuilt from the above on demand.
         self._checks: dict[str, Check | None] = {}
         self._parsed: OrderedDict[str, list[tuple[str, str, Any]]] = OrderedDict()
+        self._scratch: list[Finding] = []
         self._verdicts: dict[tuple[str, str], str | None] = {}
 
     def state_size(self) -> int:
@@ -353,7 +354,8 @@ class HallucinatedToolDetector:
                     return ()  # nothing declared, nothing configured: no registry to judge by
                 t = _ToolTrace(ts)
                 traces.insert(trace_id, t)
-            findings: list[Finding] = []
+            findings = self._scratch  # reused: a fresh list per event is GC pressure
+            findings.clear()
             for name, arguments in requested_calls(event.requested_tool_calls):
                 self._check_call(trace_id, t, ts, name, arguments, "requested", findings)
         else:
@@ -362,12 +364,13 @@ class HallucinatedToolDetector:
                     return ()
                 t = _ToolTrace(ts)
                 traces.insert(trace_id, t)
-            findings = []
+            findings = self._scratch
+            findings.clear()
             self._check_call(trace_id, t, ts, event.tool_name, event.arguments, "executed",
                              findings)
         if ts > t.last_ts:
             t.last_ts = ts
-        return findings
+        return tuple(findings) if findings else ()
 
     def _declare(self, t: _ToolTrace, text: str) -> None:
         text_hash = hash(text)

@@ -16,18 +16,15 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
     from agentwatch.alerts.model import alert_record_from_finding
     from agentwatch.dashboards.metrics import PipelineMetrics, serve_metrics
     from agentwatch.detectors.registry import build_detectors
+    from agentwatch.detectors.runner import DetectorRunner
     from agentwatch.streams.app import create_app
 
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
     if metrics_port:
-        serve_metrics(registry, metrics_port)
-    try:  # TEMP until detectors/runner.py lands
-        from agentwatch.detectors.runner import DetectorRunner
-        detect = DetectorRunner(build_detectors()).process
-    except ImportError:
-        detect = None
-    app, _ = create_app(settings, worker_index=worker_index, ready_file=ready_file, detect=detect,
+        serve_metrics(registry, metrics_port, settings.metrics_addr)
+    runner = DetectorRunner(build_detectors())
+    app, _ = create_app(settings, worker_index=worker_index, ready_file=ready_file, detect=runner.process,
                         metrics=metrics, alert_record=alert_record_from_finding)
     logging.getLogger("faust").setLevel(loglevel.upper())
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
