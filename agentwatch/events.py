@@ -188,6 +188,11 @@ E = TypeVar("E")
 
 def event_from_dict(cls: type[E], data: Mapping[str, Any]) -> E:
     """Build ``cls`` from a decoded JSON object, ignoring unknown keys (forward compatible)."""
+    if cls is not Finding:
+        try:
+            return cls(**data)  # the common case: exactly our own fields
+        except TypeError:
+            pass
     names = _field_names(cls)
     kwargs = {k: v for k, v in data.items() if k in names}
     if cls is Finding and "severity" in kwargs:

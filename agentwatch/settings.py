@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("agentwatch-data")
     pricing_path: Path | None = None
     max_text_chars: int = 8192
+    # Normalise in a child process (uses a second core); True keeps it in the worker process.
+    normalize_in_process: bool = False
     snapshot_flush_rows: int = 50_000
     snapshot_flush_seconds: float = 2.0
 

@@ -102,7 +102,9 @@ class CostAnomalyDetector:
     min_rel_scale : float
         Floor of the scale, as a fraction of the baseline.
     min_excess_usd, min_excess_tokens : float
-        An interval must exceed the baseline by at least this much to count as a spike.
+        An interval must exceed the baseline by at least this much to count as a spike. Token
+        spikes are judged only in intervals with unpriced calls (model missing from the pricing
+        table): where cost is known, it is the cost that pages.
     max_keys : int
         Most keys held (least recently seen go first).
     key_ttl_s : float

@@ -259,7 +259,8 @@ class LoopDetector:
             for trace_id, gone in traces.expire(ts):
                 self._resolve(trace_id, gone, ts, "trace idle for trace_ttl_s", findings)
         trace_id = event.trace_id
-        start = event.start_ts if type(event) is AgentStep and event.start_ts > 0 else (
+        is_step = isinstance(event, AgentStep)
+        start = event.start_ts if is_step and event.start_ts > 0 else (
             ts - event.latency_ms / 1000.0)
         entries = traces.entries
         t = entries.get(trace_id)
@@ -274,12 +275,11 @@ class LoopDetector:
                 t.first_ts = start
             if ts > t.last_ts:
                 t.last_ts = ts
-        kind = type(event)
-        if kind is LlmCall:
+        if isinstance(event, LlmCall):
             self._on_llm_call(trace_id, t, event, findings)
-        elif kind is ToolCall:
+        elif isinstance(event, ToolCall):
             self._on_tool_call(trace_id, t, event, findings)
-        elif event.operation == "invoke_agent":
+        elif is_step and event.operation == "invoke_agent":
             self._on_step(trace_id, t, f"agent:{event.agent or event.name}", ts, findings)
         if not t.fired & _TOO_LONG and ts - t.first_ts > self.max_duration_s:
             self._fire(trace_id, t, "trace_too_long", ts, ts - t.first_ts, self.max_duration_s,

@@ -339,7 +339,7 @@ class HallucinatedToolDetector:
             traces.expire(ts)
         trace_id = event.trace_id
         t = traces.get(trace_id)
-        if type(event) is LlmCall:
+        if isinstance(event, LlmCall):
             if event.tool_definitions:
                 if t is None:
                     t = _ToolTrace(ts)

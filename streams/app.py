@@ -54,6 +54,7 @@ class WorkerState:
         self.metrics = metrics
         self.alert_record = alert_record
         self.counts = {"spans": 0, "records": 0, "dead_letter": 0, "findings": 0}
+        self.pool: Any | None = None  # the normaliser process, when used
 
 
 def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | None = None,
@@ -111,27 +112,30 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                      ("agentwatch.dlq.partition", str(message.partition).encode()),
                      ("agentwatch.dlq.offset", str(message.offset).encode())])
 
+    normalize = _normalizer_offload(settings, state)
+
     @app.agent(topic("otlp_spans"), name="agentwatch.normalize_spans")
     async def normalize_spans(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        # Records are handed to the normaliser process in small groups, in order; while it
+        # decodes, this loop sends the previous group's events and runs the detect stage.
+        async for events in stream.take_events(8, within=0.005):
             started = time.perf_counter()
-            try:
-                outcome = state.pipeline.on_traces(event.value or b"")
-            except Exception as exc:  # never let one record kill the worker
-                log.exception("normaliser failed on a record")
-                await dead_letter(event, f"normaliser error: {type(exc).__name__}: {exc}")
-                continue
-            await send_all(outcome.outputs)
-            state.counts["spans"] += outcome.spans
-            state.counts["records"] += 1
-            if outcome.dead_letter_reason:
-                await dead_letter(event, outcome.dead_letter_reason)
-            if state.metrics is not None:
-                state.metrics.observe_batch(topic="otlp_spans", spans=outcome.spans,
-                                            seconds=time.perf_counter() - started)
-                if outcome.batch is not None:
-                    state.metrics.observe_llm_calls(outcome.batch.llm_calls)
-                    state.metrics.observe_tool_calls(outcome.batch.tool_calls)
+            pending = [normalize(event.value or b"") for event in events]
+            for event, future in zip(events, pending):
+                try:
+                    outputs, spans, reason = await future
+                except Exception as exc:  # never let one record kill the worker
+                    log.exception("normaliser failed on a record")
+                    await dead_letter(event, f"normaliser error: {type(exc).__name__}: {exc}")
+                    continue
+                await send_all(outputs)
+                state.counts["spans"] += spans
+                state.counts["records"] += 1
+                if reason:
+                    await dead_letter(event, reason)
+                if state.metrics is not None:
+                    state.metrics.observe_batch(topic="otlp_spans", spans=spans,
+                                                seconds=time.perf_counter() - started)
 
     @app.agent(topic("otlp_logs"), name="agentwatch.normalize_logs")
     async def normalize_logs(stream: faust.StreamT) -> None:
@@ -155,9 +159,14 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {table} record: {exc}")
                 continue
-            state.sink.add_rows(table, rows)
-            if table == "gpu_samples" and state.metrics is not None:
-                state.metrics.observe_gpu_samples(events)
+            state.sink.add_payload(table, event.value, len(rows))
+            if state.metrics is not None:
+                if table == "llm_calls":
+                    state.metrics.observe_llm_calls(events)
+                elif table == "tool_calls":
+                    state.metrics.observe_tool_calls(events)
+                elif table == "gpu_samples":
+                    state.metrics.observe_gpu_samples(events)
             if state.detect is None or table not in DETECTED_TOPICS:
                 continue
             try:
@@ -184,7 +193,7 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {event.message.topic} record: {exc}")
                 continue
-            state.sink.add_rows(event.message.topic, rows)
+            state.sink.add_payload(event.message.topic, event.value, len(rows))
 
     @app.timer(0.5)
     async def flush_snapshots() -> None:
@@ -199,6 +208,8 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     @app.on_before_shutdown.connect
     async def flush_on_shutdown(app: faust.App, **kwargs: Any) -> None:
         state.sink.flush(force=True)
+        if state.pool is not None:
+            state.pool.shutdown(wait=False, cancel_futures=True)
 
     if ready_file is not None:
         @app.task
@@ -209,6 +220,49 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             ready_file.write_text(str(time.time()))
 
     return app, state
+
+
+# -- the normaliser process ---------------------------------------------------------------------
+
+_CHILD_PIPELINE: SpanPipeline | None = None
+
+
+def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[str, int]) -> None:
+    global _CHILD_PIPELINE
+    pricing = PricingTable.load(pricing_path)
+    _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars), partitions)
+
+
+def _child_on_traces(payload: bytes) -> tuple[list[tuple[str, int, bytes]], int, str | None]:
+    outcome = _CHILD_PIPELINE.on_traces(payload)
+    return outcome.outputs, outcome.spans, outcome.dead_letter_reason
+
+
+def _normalizer_offload(settings: Settings, state: WorkerState) -> Callable[[bytes], "asyncio.Future"]:
+    """Where otlp_spans records are normalised: a child process (default) or this one.
+
+    Decoding and mapping are pure CPU work; in a second process they run on the other core
+    while this process does Kafka I/O, detectors and snapshots. One process only, so the
+    normaliser's memory of parent spans sees every record of this worker, in order.
+    """
+    if settings.normalize_in_process:
+        async def inline(payload: bytes):
+            outcome = state.pipeline.on_traces(payload)
+            return outcome.outputs, outcome.spans, outcome.dead_letter_reason
+
+        return lambda payload: asyncio.ensure_future(inline(payload))
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded process
+        initializer=_child_init,
+        initargs=(str(settings.pricing_path) if settings.pricing_path else None, settings.max_text_chars,
+                  dict(state.partitions)))
+    pool.submit(int).result()  # start and initialise it now, not on the first record
+    state.pool = pool
+    return lambda payload: asyncio.wrap_future(pool.submit(_child_on_traces, payload))
 
 
 def encode_by_partition_key(topic: str, findings: Sequence[Finding], partitions: int) -> list[tuple[str, int, bytes]]:

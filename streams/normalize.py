@@ -62,6 +62,7 @@ class Normalizer:
         self.parent_memory = parent_memory
         self._llm_parents: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.unpriced_models: collections.Counter[str] = collections.Counter()
+        self._tool_definitions_memo: dict[str, str] = {}
 
     # -- traces -------------------------------------------------------------------------------
 
@@ -90,8 +91,9 @@ class Normalizer:
             return batch
 
         # Which LLM spans are ancestors of another LLM span (this batch or remembered)?
-        llm_parent_ids = {(t, s.parent_span_id.hex()) for role, s, _, _, t, _ in staged if role == "llm"}
-        llm_by_id = {(t, sid): (a, (t, s.parent_span_id.hex())) for role, s, a, _, t, sid in staged if role == "llm"}
+        parents = {sid: s.parent_span_id.hex() for role, s, _, _, _, sid in staged if role == "llm"}
+        llm_parent_ids = {(t, parents[sid]) for role, _, _, _, t, sid in staged if role == "llm"}
+        llm_by_id = {(t, sid): (a, (t, parents[sid])) for role, _, a, _, t, sid in staged if role == "llm"}
         trace_context = _trace_context(staged, context_only)
         remembered = self._llm_parents
 
@@ -101,7 +103,7 @@ class Normalizer:
                     role = "agent"  # an outer wrapper of a model call: counted once, in the child
                 context = trace_context[trace_id]
                 if role == "llm":
-                    parent_key = (trace_id, span.parent_span_id.hex())
+                    parent_key = (trace_id, parents[span_id])
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
                     batch.llm_calls.append(self._llm_call(span, merged, resource, context, trace_id, span_id))
                     if self.parent_memory:
@@ -143,9 +145,22 @@ class Normalizer:
             cost_usd=cost, priced=priced,
             latency_ms=max(end - start, 0) / 1e6, status=status, error=error[:clip],
             prompt=prompt[:clip], response=response[:clip],
-            tool_definitions=_dump(_tool_definitions(attrs)),
+            tool_definitions=self._tool_definitions_json(attrs),
             requested_tool_calls=_dump(requested),
         )
+
+    def _tool_definitions_json(self, attrs: dict[str, Any]) -> str:
+        # An app declares the same tools on every call: normalise each distinct JSON text once.
+        raw = attrs.get(sc.TOOL_DEFINITIONS)
+        if not isinstance(raw, str):
+            return _dump(_tool_definitions(attrs))
+        normalized = self._tool_definitions_memo.get(raw)
+        if normalized is None:
+            normalized = _dump(_tool_definitions(attrs))
+            if len(self._tool_definitions_memo) >= 1024:
+                self._tool_definitions_memo.clear()
+            self._tool_definitions_memo[raw] = normalized
+        return normalized
 
     def _tool_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
                    context: dict[str, str], trace_id: str, span_id: str) -> ToolCall:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -58,12 +59,16 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class _Buffer:
-    rows: list[dict[str, Any]]
+    payloads: list[bytes]  # JSON arrays of row objects (or single objects), as they came off Kafka
+    rows: int
     since: float
 
 
 class SnapshotSink:
     """Buffers rows per table and writes them as Parquet by row count or age.
+
+    Rows are buffered as the JSON the workers already have (the event records off Kafka) and turned
+    into hour-partitioned Parquet by DuckDB's JSON reader, so no Python code runs per row.
 
     Parameters
     ----------
@@ -92,6 +97,8 @@ class SnapshotSink:
         self._buffers: dict[str, _Buffer] = {}
         self._seq = 0
         self._lock = threading.Lock()  # buffers are swapped on the event loop, written in a thread
+        self._write_lock = threading.Lock()
+        self._duck = None
         self.rows_written: dict[str, int] = {}
         self.rows_rejected = 0
         self._known_tables: set[str] = set()
@@ -99,90 +106,148 @@ class SnapshotSink:
 
     def add_events(self, events: Sequence[Any]) -> None:
         """Buffer dataclass events (all of one type)."""
-        if not events:
-            return
-        table = type(events[0]).table
-        names = [f.name for f in dataclasses.fields(events[0])]
-        if table == "findings":
-            rows = [{n: _jsonable(getattr(e, n)) for n in names} for e in events]
-        else:
-            rows = [{n: getattr(e, n) for n in names} for e in events]
-        self.add_rows(table, rows)
+        if events:
+            self.add_payload(type(events[0]).table, orjson.dumps(list(events), default=str), len(events))
 
     def add_rows(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
         rows = list(rows)
+        if rows:
+            self.add_payload(table, orjson.dumps(rows, default=str), len(rows))
+
+    def add_payload(self, table: str, payload: bytes, rows: int) -> None:
+        """Buffer a JSON array of row objects (or one object) holding ``rows`` rows."""
         if not rows:
             return
         with self._lock:
             buffer = self._buffers.get(table)
             if buffer is None:
-                buffer = self._buffers[table] = _Buffer([], self._clock())
-            buffer.rows.extend(rows)
+                buffer = self._buffers[table] = _Buffer([], 0, self._clock())
+            buffer.payloads.append(payload)
+            buffer.rows += rows
 
-    def take_due(self, force: bool = False) -> dict[str, list[dict[str, Any]]]:
+    def take_due(self, force: bool = False) -> dict[str, _Buffer]:
         """Remove and return the buffers that are due (all when ``force``)."""
         now = self._clock()
         with self._lock:
             due = [t for t, b in self._buffers.items()
-                   if force or len(b.rows) >= self.flush_rows or now - b.since >= self.flush_seconds]
-            return {t: self._buffers.pop(t).rows for t in due}
+                   if force or b.rows >= self.flush_rows or now - b.since >= self.flush_seconds]
+            return {t: self._buffers.pop(t) for t in due}
 
-    def write(self, batches: Mapping[str, list[dict[str, Any]]]) -> int:
+    def write(self, batches: Mapping[str, _Buffer]) -> int:
         """Write taken buffers as Parquet files; returns the number of files written."""
         files = 0
-        for table, rows in batches.items():
-            by_hour: dict[str, list[dict[str, Any]]] = {}
-            for row in rows:
-                by_hour.setdefault(_hour(float(row.get("ts") or 0.0)), []).append(row)
-            for hour, hour_rows in by_hour.items():
-                self._write_file(table, hour, hour_rows)
-                files += 1
-            self.rows_written[table] = self.rows_written.get(table, 0) + len(rows)
-            if table not in self._known_tables:
-                self._known_tables.add(table)
-                refresh_catalog(self.data_dir)
+        with self._write_lock:
+            for table, buffer in batches.items():
+                written = self._write_table(table, buffer)
+                files += written
+                if written:
+                    self.rows_written[table] = self.rows_written.get(table, 0) + buffer.rows
+                if written and table not in self._known_tables:
+                    self._known_tables.add(table)
+                    refresh_catalog(self.data_dir)
         return files
 
     def flush(self, force: bool = False) -> int:
         return self.write(self.take_due(force))
 
-    def _write_file(self, table: str, hour: str, rows: list[dict[str, Any]]) -> None:
-        try:
-            arrow = _to_arrow(table, rows)
-        except (pa.ArrowException, TypeError, ValueError) as exc:
-            # Rows that do not fit the table's schema are kept, not dropped, and never stop the worker.
-            self._quarantine(table, rows, exc)
-            return
-        folder = self.data_dir / table / f"hour={hour}"
-        folder.mkdir(parents=True, exist_ok=True)
+    def _next_seq(self) -> int:
         with self._lock:
             self._seq += 1
-            seq = self._seq
-        name = f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}.parquet"
-        tmp = folder / f".{name}.tmp"
-        pq.write_table(arrow, tmp, compression="zstd")
-        os.replace(tmp, folder / name)
+            return self._seq
 
+    def _write_table(self, table: str, buffer: _Buffer) -> int:
+        import duckdb
 
-    def _quarantine(self, table: str, rows: list[dict[str, Any]], exc: Exception) -> None:
+        seq = self._next_seq()
+        staging = self.data_dir / ".staging" / f"{self.writer_id}-{seq}"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            if table not in SCHEMAS:
+                return self._write_free_form(table, buffer, staging, seq)
+            source = staging / "rows.json"
+            source.write_bytes(_json_array(buffer.payloads))
+            out = staging / "out"
+            name = f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}-{{i}}"
+            try:
+                self._duckdb().execute(
+                    f"COPY (SELECT *, strftime(make_timestamp(CAST(ts * 1000000 AS BIGINT)), '%Y-%m-%dT%H') AS hour "
+                    f"FROM read_json('{_sql_path(source)}', format = 'array', columns = {_duck_columns(table)})) "
+                    f"TO '{_sql_path(out)}' (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (hour), "
+                    f"FILENAME_PATTERN '{name}')")
+            except duckdb.Error as exc:
+                # Rows that do not fit the table's schema are kept, not dropped, and never stop the worker.
+                self._quarantine(table, buffer, exc)
+                return 0
+            return _publish(out, self.data_dir / table)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_free_form(self, table: str, buffer: _Buffer, staging: Path, seq: int) -> int:
+        rows = []
+        for payload in buffer.payloads:
+            doc = orjson.loads(payload)
+            rows.extend(doc if isinstance(doc, list) else [doc])
+        by_hour: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_hour.setdefault(_hour(float(row.get("ts") or 0.0)), []).append(
+                {k: _jsonable(v) for k, v in row.items()})
+        out = staging / "out"
+        for hour, hour_rows in by_hour.items():
+            folder = out / f"hour={hour}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(hour_rows), folder / f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}.parquet",
+                           compression="zstd")
+        return _publish(out, self.data_dir / table)
+
+    def _duckdb(self):
+        import duckdb
+
+        if self._duck is None:
+            self._duck = duckdb.connect(":memory:")
+            self._duck.execute("SET threads = 1")  # leave the other core to the consumer loop
+        return self._duck
+
+    def _quarantine(self, table: str, buffer: _Buffer, exc: Exception) -> None:
         folder = self.data_dir / "_rejected"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{table}-{self.writer_id}-{int(time.time() * 1000)}.jsonl"
-        with open(path, "wb") as out:
-            for row in rows:
-                out.write(orjson.dumps(row, default=str) + b"\n")
-        self.rows_rejected += len(rows)
-        log.error("%d %s rows did not fit the snapshot schema (%s); kept in %s", len(rows), table, exc, path)
+        path = folder / f"{table}-{self.writer_id}-{int(time.time() * 1000)}.json"
+        path.write_bytes(_json_array(buffer.payloads))
+        self.rows_rejected += buffer.rows
+        log.error("%d %s rows did not fit the snapshot schema (%s); kept in %s", buffer.rows, table, exc, path)
 
 
-def _to_arrow(table: str, rows: list[dict[str, Any]]) -> pa.Table:
-    schema = SCHEMAS.get(table)
-    if schema is None:
-        return pa.Table.from_pylist([{k: _jsonable(v) for k, v in row.items()} for row in rows])
-    # Structured values (finding evidence, nested JSON from other producers) are stored as JSON text.
-    if any(isinstance(v, (dict, list, tuple)) for row in rows[:1] for v in row.values()) or table == "findings":
-        rows = [{k: _jsonable(v) for k, v in row.items()} for row in rows]
-    return pa.Table.from_pylist(rows, schema=schema)
+def _json_array(payloads: Sequence[bytes]) -> bytes:
+    """Concatenate JSON arrays/objects into one JSON array without parsing them."""
+    parts = []
+    for payload in payloads:
+        payload = payload.strip()
+        if payload.startswith(b"["):
+            inner = payload[1:-1].strip()
+            if inner:
+                parts.append(inner)
+        elif payload:
+            parts.append(payload)
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _publish(staged: Path, table_dir: Path) -> int:
+    """Move staged ``hour=*/part-*.parquet`` files into place: readers only ever see whole files."""
+    moved = 0
+    for path in sorted(staged.glob("hour=*/*.parquet")):
+        target = table_dir / path.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target / path.name)
+        moved += 1
+    return moved
+
+
+def _sql_path(path: Path) -> str:
+    return str(path.resolve()).replace("'", "''")
+
+
+def _duck_columns(table: str) -> str:
+    fields = ", ".join(f"'{f.name}': '{_DUCK_TYPES.get(f.type, 'VARCHAR')}'" for f in SCHEMAS[table])
+    return "{" + fields + "}"
 
 
 # -- reading --------------------------------------------------------------------------------

@@ -104,3 +104,18 @@ def test_restore_tolerates_added_and_removed_detectors() -> None:
     new = DetectorRunner([Recorder(), LlmRecorder()])
     new.restore(snap)
     assert len(new.detectors["recorder"].seen) == 1 and new.detectors["llm_recorder"].seen == []
+
+
+def test_bench_functions_report_bounded_state_and_no_findings() -> None:
+    from agentwatch.detectors.bench_state import bench_detectors, bench_trace_state
+
+    state = bench_trace_state(3_000, max_traces=500, chunk_traces=500)
+    assert state["events"] == 9_000 and state["findings"] == 0
+    assert state["traces_at_cap"] == 500
+    assert state["state_sizes"]["agent_loop"] == 500
+    assert state["state_sizes"]["hallucinated_tool"] == 500
+    assert state["events_per_s"] > 0 and state["rss_end_mb"] > 0
+    speed = bench_detectors(300, repeat=1)
+    assert speed["findings"] == 0 and speed["events"] > 1_500
+    assert set(speed["per_detector_events_per_s"]) == {
+        "cost_anomaly", "budget", "retry_storm", "agent_loop", "hallucinated_tool", "slo"}
