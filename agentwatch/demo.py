@@ -38,9 +38,22 @@ def wait_for_spans(stack: Stack, expected: int, timeout_s: float) -> float:
     return seen
 
 
+# A demo lasts a minute, production baselines span hours: the demo compresses detector time so a
+# baseline forms in its first half. Explicit AGENTWATCH_DETECTORS settings win over these.
+DEMO_DETECTOR_CONFIG = {
+    "cost_anomaly": {"interval_s": 2.0, "min_history": 8},
+    "slo": {"window_s": 20.0, "min_calls": 20, "error_rate_threshold": 0.1},
+}
+
+
 def run_demo(settings: Settings, *, duration_s: float = 60.0, rate: float = 20.0,
              incidents: Iterable[str] = (), seed: int = 7, say: Callable[[str], None] = print) -> dict:
     incidents = tuple(incidents)
+    detectors = {name: {**DEMO_DETECTOR_CONFIG.get(name, {}), **settings.detectors.get(name, {})}
+                 for name in set(DEMO_DETECTOR_CONFIG) | set(settings.detectors)}
+    settings = settings.model_copy(update={"detectors": detectors})
+    say("demo: detector baselines compressed to seconds (cost interval 2 s, SLO window 20 s) so a "
+        "one-minute run can show them")
     stack = Stack(settings, say=say)
     stack.start()
     gpu_thread = None
@@ -76,8 +89,9 @@ def _start_simulated_gpu(stack: Stack, duration_s: float, say: Callable[[str], N
     from agentwatch.collectors.gpu_sim import produce_simulated
 
     say("GPU source: SIMULATED (no NVML here): a leaking inference server on sim-gpu-node")
-    thread = threading.Thread(target=produce_simulated, kwargs={
-        "bootstrap_servers": stack.bootstrap_servers, "duration_s": duration_s, "profile": "leak"}, daemon=True)
+    # The simulated server's last 40 minutes are backfilled (leak trends need history), ending now.
+    thread = threading.Thread(target=produce_simulated, args=(stack.bootstrap_servers,),
+                              kwargs={"profile": "leak", "echo": say}, daemon=True)
     thread.start()
     return thread
 

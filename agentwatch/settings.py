@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     # GPU exporter: started by `up` when NVML answers; "auto" | "off".
     gpu_exporter: str = "auto"
     gpu_interval_s: float = 5.0
+
+    # Detector configuration: detector name -> constructor keyword arguments, e.g.
+    # AGENTWATCH_DETECTORS='{"agent_loop": {"max_steps": 40}, "budget": {"budgets": {"shop": {"daily_usd": 50}}}}'
+    detectors: dict[str, dict[str, Any]] = {}
 
     # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
     rebalance_timeout_s: float = 6.0

@@ -9,6 +9,7 @@ When any child dies, the supervisor prints the tail of its log and stops the res
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -53,9 +54,9 @@ class Child:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as AGENTWATCH_* variables, so child processes read the same config."""
     env = {}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is not None:
-            env[f"AGENTWATCH_{name.upper()}"] = str(value)
+            env[f"AGENTWATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     return env
 
 

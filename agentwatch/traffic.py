@@ -169,17 +169,20 @@ class AgentTraffic:
         if "retry_storm" in self.incidents and incident_phase and self.rng.random() < 0.02:
             # A client timed out and its SDK retried the identical request four more times.
             self._count("retry_storm")
+            input_tokens = self.rng.randint(300, 900) * token_scale
             for _ in range(4):
                 t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
-                               tool_call=None)
+                               tool_call=None, input_tokens=input_tokens)
         root.end(end_time=t)
         self.stats.traces += 1
         self.stats.spans += 1
 
     def _chat(self, tracer, ctx, t: int, provider: str, model: str, response_model: str, prompt: str,
-              tools: list[str], token_scale: int, tool_call: tuple[str, str] | None, error: bool = False) -> int:
+              tools: list[str], token_scale: int, tool_call: tuple[str, str] | None, error: bool = False,
+              input_tokens: int | None = None) -> int:
         latency = self._ms(300, 1500)
-        input_tokens = self.rng.randint(300, 900) * token_scale
+        if input_tokens is None:
+            input_tokens = self.rng.randint(300, 900) * token_scale
         output_tokens = self.rng.randint(20, 200)
         output: list[dict[str, Any]]
         if tool_call:

@@ -23,7 +23,7 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
     metrics = PipelineMetrics(registry)
     if metrics_port:
         serve_metrics(registry, metrics_port, settings.metrics_addr)
-    runner = DetectorRunner(build_detectors())
+    runner = DetectorRunner(build_detectors(settings.detectors))
     app, _ = create_app(settings, worker_index=worker_index, ready_file=ready_file, detect=runner.process,
                         metrics=metrics, alert_record=alert_record_from_finding)
     logging.getLogger("faust").setLevel(loglevel.upper())
