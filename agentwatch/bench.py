@@ -167,9 +167,122 @@ def run_bench(output: Path, *, quick: bool = False, say: Callable[[str], None] =
     return results
 
 
+def bench_alert_latency(n_traces: int = 120, rate_per_s: float = 10.0) -> dict[str, Any]:
+    """Span export (OTel SDK) -> Slack webhook received, for agent-loop incidents, end to end.
+
+    The real stack (rotel, broker, worker with detectors, notifier) and a local receiver standing
+    in for Slack. Each trace is an agent calling the same tool with the same arguments 3 times.
+    """
+    import statistics
+
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+
+    from agentwatch.alerts.bench_alerts import dedup_key_of_slack_message
+    from agentwatch.alerts.testing import SlackReceiver
+    from agentwatch.settings import Settings
+    from agentwatch.stack import Stack
+
+    work = Path(tempfile.mkdtemp(prefix="agentwatch-alert-bench-"))
+    receiver = SlackReceiver().up()
+    received: dict[str, float] = {}
+    receiver.on_request = lambda request: received.setdefault(dedup_key_of_slack_message(request.body) or "", request.received_at)
+    routes = work / "routes.yaml"
+    routes.write_text(f"destinations:\n  slack:\n    type: slack\n    webhook_url: {receiver.url}/hook\n"
+                      "routes:\n  - name: loops\n    match: {detector: agent_loop, kind: repeated_tool_call}\n"
+                      "    destinations: [slack]\n    group_wait_s: 0\n")
+    settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
+                        metrics_port=free_port(), data_dir=work / "data", alert_routes=routes,
+                        alerts_state_dir=work / "alerts", gpu_exporter="off")
+
+    exported: dict[str, float] = {}
+
+    class TimedExporter(OTLPSpanExporter):
+        def export(self, spans):  # the moment the SDK hands the spans to the network
+            now = time.time()
+            for span in spans:
+                exported.setdefault(format(span.context.trace_id, "032x"), now)
+            return super().export(spans)
+
+    with Stack(settings, say=lambda _m: None):
+        time.sleep(3.0)  # the notifier's consumer group join
+        provider = TracerProvider(resource=Resource.create({"service.name": "loop-bench", "agentwatch.project": "bench"}))
+        provider.add_span_processor(BatchSpanProcessor(
+            TimedExporter(endpoint=f"127.0.0.1:{settings.otlp_grpc_port}", insecure=True), schedule_delay_millis=20))
+        tracer = provider.get_tracer("bench")
+        trace_ids = []
+        for i in range(n_traces):
+            with tracer.start_as_current_span("invoke_agent looper", attributes={
+                    "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "looper"}) as root:
+                trace_ids.append(format(root.get_span_context().trace_id, "032x"))
+                for _ in range(3):
+                    with tracer.start_as_current_span("execute_tool search", attributes={
+                            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search",
+                            "gen_ai.tool.call.arguments": json.dumps({"q": f"same question {i}"})}):
+                        pass
+            time.sleep(1.0 / rate_per_s)
+        provider.force_flush()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_matched(trace_ids, received)) < n_traces:
+            time.sleep(0.2)
+        provider.shutdown()
+    receiver.down()
+    matched = _matched(trace_ids, received)
+    latencies = sorted((matched[t] - exported[t]) * 1000 for t in matched if t in exported)
+    if not latencies:
+        return {"alerts": 0, "traces": n_traces}
+    return {"traces": n_traces, "alerts": len(latencies),
+            "p50_ms": round(statistics.median(latencies), 1),
+            "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+            "max_ms": round(latencies[-1], 1), "target_p99_ms": 2000}
+
+
+def _matched(trace_ids: list[str], received: dict[str, float]) -> dict[str, float]:
+    by_trace = {key.rsplit(":", 1)[-1]: ts for key, ts in received.items() if key}
+    return {t: by_trace[t] for t in trace_ids if t in by_trace}
+
+
 def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
-    sections: list[tuple[str, Callable[[], Any]]] = []
-    return sections
+    """Figures owned by the detector, alerting and dashboard packages, measured in the same run."""
+    from agentwatch.collectors.gpu_sim import bench_vram
+    from agentwatch.dashboards.bench_metrics import bench_metrics
+    from agentwatch.detectors.bench_state import bench_detectors, bench_trace_state
+
+    return [
+        ("stack_ready_s", bench_stack_ready),
+        ("detectors_events_per_s", lambda: bench_detectors(n_traces=10_000 if quick else 30_000)),
+        ("trace_state_memory", lambda: bench_trace_state(n_traces=100_000 if quick else 1_000_000)),
+        ("vram_detector", lambda: bench_vram(hosts=10 if quick else 50)),
+        ("metrics_overhead", bench_metrics),
+        ("alert_latency_span_to_webhook", lambda: bench_alert_latency(n_traces=30 if quick else 120)),
+    ] + _drift_sections(quick)
+
+
+def _drift_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
+    try:
+        from agentwatch.detectors.drift import bench_drift  # noqa: F401
+    except ImportError:
+        return []
+    return [("drift", bench_drift)]
+
+
+def bench_stack_ready() -> dict[str, Any]:
+    """Seconds from `up` to every component ready (broker, topics, collector, worker joined)."""
+    from agentwatch.settings import Settings
+    from agentwatch.stack import Stack
+
+    settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
+                        metrics_port=free_port(), data_dir=Path(tempfile.mkdtemp()), gpu_exporter="off")
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        stack = Stack(settings, say=lambda _m: None).start()
+        runs.append(round(time.perf_counter() - started, 2))
+        stack.stop()
+    return {"runs_s": runs, "max_s": max(runs), "target_s": 15}
 
 
 def _table(results: dict[str, Any]) -> str:

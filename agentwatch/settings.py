@@ -56,3 +56,4 @@ class Settings(BaseSettings):
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
     commit_interval_s: float = 1.0
+    consumer_fetch_max_wait_ms: int = 100  # bounds the latency each Kafka hop adds (see streams/app.py)

