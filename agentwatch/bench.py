@@ -99,7 +99,7 @@ def bench_end_to_end(records: list[bytes], expected_events: int, say: Callable[[
     settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
                         metrics_port=free_port(), data_dir=data_dir)
     with Stack(settings, say=lambda _m: None) as stack:
-        consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap_servers, enable_auto_commit=False,
+        consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=50,
                                  fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
         parts = [TopicPartition(t, p) for t in OUTPUT_TOPICS for p in consumer.partitions_for_topic(t) or ()]
         consumer.assign(parts)
@@ -262,10 +262,8 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
 
 
 def _drift_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
-    try:
-        from agentwatch.detectors.drift import bench_drift  # noqa: F401
-    except ImportError:
-        return []
+    from agentwatch.streams.drift_sampler import bench_drift
+
     return [("drift", bench_drift)]
 
 

@@ -51,9 +51,9 @@ def run_demo(settings: Settings, *, duration_s: float = 60.0, rate: float = 20.0
     incidents = tuple(incidents)
     detectors = {name: {**DEMO_DETECTOR_CONFIG.get(name, {}), **settings.detectors.get(name, {})}
                  for name in set(DEMO_DETECTOR_CONFIG) | set(settings.detectors)}
-    settings = settings.model_copy(update={"detectors": detectors})
-    say("demo: detector baselines compressed to seconds (cost interval 2 s, SLO window 20 s) so a "
-        "one-minute run can show them")
+    settings = settings.model_copy(update={"detectors": detectors, "drift_window_s": 10.0, "drift_sample_size": 60})
+    say("demo: detector baselines compressed to seconds (cost interval 2 s, SLO window 20 s, drift "
+        "window 10 s) so a one-minute run can show them")
     stack = Stack(settings, say=say)
     stack.start()
     gpu_thread = None

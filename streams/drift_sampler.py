@@ -66,6 +66,7 @@ class _OpenWindow:
     end_ts: float  # time windows: the current period boundary; count windows: last event ts
     seen: int = 0
     reservoir: list = field(default_factory=list)
+    distinct: set = field(default_factory=set)  # the prompts now in the reservoir
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ class SamplerCounters:
     small_windows_dropped: int = 0
     pending_dropped: int = 0  # closed windows dropped because embedding fell behind
     keys_evicted: int = 0
+    duplicates: int = 0  # prompts already in their window's sample (agents repeat them per step)
 
 
 class DriftSampler:
@@ -224,9 +226,7 @@ class DriftSampler:
         version, internal, gauss = snap["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self._open = OrderedDict(
-            (k, _OpenWindow(float(w["start_ts"]), float(w["end_ts"]), int(w["seen"]),
-                            list(w["reservoir"])[:self.sample_size]))
-            for k, w in list(snap.get("open", {}).items())[-self.max_keys:])
+            (k, _restored_window(w, self.sample_size)) for k, w in list(snap.get("open", {}).items())[-self.max_keys:])
         self._pending = deque(SampledWindow(w["key"], float(w["start_ts"]), float(w["end_ts"]),
                                             tuple(w["texts"]), int(w["seen"]))
                               for w in snap.get("pending", ())[-self.max_pending_windows:])
@@ -240,14 +240,23 @@ class DriftSampler:
         return _OpenWindow(start, start + self.window_s)
 
     def _sample(self, window: _OpenWindow, prompt: str) -> None:
+        # An agent re-sends the user's prompt at every step of a run: duplicates in one window
+        # break the permutation test's independence and raise false drift. A prompt already in the
+        # reservoir is not offered again (bounded: the check is against the reservoir only).
+        if prompt in window.distinct:
+            self.counters.duplicates += 1
+            return
         # Algorithm R: after n offers every prompt is in the reservoir with chance k/n.
         window.seen += 1
         if len(window.reservoir) < self.sample_size:
             window.reservoir.append(prompt)
+            window.distinct.add(prompt)
         else:
             slot = self._rng.randrange(window.seen)
             if slot < self.sample_size:
+                window.distinct.discard(window.reservoir[slot])
                 window.reservoir[slot] = prompt
+                window.distinct.add(prompt)
 
     def _roll(self, key: str, window: _OpenWindow, ts: float) -> _OpenWindow | None:
         """The time window's period has ended at ``ts``: close it, or extend it when small."""
@@ -281,6 +290,11 @@ class DriftSampler:
             self._close(key, window, window.end_ts)
 
 
+def _restored_window(w: dict[str, Any], sample_size: int) -> _OpenWindow:
+    reservoir = list(w["reservoir"])[:sample_size]
+    return _OpenWindow(float(w["start_ts"]), float(w["end_ts"]), int(w["seen"]), reservoir, set(reservoir))
+
+
 def embed_windows(windows: Sequence[SampledWindow], embedder: Any) -> list[EmbeddedWindow]:
     """Embed the windows' prompts in one batched call (run it in an executor thread).
 
@@ -298,3 +312,27 @@ def embed_windows(windows: Sequence[SampledWindow], embedder: Any) -> list[Embed
                                   start_ts=w.start_ts, seen=w.seen))
         start = stop
     return out
+
+
+def bench_drift(*, embed: bool = True, embed_sentences: int = 256, **kwargs: Any
+                ) -> dict[str, Any]:
+    """``agentwatch bench`` figures for drift: the check cost (``detectors.drift.bench_drift``,
+    excluding embedding) plus embeddings per second with the bundled model at 1 and 2 torch
+    threads. ``kwargs`` go to the check benchmark (window_rows, reference_rows, detector
+    settings such as reference_sample_size)."""
+    from agentwatch.detectors.drift import bench_drift as bench_check
+
+    figures = bench_check(**kwargs)
+    if embed:
+        from agentwatch.streams.embeddings import Embedder, measure_embeddings_per_s
+
+        verbs = ("freeze", "pay", "cancel", "renew", "check", "book", "change", "report")
+        things = ("card", "account", "flight", "bill", "pin", "order", "subscription", "car")
+        sentences = [f"how do i {v} my {t} for the {n}th time today"
+                     for n, (v, t) in enumerate((v, t) for v in verbs for t in things)]
+        sentences = (sentences * (embed_sentences // len(sentences) + 1))[:embed_sentences]
+        for threads in (1, 2):
+            embedder = Embedder(max_sentences_per_s=None, threads=threads)
+            figures[f"embeddings_per_s_{threads}_threads"] = round(
+                measure_embeddings_per_s(embedder, sentences), 1)
+    return figures
