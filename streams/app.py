@@ -57,6 +57,11 @@ class DriftStage:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.references_loaded_at = float("-inf")
 
+    def preload(self) -> None:
+        """Load torch and the model in the embedding thread now: a few CPU-seconds, paid once at
+        start-up instead of inside the first traffic burst that closes a window."""
+        self.executor.submit(self.embedder.dimension)
+
     def refresh_references(self, now: float, every_s: float = 30.0) -> None:
         """Pick up reference sets added or re-bound while running (``agentwatch reference add``)."""
         from agentwatch.reference import load_bound_references
@@ -297,6 +302,11 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         state.sink.flush(force=True)
         if state.pool is not None:
             state.pool.shutdown(wait=False, cancel_futures=True)
+
+    if state.drift is not None:
+        @app.task
+        async def preload_embedding_model() -> None:
+            state.drift.preload()
 
     if ready_file is not None:
         @app.task
