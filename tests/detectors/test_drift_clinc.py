@@ -16,12 +16,12 @@ import pytest
 from agentwatch.detectors.drift import (DriftDetector, EmbeddedWindow, centroid_distances,
                                         classifier_auc, component_wasserstein, mmd2_unbiased)
 from agentwatch.reference import clinc_scenario, mixed_window
+from agentwatch.traffic import find_clinc
 
-CLINC = Path("/work/shared/data/clinc150")
-if not (CLINC / "data_full.json").exists():  # pragma: no cover - data lives beside the repo
-    CLINC = Path(__file__).resolve().parents[3] / "shared" / "data" / "clinc150"
-pytestmark = pytest.mark.skipif(not (CLINC / "data_full.json").exists(),
-                                reason="CLINC150 data not present")
+_FOUND = find_clinc(Path(__file__).parent)  # ../shared/data/clinc150 beside the checkout
+# The data ships beside every checkout (CI included); a missing copy is an error, not a skip.
+assert _FOUND is not None, "CLINC150 not found: expected shared/data/clinc150 beside the repository"
+CLINC = _FOUND.parent
 KEY = "service=assistant"
 WINDOW = 200  # DriftSampler's default sample_size
 POOL_SIZES = {"in_mix": 1500, "other_domains": 600, "out_of_scope": 600}
