@@ -223,8 +223,11 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             if outcome.dead_letter_reason:
                 await dead_letter(event, outcome.dead_letter_reason)
 
+    # Event-topic records are acknowledged (and so committed) only once their rows are in a
+    # Parquet file: a worker killed between flushes gets them again instead of losing them.
     @app.agent(topic(*EVENT_TOPICS), name="agentwatch.detect_and_snapshot")
     async def detect_and_snapshot(stream: faust.StreamT) -> None:
+        stream = stream.noack()
         async for event in stream.events():
             table = event.message.topic
             try:
@@ -233,8 +236,12 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                 events = rows_to_events(table, rows) if table in DETECTED_TOPICS else []
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {table} record: {exc}")
+                await stream.ack(event)
                 continue
-            state.sink.add_payload(table, event.value, len(rows))
+            if rows:
+                state.sink.add_payload(table, event.value, len(rows), token=(stream, event))
+            else:
+                await stream.ack(event)
             if state.metrics is not None:
                 if table == "llm_calls":
                     state.metrics.observe_llm_calls(events)
@@ -279,27 +286,43 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
 
     @app.agent(topic("findings", "alerts"), name="agentwatch.snapshot_outputs")
     async def snapshot_outputs(stream: faust.StreamT) -> None:
+        stream = stream.noack()
         async for event in stream.events():
             try:
                 rows = decode_event_rows(event.value or b"")
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {event.message.topic} record: {exc}")
+                await stream.ack(event)
                 continue
-            state.sink.add_payload(event.message.topic, event.value, len(rows))
+            if rows:
+                state.sink.add_payload(event.message.topic, event.value, len(rows), token=(stream, event))
+            else:
+                await stream.ack(event)
+
+    async def ack_written(due: dict) -> None:
+        for buffer in due.values():
+            for stream, event in buffer.tokens:
+                await stream.ack(event)
 
     @app.timer(0.5)
     async def flush_snapshots() -> None:
         due = state.sink.take_due()
-        if due:
-            # Parquet encoding runs in a thread so the consumer loop keeps heartbeating.
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, state.sink.write, due)
-            except OSError:  # disk full / permissions: log and keep consuming; the timer retries
-                log.exception("snapshot write failed")
+        if not due:
+            return
+        # Parquet encoding runs in a thread so the consumer loop keeps heartbeating.
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, state.sink.write, due)
+        except OSError:  # disk full / permissions: keep the rows and their offsets; retry later
+            log.exception("snapshot write failed; will retry")
+            state.sink.requeue(due)
+            return
+        await ack_written(due)
 
     @app.on_before_shutdown.connect
     async def flush_on_shutdown(app: faust.App, **kwargs: Any) -> None:
-        state.sink.flush(force=True)
+        due = state.sink.take_due(force=True)
+        state.sink.write(due)
+        await ack_written(due)
         if state.pool is not None:
             state.pool.shutdown(wait=False, cancel_futures=True)
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -62,6 +62,9 @@ class _Buffer:
     payloads: list[bytes]  # JSON arrays of row objects (or single objects), as they came off Kafka
     rows: int
     since: float
+    # Opaque tokens of the records these rows came from (Faust events): acknowledged by the
+    # caller only once the rows are in a Parquet file, so offsets are committed after the write.
+    tokens: list = field(default_factory=list)
 
 
 class SnapshotSink:
@@ -114,8 +117,11 @@ class SnapshotSink:
         if rows:
             self.add_payload(table, orjson.dumps(rows, default=str), len(rows))
 
-    def add_payload(self, table: str, payload: bytes, rows: int) -> None:
-        """Buffer a JSON array of row objects (or one object) holding ``rows`` rows."""
+    def add_payload(self, table: str, payload: bytes, rows: int, token: Any = None) -> None:
+        """Buffer a JSON array of row objects (or one object) holding ``rows`` rows.
+
+        ``token`` (e.g. the Kafka record's event) comes back with the buffer from :meth:`take_due`.
+        """
         if not rows:
             return
         with self._lock:
@@ -124,6 +130,19 @@ class SnapshotSink:
                 buffer = self._buffers[table] = _Buffer([], 0, self._clock())
             buffer.payloads.append(payload)
             buffer.rows += rows
+            if token is not None:
+                buffer.tokens.append(token)
+
+    def requeue(self, batches: Mapping[str, _Buffer]) -> None:
+        """Put taken buffers back (their write failed) ahead of newer rows, to be retried."""
+        with self._lock:
+            for table, old in batches.items():
+                newer = self._buffers.get(table)
+                if newer is not None:
+                    old.payloads += newer.payloads
+                    old.rows += newer.rows
+                    old.tokens += newer.tokens
+                self._buffers[table] = old
 
     def take_due(self, force: bool = False) -> dict[str, _Buffer]:
         """Remove and return the buffers that are due (all when ``force``)."""

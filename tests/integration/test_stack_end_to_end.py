@@ -239,3 +239,35 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_worker_killed_before_its_snapshot_flush_loses_no_rows(tmp_path):
+    """Event records are committed only after their rows are in Parquet: a SIGKILL redelivers them."""
+    from agentwatch.stack import Stack
+
+    settings = stack_settings(tmp_path / "data").model_copy(update={"snapshot_flush_seconds": 600.0})
+    stack = Stack(settings, say=lambda _m: None).start()
+    try:
+        provider = _provider(stack, "kill-test")
+        tracer = provider.get_tracer("t")
+        for i in range(40):
+            with tracer.start_as_current_span("chat m", attributes={
+                    "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+                    "gen_ai.usage.input_tokens": 1000 + i}):
+                pass
+        provider.shutdown()
+        wait_until(lambda: _spans_ingested(stack) >= 40)
+        time.sleep(2.0)  # the detect/snapshot stage has buffered them; commits would have happened by now
+        assert _rows(stack, "SELECT count(*) n FROM llm_calls")[0]["n"] == 0  # still only in memory
+        worker = next(c for c in stack.children if c.name == "worker-0")
+        os.kill(worker.proc.pid, 9)
+        worker.proc.wait()
+        stack.children.remove(worker)
+
+        stack.settings = settings.model_copy(update={"snapshot_flush_seconds": 0.5})
+        stack._start_workers(deadline=time.monotonic() + 60)
+        rows = wait_until(lambda: (r := _rows(stack, "SELECT input_tokens FROM llm_calls")) and len(r) >= 40 and r,
+                          timeout_s=60)
+        assert sorted(r["input_tokens"] for r in rows) == [1000 + i for i in range(40)]
+    finally:
+        stack.stop()
