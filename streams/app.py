@@ -329,6 +329,10 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     if state.drift is not None:
         @app.task
         async def preload_embedding_model() -> None:
+            # After the group join, so the model load does not slow the worker's start.
+            while not app.consumer.assignment():
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
             state.drift.preload()
 
     if ready_file is not None:
