@@ -220,7 +220,9 @@ def bench_alert_latency(n_traces: int = 120, rate_per_s: float = 10.0) -> dict[s
             return super().export(spans)
 
     with Stack(settings, say=lambda _m: None):
-        time.sleep(3.0)  # the notifier's consumer group join
+        # Steady state: the notifier's group join and the worker's embedding-model preload
+        # (a few CPU-seconds after start-up) are over before the first span is sent.
+        time.sleep(12.0)
         provider = TracerProvider(resource=Resource.create({"service.name": "loop-bench", "agentwatch.project": "bench"}))
         provider.add_span_processor(BatchSpanProcessor(
             TimedExporter(endpoint=f"127.0.0.1:{settings.otlp_grpc_port}", insecure=True), schedule_delay_millis=20))

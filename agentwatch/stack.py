@@ -87,7 +87,7 @@ class Stack:
             ensure_port_free(s.broker_port, "--broker-port")
         ensure_port_free(s.otlp_grpc_port, "--otlp-grpc-port")
         ensure_port_free(s.otlp_http_port, "--otlp-http-port")
-        for port in self.worker_metrics_ports():
+        for port in self.worker_metrics_ports() + ([s.metrics_port + s.workers] if s.alert_routes and s.metrics_port else []):
             ensure_port_free(port, "--metrics-port")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -157,10 +157,12 @@ class Stack:
         if s.alert_routes is None:
             self.say("alerts    no routes file (--alert-routes): alerts stay on the `alerts` topic and in snapshots")
             return
+        metrics_port = s.metrics_port + s.workers if s.metrics_port else 0
         self._spawn("notifier", [sys.executable, "-m", "agentwatch", "notify", "--bootstrap-servers",
                                  self.bootstrap_servers, "--routes", str(s.alert_routes),
-                                 "--state-dir", str(s.alerts_state_dir)])
-        self.say(f"alerts    notifier delivering per {s.alert_routes}")
+                                 "--state-dir", str(s.alerts_state_dir), "--metrics-port", str(metrics_port)])
+        self.say(f"alerts    notifier delivering per {s.alert_routes}"
+                 + (f", /metrics on {metrics_port}" if metrics_port else ""))
 
     def _start_gpu_exporter(self) -> None:
         s = self.settings

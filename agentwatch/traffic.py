@@ -155,13 +155,13 @@ class AgentTraffic:
             repeats = 6  # the agent keeps calling the same tool with the same arguments
             self._count("loop")
         arguments = json.dumps(_arguments_for(wanted_tool, self.rng))
+        failing = "errors" in self.incidents and incident_phase and svc.name == self.services[1].name \
+            and self.rng.random() < 0.4
         for _ in range(repeats):
             t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
                            tool_call=(wanted_tool, arguments))
             if wanted_tool in TOOL_SCHEMAS:
-                t = self._tool(tracer, ctx, t, wanted_tool, arguments)
-        failing = "errors" in self.incidents and incident_phase and svc.name == self.services[1].name \
-            and self.rng.random() < 0.4
+                t = self._tool(tracer, ctx, t, wanted_tool, arguments, error=failing)
         if failing:
             self._count("errors")
         t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
@@ -209,12 +209,15 @@ class AgentTraffic:
         self.stats.llm_calls += 1
         return t + latency
 
-    def _tool(self, tracer, ctx, t: int, name: str, arguments: str) -> int:
+    def _tool(self, tracer, ctx, t: int, name: str, arguments: str, error: bool = False) -> int:
         latency = self._ms(20, 300)
         span = tracer.start_span(f"execute_tool {name}", context=ctx, start_time=t, attributes={
             "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
             "gen_ai.tool.call.arguments": arguments,
             "gen_ai.tool.call.id": hashlib.sha1(f"{t}{name}".encode()).hexdigest()[:12]})
+        if error:  # the same outage that rate-limits the model times out its backend
+            span.set_attribute("error.type", "TimeoutError")
+            span.set_status(Status(StatusCode.ERROR, "upstream timed out"))
         span.end(end_time=t + latency)
         self.stats.spans += 1
         self.stats.tool_calls += 1

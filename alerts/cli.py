@@ -36,8 +36,10 @@ _state_dir_option = click.option(
 @click.option("--dead-letter-topic", default="dead_letter", show_default=True)
 @click.option("--group-id", default="agentwatch-notifier", show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option("--metrics-port", type=int, default=0, envvar="AGENTWATCH_NOTIFIER_METRICS_PORT",
+              help="Serve Prometheus /metrics (deliveries, failures by destination) here; 0 = off.")
 def notify(bootstrap_servers: str, routes_path: str, state_dir: str, topic: str,
-           dead_letter_topic: str, group_id: str, log_level: str) -> None:
+           dead_letter_topic: str, group_id: str, log_level: str, metrics_port: int) -> None:
     """Deliver alerts from the `alerts` topic to Slack, PagerDuty and Grafana."""
     from agentwatch.alerts.service import run_notifier
 
@@ -50,7 +52,7 @@ def notify(bootstrap_servers: str, routes_path: str, state_dir: str, topic: str,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stats = run_notifier(bootstrap_servers, routes_path, state_dir, stop_event=stop, topic=topic,
-                         dead_letter_topic=dead_letter_topic, group_id=group_id)
+                         dead_letter_topic=dead_letter_topic, group_id=group_id, metrics_port=metrics_port)
     click.echo(f"notifier stopped: {stats}")
 
 

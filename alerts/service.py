@@ -253,7 +253,7 @@ def run_notifier(bootstrap_servers: str, routes_path: str | Path | None, state_d
                  env: Mapping[str, str] | None = None, topic: str = ALERTS_TOPIC,
                  dead_letter_topic: str = DEAD_LETTER_TOPIC, group_id: str = GROUP_ID,
                  notifiers: Mapping[str, Notifier] | None = None,
-                 clock: Callable[[], float] = time.time) -> NotifierStats:
+                 clock: Callable[[], float] = time.time, metrics_port: int = 0) -> NotifierStats:
     """Consume ``topic`` and deliver alerts until ``stop_event`` is set; returns counters.
 
     Parameters
@@ -277,4 +277,13 @@ def run_notifier(bootstrap_servers: str, routes_path: str | Path | None, state_d
     service = NotifierService(bootstrap_servers, routes, state_dir, stop_event=stop_event,
                               topic=topic, dead_letter_topic=dead_letter_topic, group_id=group_id,
                               notifiers=notifiers, clock=clock)
+    if metrics_port:
+        from prometheus_client import CollectorRegistry
+
+        from agentwatch.alerts.metrics import NotifierCollector
+        from agentwatch.dashboards.metrics import serve_metrics
+
+        registry = CollectorRegistry()
+        registry.register(NotifierCollector(service))
+        serve_metrics(registry, metrics_port)
     return service.run()

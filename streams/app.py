@@ -13,6 +13,7 @@ Built by :func:`create_app` from explicit settings: there is no module-level app
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from pathlib import Path
@@ -87,6 +88,35 @@ class DriftStage:
         return findings
 
 
+class TraceStepCounter:
+    """Model and tool calls per trace, reported when the trace's root span arrives.
+
+    A root span ends after its children, so its arrival closes the trace; traces whose root never
+    comes are forgotten oldest-first beyond ``max_traces``.
+    """
+
+    def __init__(self, max_traces: int = 100_000) -> None:
+        self.max_traces = max_traces
+        self._steps: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def count(self, events: Sequence[Any]) -> None:
+        steps = self._steps
+        for event in events:
+            steps[event.trace_id] = steps.get(event.trace_id, 0) + 1
+        while len(steps) > self.max_traces:
+            steps.popitem(last=False)
+
+    def finished(self, agent_steps: Sequence[Any]) -> dict[str, list[int]]:
+        """Step counts of the traces whose root span is among ``agent_steps``, by service."""
+        done: dict[str, list[int]] = {}
+        for step in agent_steps:
+            if not step.parent_span_id:
+                n = self._steps.pop(step.trace_id, 0)
+                if n:
+                    done.setdefault(step.service or "unknown", []).append(n)
+        return done
+
+
 class WorkerState:
     """Everything one worker process holds: the pipeline objects, sink, detectors, metrics."""
 
@@ -106,6 +136,7 @@ class WorkerState:
         self.alert_record = alert_record
         self.counts = {"spans": 0, "records": 0, "dead_letter": 0, "findings": 0}
         self.pool: Any | None = None  # the normaliser process, when used
+        self.trace_steps = TraceStepCounter()
 
 
 def _cap_consumer_fetch_wait(max_wait_ms: int) -> None:
@@ -245,8 +276,13 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             if state.metrics is not None:
                 if table == "llm_calls":
                     state.metrics.observe_llm_calls(events)
+                    state.trace_steps.count(events)
                 elif table == "tool_calls":
                     state.metrics.observe_tool_calls(events)
+                    state.trace_steps.count(events)
+                elif table == "agent_steps":
+                    for service, steps in state.trace_steps.finished(events).items():
+                        state.metrics.observe_trace_steps(service=service, steps=steps)
                 elif table == "gpu_samples":
                     state.metrics.observe_gpu_samples(events)
             if state.drift is not None and table == "llm_calls":
@@ -271,6 +307,23 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                 await out_topics["alerts"].send(key=finding.dedup_key.encode(), value=state.alert_record(finding))
         if state.metrics is not None:
             state.metrics.observe_findings(findings)
+
+    @app.timer(5.0)
+    async def report_consumer_lag() -> None:
+        if state.metrics is None:
+            return
+        consumer = app.consumer
+        # Faust keeps the last committed offset per partition only in this private map; no
+        # public accessor exists. Without it (another Faust version) lag is simply not reported.
+        committed = getattr(consumer, "_committed_offset", None)
+        if committed is None:
+            return
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            done = committed.get(tp)
+            state.metrics.set_consumer_lag(tp.topic, tp.partition, max(0, high - (done + 1 if done is not None else 0)))
 
     @app.timer(1.0)
     async def check_drift() -> None:

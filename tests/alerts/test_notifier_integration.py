@@ -1,7 +1,7 @@
 """The notifier against a real broker (Tansu) and local HTTP receivers.
 
 Covers: routing/dedup/resolve end to end, malformed records to dead_letter, a receiver outage
-(shortened to OUTAGE_S, default 15 s: longer than many backoff cycles, and the circuit breaker
+(OUTAGE_S, default the 60 s the issue asks for: many backoff cycles, and the circuit breaker
 opens), and SIGKILL of the notifier process mid-delivery followed by a restart.
 """
 
@@ -31,7 +31,8 @@ from agentwatch.events import Finding, Severity
 
 pytestmark = pytest.mark.slow
 
-OUTAGE_S = float(os.environ.get("AGENTWATCH_TEST_OUTAGE_S", "15"))
+# The issue asks for a 60 s outage of Slack and PagerDuty; override locally for a quicker run.
+OUTAGE_S = float(os.environ.get("AGENTWATCH_TEST_OUTAGE_S", "60"))
 T0 = 1_700_000_000.0
 
 
