@@ -301,7 +301,8 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         if not findings:
             return
         state.counts["findings"] += len(findings)
-        await send_all(encode_by_partition_key("findings", findings, state.partitions["findings"]))
+        await send_all(encode_by_partition("findings", findings, state.partitions["findings"],
+                                           key=_dedup_key))
         if state.alert_record is not None:
             for finding in findings:
                 await out_topics["alerts"].send(key=finding.dedup_key.encode(), value=state.alert_record(finding))
@@ -399,6 +400,10 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     return app, state
 
 
+def _dedup_key(finding: Finding) -> str:
+    return finding.dedup_key
+
+
 # -- the normaliser process ---------------------------------------------------------------------
 
 _CHILD_PIPELINE: SpanPipeline | None = None
@@ -442,16 +447,4 @@ def _normalizer_offload(settings: Settings, state: WorkerState) -> Callable[[byt
     return lambda payload: asyncio.wrap_future(pool.submit(_child_on_traces, payload))
 
 
-def encode_by_partition_key(topic: str, findings: Sequence[Finding], partitions: int) -> list[tuple[str, int, bytes]]:
-    """Findings partitioned by their dedup key, so one condition's history stays in order."""
-    import zlib
-
-    import orjson
-
-    groups: dict[int, list[Finding]] = {}
-    for finding in findings:
-        groups.setdefault(zlib.crc32(finding.dedup_key.encode()) % partitions, []).append(finding)
-    return [(topic, p, orjson.dumps(group)) for p, group in groups.items()]
-
-
-__all__ = ["create_app", "WorkerState", "encode_by_partition"]
+__all__ = ["create_app", "DriftStage", "WorkerState"]

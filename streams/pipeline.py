@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import orjson
 
@@ -27,18 +27,26 @@ class RecordOutcome:
     batch: NormalizedBatch | None = None
 
 
-def partition_for(trace_id: str, partitions: int) -> int:
-    """Stable trace-id partitioning, so every event of a trace meets the same detector state."""
-    return zlib.crc32(trace_id.encode()) % partitions
+def partition_for(key: str, partitions: int) -> int:
+    """Stable partitioning: every event of a trace (or finding of a condition) meets the same state."""
+    return zlib.crc32(key.encode()) % partitions
 
 
-def encode_by_partition(topic: str, events: Sequence[Any], partitions: int) -> list[tuple[str, int, bytes]]:
-    """One JSON-array record per partition: events travel in batches, never one per record."""
+def _trace_id(event: Any) -> str:
+    return event.trace_id
+
+
+def encode_by_partition(topic: str, events: Sequence[Any], partitions: int,
+                        key: Callable[[Any], str] = _trace_id) -> list[tuple[str, int, bytes]]:
+    """One JSON-array record per partition: events travel in batches, never one per record.
+
+    Partitioned by trace id unless ``key`` says otherwise (findings go by their dedup key).
+    """
     if not events:
         return []
     groups: dict[int, list[Any]] = {}
     for event in events:
-        groups.setdefault(partition_for(event.trace_id, partitions), []).append(event)
+        groups.setdefault(partition_for(key(event), partitions), []).append(event)
     return [(topic, p, orjson.dumps(group)) for p, group in groups.items()]
 
 
