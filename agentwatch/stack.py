@@ -213,14 +213,31 @@ class Stack:
 
 
 def _terminate(proc: subprocess.Popen, timeout_s: float) -> None:
-    if proc.poll() is not None:
-        return
+    """Stop a child and everything it started (its process group, even when the leader is gone:
+    a worker killed with SIGKILL leaves its normaliser process behind otherwise)."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    if proc.poll() is None:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
     try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False

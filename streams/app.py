@@ -411,6 +411,9 @@ _CHILD_PIPELINE: SpanPipeline | None = None
 
 def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[str, int]) -> None:
     global _CHILD_PIPELINE
+    from agentwatch.stack import _die_with_parent
+
+    _die_with_parent()  # a worker killed with SIGKILL takes its normaliser with it
     pricing = PricingTable.load(pricing_path)
     _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars), partitions)
 

@@ -195,13 +195,19 @@ def test_port_in_use_gives_a_clear_error_naming_port_and_flag(tmp_path):
 def test_a_dying_worker_stops_the_stack_with_its_log_tail_and_leaves_no_orphans(tmp_path):
     from agentwatch.stack import Stack, StackError
 
+    import psutil
+
     stack = Stack(stack_settings(tmp_path / "data"), say=lambda _m: None).start()
-    pids = [c.proc.pid for c in stack.children] + [stack.broker.proc.pid]
+    # Every process of the stack, grandchildren included (the worker's normaliser process).
+    pids = [p.pid for c in stack.children for p in [psutil.Process(c.proc.pid)] + psutil.Process(c.proc.pid).children(recursive=True)]
+    pids.append(stack.broker.proc.pid)
     worker = next(c for c in stack.children if c.name == "worker-0")
+    assert psutil.Process(worker.proc.pid).children(), "expected the worker's normaliser process"
     os.kill(worker.proc.pid, 9)
     with pytest.raises(StackError, match="worker-0 died"):
         stack.supervise(lambda: False)
     stack.stop()
+    time.sleep(0.5)  # a parent-death signal is delivered asynchronously
     for pid in pids:
         assert not _alive(pid), f"process {pid} survived the stop"
 
@@ -219,18 +225,16 @@ def test_up_stops_cleanly_on_sigterm(tmp_path):
         if line.startswith("ready in"):
             break
     ready_s = time.monotonic() - started
-    children = _children_of(proc.pid)
-    assert children, "the supervisor started no processes"
+    import psutil
+
+    children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(children) >= 4, "expected broker, collector, worker and the worker's normaliser process"
     proc.terminate()
     proc.wait(30)
     assert proc.returncode == 0, "".join(lines)
-    assert all(not _alive(pid) for pid in children)
+    time.sleep(0.5)
+    assert [pid for pid in children if _alive(pid)] == []
     assert ready_s < 30  # the benchmark reports the real figure; this only guards a hang
-
-
-def _children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def _alive(pid: int) -> bool:
