@@ -187,11 +187,10 @@ def bench_alert_latency(n_traces: int = 120, rate_per_s: float = 10.0) -> dict[s
     """
     import statistics
 
-    from opentelemetry import trace as otel_trace
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from agentwatch.alerts.bench_alerts import dedup_key_of_slack_message
     from agentwatch.alerts.testing import SlackReceiver

@@ -177,8 +177,8 @@ class Normalizer:
             user=context["user"], session=context["session"], agent=context["agent"],
             host=_str(_first(attrs, sc.HOST)) or resource["host"], tool_name=name,
             call_id=_str(_first(attrs, sc.TOOL_CALL_ID)),
-            arguments=_text(_first(attrs, sc.TOOL_ARGUMENTS))[:clip],
-            result=_text(_first(attrs, sc.TOOL_RESULT))[:clip],
+            arguments=_str(_first(attrs, sc.TOOL_ARGUMENTS))[:clip],
+            result=_str(_first(attrs, sc.TOOL_RESULT))[:clip],
             latency_ms=max(end - start, 0) / 1e6, status=status, error=error[:clip],
         )
 
@@ -332,13 +332,13 @@ def _prompt_text(attrs: dict[str, Any], span: Any) -> str:
         return _last_message_text(indexed, "user")
     legacy = attrs.get(sc.LEGACY_PROMPT)
     if legacy:
-        return _text(legacy)
+        return _str(legacy)
     if attrs.get(sc.OI_INPUT):
-        return _text(attrs[sc.OI_INPUT])
+        return _str(attrs[sc.OI_INPUT])
     for event in span.events:
         if event.name in ("gen_ai.user.message", "gen_ai.content.prompt"):
             ev = attributes(event.attributes)
-            return _text(ev.get("content") or ev.get("gen_ai.prompt") or "")
+            return _str(ev.get("content") or ev.get("gen_ai.prompt") or "")
     return ""
 
 
@@ -358,11 +358,11 @@ def _response(attrs: dict[str, Any], span: Any) -> tuple[str, list[dict[str, str
         return _last_message_text(indexed, None), _requested_calls(indexed)
     legacy = attrs.get(sc.LEGACY_COMPLETION) or attrs.get(sc.OI_OUTPUT)
     if legacy:
-        return _text(legacy), []
+        return _str(legacy), []
     for event in span.events:
         if event.name in ("gen_ai.choice", "gen_ai.content.completion"):
             ev = attributes(event.attributes)
-            return _text(ev.get("content") or ev.get("gen_ai.completion") or ev.get("message") or ""), []
+            return _str(ev.get("content") or ev.get("gen_ai.completion") or ev.get("message") or ""), []
     return "", []
 
 
@@ -393,7 +393,7 @@ def _indexed_messages(attrs: dict[str, Any], prefix: str, role_suffix: str, cont
                 if call_suffix == tool_calls[1]:
                     call["name"] = _str(value)
                 elif call_suffix == tool_calls[2]:
-                    call["arguments"] = _text(value)
+                    call["arguments"] = _str(value)
                 elif call_suffix == tool_calls[3]:
                     call["id"] = _str(value)
     out = []
@@ -428,11 +428,11 @@ def _content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, dict):
                 if part.get("type", "text") == "text":
-                    texts.append(_text(part.get("content", part.get("text", ""))))
+                    texts.append(_str(part.get("content", part.get("text", ""))))
             elif isinstance(part, str):
                 texts.append(part)
         return "\n".join(t for t in texts if t)
-    return _text(content)
+    return _str(content)
 
 
 def _requested_calls(messages: list[Any]) -> list[dict[str, str]]:
@@ -444,13 +444,13 @@ def _requested_calls(messages: list[Any]) -> list[dict[str, str]]:
         parts, tool_calls = message.get("parts"), message.get("tool_calls")
         for part in parts if isinstance(parts, list) else ():
             if isinstance(part, dict) and part.get("type") == "tool_call":
-                calls.append({"name": _str(part.get("name")), "arguments": _text(part.get("arguments", "")),
+                calls.append({"name": _str(part.get("name")), "arguments": _str(part.get("arguments", "")),
                               "id": _str(part.get("id"))})
         for call in tool_calls if isinstance(tool_calls, list) else ():
             if not isinstance(call, dict):
                 continue
             function = call.get("function") if isinstance(call.get("function"), dict) else call
-            calls.append({"name": _str(function.get("name")), "arguments": _text(function.get("arguments", "")),
+            calls.append({"name": _str(function.get("name")), "arguments": _str(function.get("arguments", "")),
                           "id": _str(call.get("id"))})
     return [c for c in calls if c["name"]]
 
@@ -498,7 +498,7 @@ def _message_role_content(event_name: str, body: Any, attrs: dict[str, Any]) -> 
             if isinstance(messages, list) and messages:
                 return ("user" if key == sc.INPUT_MESSAGES else "assistant"), _last_message_text(messages, None)
         return role, ""
-    return role, _text(body)
+    return role, _str(body)
 
 
 # -- scalar coercion (attributes can be empty, odd-typed or hostile) --------------------------
@@ -521,10 +521,6 @@ def _str(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return _dump(value)
     return str(value)
-
-
-def _text(value: Any) -> str:
-    return _str(value)
 
 
 def _int(value: Any) -> int:
