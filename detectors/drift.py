@@ -51,7 +51,7 @@ import base64
 import math
 import re
 import zlib
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -198,9 +198,17 @@ def component_wasserstein(reference: np.ndarray, current: np.ndarray) -> np.ndar
     """
     ref = np.asarray(reference, dtype=np.float64)
     cur = np.asarray(current, dtype=np.float64)
-    n_ref, n_cur = len(ref), len(cur)
-    ref_sorted = np.sort(np.ascontiguousarray(ref.T), axis=1)
-    cur_sorted = np.sort(np.ascontiguousarray(cur.T), axis=1)
+    return _wasserstein_of_sorted(_sorted_columns(ref), _sorted_columns(cur), ref.std(0))
+
+
+def _sorted_columns(vectors: np.ndarray) -> np.ndarray:
+    """``(dim, rows)``: each embedding dimension's values in ascending order."""
+    return np.sort(np.ascontiguousarray(vectors.T), axis=1)
+
+
+def _wasserstein_of_sorted(ref_sorted: np.ndarray, cur_sorted: np.ndarray,
+                           ref_std: np.ndarray) -> np.ndarray:
+    n_ref, n_cur = ref_sorted.shape[1], cur_sorted.shape[1]
     steps = np.unique(np.concatenate([np.arange(n_ref) / n_ref, np.arange(n_cur) / n_cur,
                                       [1.0]]))
     lower, widths = steps[:-1], np.diff(steps)
@@ -208,7 +216,7 @@ def component_wasserstein(reference: np.ndarray, current: np.ndarray) -> np.ndar
     ref_idx = np.minimum((lower * n_ref + 1e-9).astype(np.int64), n_ref - 1)
     cur_idx = np.minimum((lower * n_cur + 1e-9).astype(np.int64), n_cur - 1)
     gaps = np.abs(ref_sorted[:, ref_idx] - cur_sorted[:, cur_idx])
-    return (gaps @ widths) / np.maximum(ref.std(0), 0.001)
+    return (gaps @ widths) / np.maximum(ref_std, 0.001)
 
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -270,6 +278,8 @@ def classifier_auc(x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
         cov = (centred.T @ centred).astype(np.float64) / max(len(centred) - 2, 1)
         scale = np.trace(cov) / cov.shape[0]
         cov = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(cov.shape[0])
+        # numpy's LAPACK, not scipy.linalg's: scipy bundles its own OpenBLAS, whose threads
+        # spin against numpy's and slowed the whole check 2x here.
         weights = np.linalg.solve(cov, my - mx)
         scores = np.concatenate([ex @ weights, ey @ weights])
         aucs.append(_auc(scores, len(ex)))
@@ -330,9 +340,13 @@ class NullTail:
     @classmethod
     def fit(cls, null: np.ndarray) -> "NullTail":
         null = np.asarray(null, dtype=np.float64)
-        std = float(null.std())
-        skew = float(stats.skew(null)) if std > 0 else 0.0
-        return cls(float(null.mean()), std, skew if math.isfinite(skew) else 0.0)
+        mean = float(null.mean())
+        centred = null - mean
+        variance = float(centred @ centred) / len(null)
+        std = math.sqrt(variance)
+        # scipy.stats.skew (biased), without its per-call overhead
+        skew = float((centred ** 3).mean()) / variance ** 1.5 if std > 0 else 0.0
+        return cls(mean, std, skew if math.isfinite(skew) else 0.0)
 
     def threshold(self, alpha: float) -> float:
         if self.std == 0:
@@ -351,6 +365,7 @@ class NullTail:
 PERMUTATION_STATISTICS = ("mmd", "centroid_cosine", "centroid_euclidean", "vocab_jsd",
                           "new_token_share")
 DECIDING_STATISTICS = PERMUTATION_STATISTICS + ("classifier_auc", "ood_share")
+_CACHED_SPLIT_SIZES = 4  # window/comparison sizes whose permutation labels are kept
 
 
 @dataclass(slots=True)
@@ -361,8 +376,45 @@ class _Reference:
     texts: tuple[str, ...]
     similarity_threshold: float
     expected_ood_share: float
+    comparison: "_ComparisonSample"  # the seeded subsample every skew check compares with
+
+
+@dataclass(slots=True)
+class _ComparisonSample:
+    """A comparison sample with everything a check reuses from it.
+
+    Built once per reference (so a skew check only computes the window's side) and once per
+    drift check from the pooled history.
+    """
+
+    vectors: np.ndarray  # float32 (n, dim)
+    sq_norms: np.ndarray  # float32 (n,)
+    sq_distances: np.ndarray  # float32 (n, n): the comparison block of the pooled matrix
+    sorted_columns: np.ndarray  # float32 (dim, n), for the per-dimension Wasserstein distance
+    column_std: np.ndarray  # float64 (dim,)
+    mean: np.ndarray  # float64 (dim,)
     vocabulary: dict  # term -> column of ``counts``
-    counts: Any  # scipy CSR document x term counts of ``texts`` (None without texts)
+    counts: Any  # scipy CSR document x term counts (None without texts)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, texts: Sequence[str]) -> "_ComparisonSample":
+        exact = np.asarray(vectors, dtype=np.float64)
+        v32 = exact.astype(np.float32)
+        sq_norms = (v32 * v32).sum(1)
+        vocabulary: dict[str, int] = {}
+        counts = _count_rows(texts, vocabulary) if texts else None
+        return cls(v32, sq_norms, _sq_distances(v32, v32, sq_norms, sq_norms),
+                   _sorted_columns(v32), exact.std(0), exact.mean(0), vocabulary, counts)
+
+
+def _sq_distances(a: np.ndarray, b: np.ndarray, a_sq_norms: np.ndarray,
+                  b_sq_norms: np.ndarray) -> np.ndarray:
+    """Squared euclidean distances in float32, from one product (clipped at 0)."""
+    sq = a @ b.T
+    sq *= -2.0
+    sq += a_sq_norms[:, None]
+    sq += b_sq_norms[None, :]
+    return np.maximum(sq, 0.0, out=sq)
 
 
 @dataclass(slots=True)
@@ -493,6 +545,7 @@ class DriftDetector:
         self.seed = seed
         self._references: dict[str, _Reference] = {}
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()
+        self._labels: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     # -- references ---------------------------------------------------------------------------
 
@@ -522,10 +575,14 @@ class DriftDetector:
             threshold = float(self.ood_similarity_threshold)
         # The expected share is measured, not assumed: ties and a fixed threshold move it.
         expected = float(np.clip((loo < threshold).mean(), 1.0 / len(loo), 1.0))
-        vocabulary: dict[str, int] = {}
-        counts = _count_rows(texts, vocabulary) if texts else None
+        # One seeded comparison sample per reference: its side of every statistic (distances,
+        # sorted columns, term counts) is computed here once, not on every check.
+        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode()), 1])
+        idx = _subsample(len(vectors), self.reference_sample_size, rng)
+        comparison = _ComparisonSample.build(vectors[idx],
+                                             [texts[i] for i in idx] if texts else ())
         self._references[key] = _Reference(name or key, vectors, unit.astype(np.float32),
-                                           texts, threshold, expected, vocabulary, counts)
+                                           texts, threshold, expected, comparison)
 
     def clear_reference(self, key: str) -> None:
         """Forget the reference bound to ``key`` (skew is no longer checked for it)."""
@@ -556,10 +613,8 @@ class DriftDetector:
         reference = self._references.get(event.key)
         if reference is not None and reference.vectors.shape[1] == vectors.shape[1]:
             rng = self._rng(event.key, "skew", event.ts)
-            idx = _subsample(len(reference.vectors), self.reference_sample_size, rng)
-            counts = None if reference.counts is None else reference.counts[idx]
-            result = self._compare(vectors, event.texts, reference.vectors[idx], counts,
-                                   reference.vocabulary, rng, self.skew_decide_on, reference)
+            result = self._compare(vectors, event.texts, reference.comparison, rng,
+                                   self.skew_decide_on, reference)
             result["reference"] = reference.name
             result["reference_size"] = len(reference.vectors)
             findings.extend(self._decide(state, event, "skew", result, self.skew_decide_on))
@@ -570,10 +625,10 @@ class DriftDetector:
             past_vectors = np.concatenate([h[2] for h in usable], axis=0).astype(np.float64)
             past_texts = tuple(t for h in usable for t in h[1])
             idx = _subsample(len(past_vectors), self.reference_sample_size, rng)
-            vocabulary = {}
-            counts = _count_rows([past_texts[i] for i in idx], vocabulary)
-            result = self._compare(vectors, event.texts, past_vectors[idx], counts, vocabulary,
-                                   rng, self.drift_decide_on, None)
+            comparison = _ComparisonSample.build(past_vectors[idx],
+                                                 [past_texts[i] for i in idx])
+            result = self._compare(vectors, event.texts, comparison, rng,
+                                   self.drift_decide_on, None)
             result["history_windows"] = len(usable)
             result["history_from_ts"] = float(usable[0][0])
             findings.extend(self._decide(state, event, "drift", result, self.drift_decide_on))
@@ -641,77 +696,101 @@ class DriftDetector:
         return np.random.default_rng([self.seed, zlib.crc32(key.encode()), zlib.crc32(
             kind.encode()), int(round(ts * 1000.0)) & 0xFFFFFFFF])
 
-    def _compare(self, window: np.ndarray, window_texts: Sequence[str], comparison: np.ndarray,
-                 comparison_counts: Any, vocabulary: dict[str, int],
-                 rng: np.random.Generator,
+    def _split_labels(self, m: int, n: int) -> np.ndarray:
+        """``(m + n, 1 + permutations)`` 0/1 float32: column 0 marks the window rows of the
+        pooled sample, every other column a random m-subset.
+
+        The permutations depend only on the sizes and the seed, never on the data, so they are
+        drawn once per (m, n) and reused (a few sizes kept): the null stays valid and a check
+        skips the draw.
+        """
+        labels = self._labels.get((m, n))
+        if labels is not None:
+            self._labels.move_to_end((m, n))
+            return labels
+        rng = np.random.default_rng([self.seed, m, n])
+        # A random m-subset per permutation is all a split needs: partition, not a full sort.
+        picks = np.argpartition(rng.random((self.permutations, m + n)), m - 1, axis=1)[:, :m]
+        labels = np.zeros((m + n, 1 + self.permutations), dtype=np.float32)
+        labels[:m, 0] = 1.0
+        labels[picks, np.arange(1, self.permutations + 1)[:, None]] = 1.0
+        self._labels[(m, n)] = labels
+        while len(self._labels) > _CACHED_SPLIT_SIZES:
+            self._labels.popitem(last=False)
+        return labels
+
+    def _compare(self, window: np.ndarray, window_texts: Sequence[str],
+                 comparison: _ComparisonSample, rng: np.random.Generator,
                  deciding: Sequence[str], reference: _Reference | None) -> dict[str, Any]:
         """All statistics of window vs comparison, each with threshold and verdict."""
-        m, n = len(window), len(comparison)
+        m, n = len(window), len(comparison.vectors)
         alpha_each = self.alpha / len(deciding)
-        pooled = np.concatenate([window, comparison], axis=0)
-        # A random m-subset per permutation is all a split needs: partition, not a full sort.
-        permutations = np.argpartition(rng.random((self.permutations, m + n)), m - 1,
-                                       axis=1)[:, :m]
-        in_window = np.zeros((m + n, self.permutations))
-        in_window[permutations, np.arange(self.permutations)[:, None]] = 1.0
-        observed_labels = np.zeros((m + n, 1))
-        observed_labels[:m] = 1.0
+        labels = self._split_labels(m, n)
 
         scores: dict[str, dict[str, Any]] = {}
-        # One distance matrix serves the bandwidth (its cross block) and the kernel; float32
-        # halves the cost of the products, which dominate a check.
-        pooled32 = pooled.astype(np.float32)
-        sq_norms = (pooled32 * pooled32).sum(1)
-        sq = sq_norms[:, None] + sq_norms[None, :] - 2.0 * (pooled32 @ pooled32.T)
-        np.maximum(sq, 0.0, out=sq)
-        median = _median_sqrt(sq[:m, m:])
+        # One pooled distance matrix serves the bandwidth (its cross block) and the kernel;
+        # the comparison block comes precomputed. float32 halves the cost of the products,
+        # which dominate a check.
+        window32 = window.astype(np.float32)
+        window_sq_norms = (window32 * window32).sum(1)
+        sq = np.empty((m + n, m + n), dtype=np.float32)
+        sq[:m, :m] = _sq_distances(window32, window32, window_sq_norms, window_sq_norms)
+        cross = _sq_distances(window32, comparison.vectors, window_sq_norms, comparison.sq_norms)
+        sq[:m, m:] = cross
+        sq[m:, :m] = cross.T
+        sq[m:, m:] = comparison.sq_distances
+        median = _median_sqrt(cross)
         gamma = 1.0 / (median * median) if median > 0 else 1.0
         kernel = np.exp(sq * np.float32(-gamma), out=sq)
         np.fill_diagonal(kernel, 1.0)
-        in_window = in_window.astype(np.float32)
-        mmd_observed = float(mmd2_unbiased_by_labels(kernel, observed_labels)[0])
-        mmd_null = mmd2_unbiased_by_labels(kernel, in_window)
+        mmd = mmd2_unbiased_by_labels(kernel, labels)
+        mmd_observed = float(mmd[0])
         scores["mmd"] = self._permutation_verdict(max(mmd_observed, 0.0), mmd_observed,
-                                                  mmd_null, alpha_each)
+                                                  mmd[1:], alpha_each)
         scores["mmd"]["gamma"] = gamma
 
-        # Centroids of every permuted split from one product: window mean = labels' @ X / m.
-        window_means = in_window.T @ pooled / m
-        rest_means = (pooled.sum(0)[None, :] - window_means * m) / n
-        cos_obs, euc_obs = centroid_distances(window, comparison)
-        cos_null = _cosine_distance(window_means, rest_means)
-        euc_null = np.linalg.norm(window_means - rest_means, axis=1)
+        # Centroids of every split from one product: window mean = labels' @ X / m.
+        window_sums = labels[:m].T @ window32 + labels[m:].T @ comparison.vectors
+        window_means = window_sums.astype(np.float64) / m
+        total = window.sum(0) + comparison.mean * n
+        rest_means = (total[None, :] - window_means * m) / n
+        cos_null = _cosine_distance(window_means[1:], rest_means[1:])
+        euc_null = np.linalg.norm(window_means[1:] - rest_means[1:], axis=1)
+        # The observed distances in float64, as Evidently computes them.
+        window_mean = window.mean(0)
+        cos_obs = float(_cosine_distance(window_mean[None, :], comparison.mean[None, :])[0])
+        euc_obs = float(np.linalg.norm(window_mean - comparison.mean))
         scores["centroid_cosine"] = self._permutation_verdict(cos_obs, cos_obs, cos_null,
                                                               alpha_each)
         scores["centroid_euclidean"] = self._permutation_verdict(euc_obs, euc_obs, euc_null,
                                                                  alpha_each)
 
-        if comparison_counts is not None:
+        if comparison.counts is not None:
             # Window terms unseen in the comparison vocabulary get new columns in a copy.
-            window_vocabulary = dict(vocabulary)
+            window_vocabulary = dict(comparison.vocabulary)
             window_rows = _count_rows(window_texts, window_vocabulary)
-            comparison_counts = comparison_counts.copy()
+            comparison_counts = comparison.counts.copy()
             comparison_counts.resize((n, window_rows.shape[1]))
             counts = sparse.vstack([window_rows, comparison_counts], format="csr")
             totals = np.asarray(counts.sum(0)).ravel()
-            window_counts = np.asarray((counts.T @ sparse.csc_matrix(observed_labels)).todense()).T
-            null_window = np.asarray((counts.T @ sparse.csc_matrix(in_window)).todense()).T
-            jsd_obs, new_obs = vocabulary_shift(window_counts, totals - window_counts)
-            jsd_null, new_null = vocabulary_shift(null_window, totals[None, :] - null_window)
-            scores["vocab_jsd"] = self._permutation_verdict(float(jsd_obs[0]), float(jsd_obs[0]),
-                                                            jsd_null, alpha_each)
+            # Row 0: the observed window's term counts; the rest: each permuted split's.
+            split_counts = np.asarray(counts.T @ labels, dtype=np.float64).T
+            jsd, new_share = vocabulary_shift(split_counts, totals[None, :] - split_counts)
+            scores["vocab_jsd"] = self._permutation_verdict(float(jsd[0]), float(jsd[0]),
+                                                            jsd[1:], alpha_each)
             scores["new_token_share"] = self._permutation_verdict(
-                float(new_obs[0]), float(new_obs[0]), new_null, alpha_each)
+                float(new_share[0]), float(new_share[0]), new_share[1:], alpha_each)
 
-        auc = classifier_auc(comparison, window, rng)
+        auc = classifier_auc(comparison.vectors, window, rng)
         auc_threshold = 0.5 + float(stats.norm.isf(alpha_each)) * auc_null_std(n, m)
         scores["classifier_auc"] = {
             "score": auc, "threshold": auc_threshold,
             "p_value": float(stats.norm.sf((auc - 0.5) / auc_null_std(n, m))),
             "drifted": auc > auc_threshold}
 
-        share = float((component_wasserstein(comparison, window)
-                       >= self.component_threshold).mean())
+        distances = _wasserstein_of_sorted(comparison.sorted_columns, _sorted_columns(window32),
+                                           comparison.column_std)
+        share = float((distances >= self.component_threshold).mean())
         scores["drifted_components"] = {
             "score": share, "threshold": self.component_share_threshold,
             "component_test": "wasserstein_normed",
@@ -730,7 +809,7 @@ class DriftDetector:
                 "expected_share": p0,
                 "drifted": bool(stats.binom.sf(outside - 1, m, p0) <= alpha_each)}
         else:
-            nearest = nearest_similarity(window, _unit_rows(comparison))
+            nearest = nearest_similarity(window, _unit_rows(comparison.vectors))
         order = np.argsort(nearest, kind="stable")[:self.max_examples]
         examples = [{"text": window_texts[i], "nearest_similarity": round(float(nearest[i]), 4)}
                     for i in order]
@@ -789,14 +868,15 @@ def _median_sqrt(squared: np.ndarray) -> float:
 
 def _count_rows(texts: Sequence[str], vocabulary: dict[str, int]) -> sparse.csr_matrix:
     """Document x term counts; terms missing from ``vocabulary`` are added to it in place."""
-    rows, cols, vals = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
     for row, text in enumerate(texts):
-        for term, count in Counter(tokenize(text)).items():
-            rows.append(row)
-            cols.append(vocabulary.setdefault(term, len(vocabulary)))
-            vals.append(count)
-    return sparse.csr_matrix((np.asarray(vals, dtype=np.float64), (rows, cols)),
-                             shape=(len(texts), max(len(vocabulary), 1)))
+        terms = tokenize(text)
+        rows.extend([row] * len(terms))
+        cols.extend([vocabulary.setdefault(term, len(vocabulary)) for term in terms])
+    # Repeated (row, term) pairs are summed into counts by the conversion to CSR.
+    return sparse.coo_matrix((np.ones(len(rows)), (rows, cols)),
+                             shape=(len(texts), max(len(vocabulary), 1))).tocsr()
 
 
 def _jsonable(value: Any) -> Any:
