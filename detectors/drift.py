@@ -6,8 +6,9 @@ with the reference bound to its key ("skew") and with the pooled previous window
 key ("drift").
 
 One check pools the window (``m`` rows) with a comparison sample (``n`` rows: a seeded
-subsample of the reference, or of the previous windows) and draws one set of label
-permutations that calibrates every two-sample statistic at once:
+subsample of the reference, drawn once when it is bound, or of the previous windows) and uses
+one set of label permutations (drawn once per ``(m, n)``) that calibrates every two-sample
+statistic at once:
 
 - ``mmd``: unbiased MMD^2 with an RBF kernel whose bandwidth is the median of the cross
   distances (the median heuristic, as Evidently computes it);
@@ -433,8 +434,9 @@ class DriftDetector:
     permutations : int
         Label permutations drawn per check (one set shared by all permutation statistics).
     reference_sample_size : int
-        Comparison rows drawn (seeded) from the reference or the pooled history per check;
-        bounds the cost of a check. The nearest-reference similarity uses the whole reference.
+        Comparison rows drawn (seeded) from the reference when it is bound, and from the
+        pooled history per drift check; bounds the cost of a check. The nearest-reference
+        similarity uses the whole reference.
     history_windows : int
         Previous windows kept per key for the drift comparison.
     min_history_windows : int
@@ -471,7 +473,8 @@ class DriftDetector:
     max_reference_rows : int
         References larger than this are subsampled (seeded) when set.
     seed : int
-        Seeds the permutations, subsamples and folds; each check derives its own stream from
+        Seeds the permutations, subsamples and folds: permutations from (seed, m, n), the
+        reference sample from (seed, key), and each check's history sample and folds from
         (seed, key, kind, ts), so results do not depend on the order keys are checked in.
     """
 
