@@ -85,7 +85,7 @@ def bench_normalize(records: list[bytes]) -> tuple[float, int]:
         outcome = pipeline.on_traces(payload)
         spans += outcome.spans
         batch = outcome.batch
-        events += len(batch.llm_calls) + len(batch.tool_calls) + len(batch.agent_steps)
+        events += batch.events
     return spans / (time.perf_counter() - started), events
 
 

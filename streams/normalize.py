@@ -30,12 +30,35 @@ _MAX_TOKENS = 10**12  # anything larger is corrupt input, not usage
 
 @dataclass
 class NormalizedBatch:
+    """What one export request mapped to.
+
+    Events are kept as rows (plain dicts with exactly the event's fields), the form they are
+    encoded in: building a frozen dataclass costs several times a dict literal, and the worker
+    only encodes them. ``llm_calls`` / ``tool_calls`` / ``agent_steps`` build the events.
+    """
+
     spans: int = 0
-    llm_calls: list[LlmCall] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    agent_steps: list[AgentStep] = field(default_factory=list)
+    llm_call_rows: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_rows: list[dict[str, Any]] = field(default_factory=list)
+    agent_step_rows: list[dict[str, Any]] = field(default_factory=list)
     # Spans that could not be mapped: (span id, reason). The rest of the batch still counts.
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def llm_calls(self) -> list[LlmCall]:
+        return [LlmCall(**row) for row in self.llm_call_rows]
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return [ToolCall(**row) for row in self.tool_call_rows]
+
+    @property
+    def agent_steps(self) -> list[AgentStep]:
+        return [AgentStep(**row) for row in self.agent_step_rows]
+
+    @property
+    def events(self) -> int:
+        return len(self.llm_call_rows) + len(self.tool_call_rows) + len(self.agent_step_rows)
 
 
 class Normalizer:
@@ -63,6 +86,7 @@ class Normalizer:
         self._llm_parents: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.unpriced_models: collections.Counter[str] = collections.Counter()
         self._tool_definitions_memo: dict[str, str] = {}
+        self._prompt_memo: dict[str, str] = {}
 
     # -- traces -------------------------------------------------------------------------------
 
@@ -105,49 +129,71 @@ class Normalizer:
                 if role == "llm":
                     parent_key = (trace_id, parents[span_id])
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
-                    batch.llm_calls.append(self._llm_call(span, merged, resource, context, trace_id, span_id))
+                    batch.llm_call_rows.append(self._llm_call(span, merged, resource, context, trace_id, span_id))
                     if self.parent_memory:
                         remembered[parent_key] = None
                         if len(remembered) > self.parent_memory:
                             remembered.popitem(last=False)
                 elif role == "tool":
-                    batch.tool_calls.append(self._tool_call(span, attrs, resource, context, trace_id, span_id))
+                    batch.tool_call_rows.append(self._tool_call(span, attrs, resource, context, trace_id, span_id))
                 else:
-                    batch.agent_steps.append(self._agent_step(span, attrs, resource, context, trace_id, span_id))
+                    batch.agent_step_rows.append(self._agent_step(span, attrs, resource, context, trace_id, span_id))
             except Exception as exc:
                 batch.failures.append((span_id, f"{type(exc).__name__}: {exc}"))
         return batch
 
     def _llm_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                  context: dict[str, str], trace_id: str, span_id: str) -> LlmCall:
+                  context: dict[str, str], trace_id: str, span_id: str) -> dict[str, Any]:
+        """An :class:`LlmCall` row."""
         clip = self.max_text_chars
-        request_model = _str(_first(attrs, sc.REQUEST_MODEL))
-        model = _str(_first(attrs, sc.RESPONSE_MODEL)) or request_model
-        input_tokens = _int(_first(attrs, sc.INPUT_TOKENS))
-        output_tokens = _int(_first(attrs, sc.OUTPUT_TOKENS))
-        cache_read = _int(_first(attrs, sc.CACHE_READ_TOKENS))
+        (request_model, model, input_tokens, output_tokens, cache_read, reasoning, provider,
+         operation, host) = _LLM_FIELDS.values(attrs)
+        request_model = _str(request_model)
+        model = _str(model) or request_model
+        input_tokens, output_tokens = _int(input_tokens), _int(output_tokens)
+        cache_read = _int(cache_read)
         cost, priced = self.pricing.cost_usd(model, input_tokens, output_tokens, cache_read)
         if not priced and model and len(self.unpriced_models) < 1000:
             self.unpriced_models[model] += 1
-        prompt = _prompt_text(attrs, span)
+        prompt = self._prompt(attrs, span)
         response, requested = _response(attrs, span)
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
-        return LlmCall(
-            ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
-            service=resource["service"], project=context["project"] or resource["project"],
-            user=context["user"], session=context["session"], agent=context["agent"],
-            host=_str(_first(attrs, sc.HOST)) or resource["host"],
-            provider=_str(_first(attrs, sc.PROVIDER)), model=model, request_model=request_model,
-            operation=_str(_first(attrs, sc.OPERATION)) or "chat",
-            input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
-            reasoning_tokens=_int(_first(attrs, sc.REASONING_TOKENS)),
-            cost_usd=cost, priced=priced,
-            latency_ms=max(end - start, 0) / 1e6, status=status, error=error[:clip],
-            prompt=prompt[:clip], response=response[:clip],
-            tool_definitions=self._tool_definitions_json(attrs),
-            requested_tool_calls=_dump(requested),
-        )
+        return {
+            "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
+            "parent_span_id": span.parent_span_id.hex(),
+            "service": resource["service"], "project": context["project"] or resource["project"],
+            "user": context["user"], "session": context["session"], "agent": context["agent"],
+            "host": _str(host) or resource["host"],
+            "provider": _str(provider), "model": model,
+            "request_model": request_model,
+            "operation": _str(operation) or "chat",
+            "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cache_read_tokens": cache_read,
+            "reasoning_tokens": _int(reasoning),
+            "cost_usd": cost, "priced": priced,
+            "latency_ms": max(end - start, 0) / 1e6, "status": status, "error": error[:clip],
+            "prompt": prompt[:clip], "response": response[:clip],
+            "tool_definitions": self._tool_definitions_json(attrs),
+            "requested_tool_calls": _dump(requested),
+        }
+
+    def _prompt(self, attrs: dict[str, Any], span: Any) -> str:
+        # Agents re-send the conversation at every step, so most input-message texts of a trace
+        # were seen a moment ago: parse each distinct one once.
+        raw = attrs.get(sc.INPUT_MESSAGES)
+        if not isinstance(raw, str) or not raw:
+            return _prompt_text(attrs, span)
+        prompt = self._prompt_memo.get(raw)
+        if prompt is None:
+            messages = _json_value(raw)
+            if not isinstance(messages, list) or not messages:
+                return _prompt_text(attrs, span)  # unusable here: the other conventions decide
+            prompt = _last_message_text(messages, "user")
+            if len(self._prompt_memo) >= 4096:
+                self._prompt_memo.clear()
+            self._prompt_memo[raw] = prompt
+        return prompt
 
     def _tool_definitions_json(self, attrs: dict[str, Any]) -> str:
         # An app declares the same tools on every call: normalise each distinct JSON text once.
@@ -163,40 +209,47 @@ class Normalizer:
         return normalized
 
     def _tool_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                   context: dict[str, str], trace_id: str, span_id: str) -> ToolCall:
+                   context: dict[str, str], trace_id: str, span_id: str) -> dict[str, Any]:
+        """A :class:`ToolCall` row."""
         clip = self.max_text_chars
-        name = _str(_first(attrs, sc.TOOL_NAME)) or _str(attrs.get(sc.TRACELOOP_ENTITY))
+        name, host, call_id, arguments, result = _TOOL_FIELDS.values(attrs)
+        name = _str(name) or _str(attrs.get(sc.TRACELOOP_ENTITY))
         if not name:
             # "execute_tool get_weather" is the span-name convention when the attribute is absent.
             name = span.name.removeprefix("execute_tool").strip() or span.name
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
-        return ToolCall(
-            ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
-            service=resource["service"], project=context["project"] or resource["project"],
-            user=context["user"], session=context["session"], agent=context["agent"],
-            host=_str(_first(attrs, sc.HOST)) or resource["host"], tool_name=name,
-            call_id=_str(_first(attrs, sc.TOOL_CALL_ID)),
-            arguments=_str(_first(attrs, sc.TOOL_ARGUMENTS))[:clip],
-            result=_str(_first(attrs, sc.TOOL_RESULT))[:clip],
-            latency_ms=max(end - start, 0) / 1e6, status=status, error=error[:clip],
-        )
+        return {
+            "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
+            "parent_span_id": span.parent_span_id.hex(),
+            "service": resource["service"], "project": context["project"] or resource["project"],
+            "user": context["user"], "session": context["session"], "agent": context["agent"],
+            "host": _str(host) or resource["host"], "tool_name": name,
+            "call_id": _str(call_id), "arguments": _str(arguments)[:clip],
+            "result": _str(result)[:clip],
+            "latency_ms": max(end - start, 0) / 1e6, "status": status, "error": error[:clip],
+        }
 
     def _agent_step(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                    context: dict[str, str], trace_id: str, span_id: str) -> AgentStep:
+                    context: dict[str, str], trace_id: str, span_id: str) -> dict[str, Any]:
+        """An :class:`AgentStep` row."""
+        agent, host = _STEP_FIELDS.values(attrs)
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         operation = (_str(attrs.get("gen_ai.operation.name")) or _str(attrs.get(sc.OPENINFERENCE_KIND)).lower()
                      or _str(attrs.get(sc.TRACELOOP_KIND)) or "step")
-        return AgentStep(
-            ts=end / 1e9, trace_id=trace_id, span_id=span_id, parent_span_id=span.parent_span_id.hex(),
-            service=resource["service"], project=context["project"] or resource["project"],
-            user=context["user"], session=context["session"],
-            agent=_str(_first(attrs, sc.AGENT)) or context["agent"] or _str(attrs.get(sc.TRACELOOP_ENTITY)),
-            host=_str(_first(attrs, sc.HOST)) or resource["host"], operation=operation, name=span.name,
-            start_ts=start / 1e9, latency_ms=max(end - start, 0) / 1e6, status=status,
-            error=error[: self.max_text_chars],
-        )
+        return {
+            "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
+            "parent_span_id": span.parent_span_id.hex(),
+            "service": resource["service"], "project": context["project"] or resource["project"],
+            "user": context["user"], "session": context["session"],
+            "agent": (_str(agent) or context["agent"]
+                      or _str(attrs.get(sc.TRACELOOP_ENTITY))),
+            "host": _str(host) or resource["host"], "operation": operation,
+            "name": span.name, "start_ts": start / 1e9,
+            "latency_ms": max(end - start, 0) / 1e6, "status": status,
+            "error": error[: self.max_text_chars],
+        }
 
     # -- logs ---------------------------------------------------------------------------------
 
@@ -499,6 +552,49 @@ def _message_role_content(event_name: str, body: Any, attrs: dict[str, Any]) -> 
                 return ("user" if key == sc.INPUT_MESSAGES else "assistant"), _last_message_text(messages, None)
         return role, ""
     return role, _str(body)
+
+
+# -- field look-up ----------------------------------------------------------------------------
+
+class _FieldPlans:
+    """The first present, non-empty value of each field among its convention aliases.
+
+    Spans of one instrumentation share their attribute layout, so which aliases of each field
+    a layout holds is worked out once per layout (bounded cache) and a span then reads only
+    those, instead of probing every alias of every field.
+    """
+
+    def __init__(self, *fields: tuple[str, ...], max_layouts: int = 4096) -> None:
+        self.fields = fields
+        self.max_layouts = max_layouts
+        self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {}
+
+    def values(self, attrs: dict[str, Any]) -> list[Any]:
+        layout = tuple(attrs)
+        plan = self._plans.get(layout)
+        if plan is None:
+            plan = tuple(tuple(key for key in aliases if key in attrs) for aliases in self.fields)
+            if len(self._plans) >= self.max_layouts:
+                self._plans.clear()
+            self._plans[layout] = plan
+        out = []
+        for present in plan:
+            value = None
+            for key in present:
+                value = attrs[key]
+                if value is not None and value != "":
+                    break
+                value = None
+            out.append(value)
+        return out
+
+
+_LLM_FIELDS = _FieldPlans(sc.REQUEST_MODEL, sc.RESPONSE_MODEL, sc.INPUT_TOKENS, sc.OUTPUT_TOKENS,
+                          sc.CACHE_READ_TOKENS, sc.REASONING_TOKENS, sc.PROVIDER, sc.OPERATION,
+                          sc.HOST)
+_TOOL_FIELDS = _FieldPlans(sc.TOOL_NAME, sc.HOST, sc.TOOL_CALL_ID, sc.TOOL_ARGUMENTS,
+                           sc.TOOL_RESULT)
+_STEP_FIELDS = _FieldPlans(sc.AGENT, sc.HOST)
 
 
 # -- scalar coercion (attributes can be empty, odd-typed or hostile) --------------------------

@@ -6,6 +6,7 @@ code runs in tests and in the benchmark's in-process measurements.
 
 from __future__ import annotations
 
+import operator
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -34,6 +35,9 @@ def partition_for(key: str, partitions: int) -> int:
 
 def _trace_id(event: Any) -> str:
     return event.trace_id
+
+
+_row_trace_id = operator.itemgetter("trace_id")
 
 
 def encode_by_partition(topic: str, events: Sequence[Any], partitions: int,
@@ -85,9 +89,9 @@ class SpanPipeline:
             return RecordOutcome(dead_letter_reason=f"undecodable otlp_spans record: {exc}")
         batch = self.normalizer.normalize_traces(request)
         outcome = RecordOutcome(spans=batch.spans, batch=batch)
-        for table, events in (("llm_calls", batch.llm_calls), ("tool_calls", batch.tool_calls),
-                              ("agent_steps", batch.agent_steps)):
-            outcome.outputs += encode_by_partition(table, events, self.partitions[table])
+        for table, rows in (("llm_calls", batch.llm_call_rows), ("tool_calls", batch.tool_call_rows),
+                            ("agent_steps", batch.agent_step_rows)):
+            outcome.outputs += encode_by_partition(table, rows, self.partitions[table], _row_trace_id)
         if batch.failures:
             # The mapped spans went on; the record itself is kept whole for inspection.
             shown = "; ".join(f"span {sid}: {why}" for sid, why in batch.failures[:5])

@@ -279,3 +279,33 @@ def test_a_span_that_fails_to_classify_is_reported_and_the_rest_of_the_batch_map
     batch = normalize(payload)
     assert batch.failures == [(hex_span_id(spans["poisoned"]), "KeyError: 'poison'")]
     assert [c.span_id for c in batch.llm_calls] == [hex_span_id(spans["fine"])]
+
+
+def test_one_attribute_layout_still_falls_through_per_span():
+    # Both spans have the same keys (so share a cached look-up plan); in the second the
+    # preferred alias is empty and the next convention's value must be read.
+    def build(tracer):
+        timed_span(tracer, "chat", {**CHAT, "gen_ai.request.model": "gpt-4o",
+                                    "llm.model_name": "ignored"}, 1.0, 2.0)
+        timed_span(tracer, "chat", {**CHAT, "gen_ai.request.model": "",
+                                    "llm.model_name": "claude-sonnet-4"}, 3.0, 4.0)
+
+    payload, _ = spans_payload(build)
+    calls = sorted(normalize(payload).llm_calls, key=lambda c: c.ts)
+    assert [c.request_model for c in calls] == ["gpt-4o", "claude-sonnet-4"]
+
+
+def test_repeated_input_messages_and_unusable_ones_give_each_span_its_own_prompt():
+    ask = json.dumps([{"role": "user", "parts": [{"type": "text", "content": "where is my card"}]}])
+
+    def build(tracer):
+        timed_span(tracer, "chat", {**CHAT, "gen_ai.input.messages": ask}, 1.0, 2.0)
+        timed_span(tracer, "chat", {**CHAT, "gen_ai.input.messages": ask}, 3.0, 4.0)
+        # An empty message list says nothing: the legacy prompt attribute decides.
+        timed_span(tracer, "chat", {**CHAT, "gen_ai.input.messages": "[]",
+                                    "gen_ai.prompt": "legacy prompt"}, 5.0, 6.0)
+        timed_span(tracer, "chat", {**CHAT, "gen_ai.input.messages": "[]"}, 7.0, 8.0)
+
+    payload, _ = spans_payload(build)
+    calls = sorted(normalize(payload).llm_calls, key=lambda c: c.ts)
+    assert [c.prompt for c in calls] == ["where is my card", "where is my card", "legacy prompt", ""]
