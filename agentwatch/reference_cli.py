@@ -1,4 +1,5 @@
-"""CLI: ``agentwatch reference add|list|show|remove|bind|unbind`` and ``agentwatch drift report``.
+"""CLI: ``agentwatch reference add|list|show|remove|bind|unbind`` and
+``agentwatch drift report|evaluate``.
 
 The lead registers :data:`reference_group` and :data:`drift_group` on the main click group.
 Heavy imports (sentence-transformers, Evidently, pyarrow) happen inside the commands.
@@ -323,3 +324,50 @@ def write_drift_report(reference_texts: Sequence[str], reference_vectors: np.nda
 
 def _utc(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ---------------------------------------------------------------------------------------------
+# drift evaluate
+
+
+@drift_group.command("evaluate")
+@click.option("--seeds-calm", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Reference-mix windows checked for false alarms.")
+@click.option("--seeds-shift", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Seeds per shift kind and share.")
+@click.option("--shifts", default="0.05,0.10,0.15", show_default=True,
+              help="Comma-separated shares of shifted prompts in a window.")
+@click.option("--clinc-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder with data_full.json [default: shared/data/clinc150 beside the "
+                   "checkout].")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Embedding cache [default: $XDG_CACHE_HOME/agentwatch/clinc-embeddings].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("bench/drift_quality.json"), show_default=True)
+def evaluate_command(seeds_calm: int, seeds_shift: int, shifts: str, clinc_dir: Path | None,
+                     cache_dir: Path | None, output: Path) -> None:
+    """False-alarm rate and power of the drift detector (product defaults) on CLINC150."""
+    import json
+
+    from agentwatch.drift_quality import evaluate_clinc, format_table
+    from agentwatch.traffic import find_clinc
+
+    try:
+        shares = tuple(float(s) for s in shifts.split(",") if s.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"cannot read {shifts!r}", param_hint="--shifts") from exc
+    if clinc_dir is None:
+        found = find_clinc(Path.cwd())
+        if found is None:
+            raise click.ClickException("CLINC150 not found beside the checkout; pass --clinc-dir")
+        clinc_dir = found.parent
+    try:
+        result = evaluate_clinc(clinc_dir, seeds_calm=seeds_calm, seeds_shift=seeds_shift,
+                                shifts=shares, cache_dir=cache_dir,
+                                progress=lambda line: click.echo(line, err=True))
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(format_table(result))
+    click.echo(f"wrote {output}")
