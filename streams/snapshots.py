@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agentwatch.events import EVENT_TYPES, LlmCall
+from agentwatch.streams.pipeline import join_json_arrays
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class SnapshotSink:
             if table not in SCHEMAS:
                 return self._write_free_form(table, buffer, staging, seq)
             source = staging / "rows.json"
-            source.write_bytes(_json_array(buffer.payloads))
+            source.write_bytes(join_json_arrays(buffer.payloads))
             out = staging / "out"
             name = f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}-{{i}}"
             try:
@@ -230,23 +231,9 @@ class SnapshotSink:
         folder = self.data_dir / "_rejected"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{table}-{self.writer_id}-{int(time.time() * 1000)}.json"
-        path.write_bytes(_json_array(buffer.payloads))
+        path.write_bytes(join_json_arrays(buffer.payloads))
         self.rows_rejected += buffer.rows
         log.error("%d %s rows did not fit the snapshot schema (%s); kept in %s", buffer.rows, table, exc, path)
-
-
-def _json_array(payloads: Sequence[bytes]) -> bytes:
-    """Concatenate JSON arrays/objects into one JSON array without parsing them."""
-    parts = []
-    for payload in payloads:
-        payload = payload.strip()
-        if payload.startswith(b"["):
-            inner = payload[1:-1].strip()
-            if inner:
-                parts.append(inner)
-        elif payload:
-            parts.append(payload)
-    return b"[" + b",".join(parts) + b"]"
 
 
 def _publish(staged: Path, table_dir: Path) -> int:

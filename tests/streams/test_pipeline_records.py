@@ -17,6 +17,7 @@ from agentwatch.streams.pipeline import (
     SpanPipeline,
     decode_event_rows,
     encode_by_partition,
+    merge_event_records,
     partition_for,
     rows_to_events,
 )
@@ -162,6 +163,32 @@ def test_event_records_round_trip():
                       value=5.0, threshold=3.0, evidence={"tool": "search"})
     (back,) = rows_to_events("findings", decode_event_rows(orjson.dumps(finding)))
     assert back == finding and back.severity is Severity.CRITICAL
+
+
+def test_merged_records_keep_every_row_in_partition_order_and_stay_under_the_size_limit():
+    # Three input records' outputs, as the worker groups them: per (topic, partition) the rows
+    # must come out in input order, the merged records must be valid JSON arrays, and no merged
+    # record may pass the limit (one already over it travels alone).
+    outputs = []
+    for record in range(3):
+        for partition in range(2):
+            rows = [{"trace_id": f"r{record}p{partition}n{i}", "pad": "x" * 40} for i in range(4)]
+            outputs.append(("llm_calls", partition, orjson.dumps(rows)))
+    outputs.append(("tool_calls", 0, orjson.dumps([{"trace_id": "alone"}])))
+    big = orjson.dumps([{"trace_id": "big", "pad": "y" * 2000}])
+    outputs.append(("llm_calls", 1, big))
+    limit = 1000
+    merged = merge_event_records(outputs, limit)
+
+    def ids(records, topic, partition):
+        return [row["trace_id"] for t, p, value in records if (t, p) == (topic, partition)
+                for row in orjson.loads(value)]
+
+    for topic, partition in (("llm_calls", 0), ("llm_calls", 1), ("tool_calls", 0)):
+        assert ids(merged, topic, partition) == ids(outputs, topic, partition)
+    assert len(merged) < len(outputs)
+    assert all(len(value) <= limit for _, _, value in merged if value != big)
+    assert ("llm_calls", 1, big) in merged
 
 
 def test_rows_from_a_newer_producer_ignore_unknown_keys():
