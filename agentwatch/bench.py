@@ -263,6 +263,7 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
     from agentwatch.collectors.gpu_sim import bench_vram
     from agentwatch.dashboards.bench_metrics import bench_metrics
     from agentwatch.detectors.bench_state import bench_detectors, bench_trace_state
+    from agentwatch.streams.checkpoint import bench_checkpoint
 
     return [
         ("stack_ready_s", bench_stack_ready),
@@ -270,6 +271,7 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
         ("trace_state_memory", lambda: bench_trace_state(n_traces=100_000 if quick else 1_000_000)),
         ("vram_detector", lambda: bench_vram(hosts=10 if quick else 50)),
         ("metrics_overhead", bench_metrics),
+        ("detector_checkpoint", lambda: bench_checkpoint(n_traces=20_000 if quick else 60_000)),
         ("alert_latency_span_to_webhook", lambda: bench_alert_latency(n_traces=30 if quick else 120)),
     ] + _drift_sections(quick)
 

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # serves ~75 keys at the default 200 prompts per 5-minute window.
     embed_max_sentences_per_s: float = 50.0
 
+    # Detector state is saved to <data_dir>/state/ this often (and on clean stop) and restored
+    # when a worker starts; 0 turns checkpoints off.
+    detector_checkpoint_s: float = 30.0
+
     # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
     rebalance_timeout_s: float = 6.0
     session_timeout_s: float = 6.0

@@ -511,7 +511,7 @@ class BudgetDetector:
     def snapshot(self) -> dict[str, Any]:
         return {"version": 1, "periods": [
             [p.project, p.period, _json_float(p.start), _json_float(p.end), p.spent,
-             _json_float(p.first_ts), p.levels_fired, p.burn_firing, p.last_ts]
+             _json_float(p.first_ts), p.levels_fired, p.burn_firing, _json_float(p.last_ts)]
             for periods in self._periods.values() for p in periods]}
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -526,7 +526,7 @@ class BudgetDetector:
                 continue  # budget removed from config since the checkpoint
             p.start, p.end, p.first_ts = _float(start), _float(end), _float(first_ts)
             p.spent, p.levels_fired, p.burn_firing = float(spent), int(fired), bool(burn)
-            p.last_ts = float(last_ts)
+            p.last_ts = -_INF if last_ts is None else float(last_ts)  # -inf: no spend yet
 
     @classmethod
     def contract_stream(cls, seed: int) -> ContractStream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
+from typing import Any
 
 from agentwatch.settings import Settings
 
@@ -31,8 +32,44 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
     runner = DetectorRunner(build_detectors(settings.detectors))
     drift_detector = runner.detectors.get("drift")
     drift = DriftStage(settings, drift_detector) if drift_detector is not None else None
+    checkpoint = _restored_checkpoint(settings, worker_index, runner, drift)
     app, _ = create_app(settings, worker_index=worker_index, ready_file=ready_file, detect=runner.process, drift=drift,
                         metrics=metrics, alert_record=alert_record_from_finding)
+    if checkpoint is not None:
+        _save_checkpoints(app, checkpoint)
     logging.getLogger("faust").setLevel(loglevel.upper())
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
+
+
+def _restored_checkpoint(settings: Settings, worker_index: int, runner: Any, drift: Any) -> Any:
+    """The worker's detector checkpoint, already restored into ``runner`` (None: disabled)."""
+    from agentwatch.streams.checkpoint import DetectorCheckpoint, checkpoint_path
+
+    every_s = settings.detector_checkpoint_s
+    if every_s <= 0:  # 0 disables checkpoints: detectors start empty and nothing is saved
+        return None
+    checkpoint = DetectorCheckpoint(
+        checkpoint_path(settings.data_dir, settings.app_id, worker_index), runner, every_s=every_s,
+        worker_id=f"{settings.app_id}-w{worker_index}",
+        # The drift detector is updated in the embedding thread: snapshot it there.
+        snapshot_executors={"drift": drift.executor} if drift is not None else None)
+    checkpoint.restore()  # before the app starts: no event reaches a detector before its state
+    return checkpoint
+
+
+def _save_checkpoints(app: Any, checkpoint: Any) -> None:
+    """Save on a timer and once more on clean shutdown.
+
+    Both run on the event loop, which is also the thread that feeds the detectors, so the
+    snapshot is taken between two events; only the file write goes to a thread.
+    """
+    # Ticks shorter than the interval, so timer drift never skips a whole interval.
+    @app.timer(min(checkpoint.every_s, 5.0), name="agentwatch.checkpoint_detectors")
+    async def checkpoint_detectors() -> None:
+        await checkpoint.maybe_save_async()
+
+    # Faust sends this after the consumer stopped and the streams drained: the final state.
+    @app.on_before_shutdown.connect
+    async def checkpoint_on_shutdown(app: Any, **kwargs: Any) -> None:
+        await checkpoint.maybe_save_async(force=True)

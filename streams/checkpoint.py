@@ -1,0 +1,376 @@
+"""Detector state checkpoints: one file per worker, written atomically at intervals.
+
+DESIGN.md: detector state lives in memory, bounded, "checkpointed ... at intervals, not on every
+span". A :class:`DetectorCheckpoint` writes ``runner.snapshot()`` (every detector's JSON-able
+state, by name) to ``<data_dir>/state/detectors-<app_id>-w<i>.json`` every ``every_s`` seconds and
+on clean shutdown, and restores it when the worker starts, so a restarted worker keeps its cost
+baselines, budgets spent, loops in progress and drift history.
+
+File format (JSON, orjson-encoded)::
+
+    {"format": "agentwatch.detector-checkpoint", "version": 1, "worker_id": "agentwatch-w0",
+     "saved_at": 1718000000.123, "detectors": ["agent_loop", ...], "state": {name: snapshot}}
+
+A save is atomic (temp file in the same directory, fsync, ``os.replace``): a crash mid-save
+leaves the previous checkpoint. A file that cannot be read or restored never stops the worker:
+it is moved aside as ``<name>.corrupt-<unix ms>`` and the detectors start empty.
+
+What this does not give: exactly-once state. The checkpoint is not aligned with committed
+consumer offsets, so after a crash (SIGKILL) the detectors miss the events between the last
+checkpoint and the last commit, and a crash within a few seconds of a save can replay a few
+events the checkpoint already counted. A clean shutdown saves after the consumer has drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+FORMAT = "agentwatch.detector-checkpoint"
+FORMAT_VERSION = 1
+# numpy scalars that slip into a snapshot are written as plain numbers. NaN/Infinity would be
+# written as null by orjson: the detector contract suite (allow_nan=False) keeps them out.
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def checkpoint_path(data_dir: Path, app_id: str, worker_index: int) -> Path:
+    """Where worker ``worker_index`` of group ``app_id`` keeps its detector checkpoint."""
+    return Path(data_dir) / "state" / f"detectors-{app_id}-w{worker_index}.json"
+
+
+class CheckpointFormatError(ValueError):
+    """The file is JSON but not a detector checkpoint this version can restore."""
+
+
+class DetectorCheckpoint:
+    """Saves and restores a :class:`~agentwatch.detectors.runner.DetectorRunner`'s state.
+
+    Parameters
+    ----------
+    path : Path
+        The checkpoint file (its directory is created on the first save).
+    runner : DetectorRunner
+        Anything with ``detectors`` (name -> detector), ``snapshot()`` and ``restore(snap)``.
+    every_s : float
+        Seconds between periodic saves (:meth:`due`).
+    clock : callable
+        Monotonic seconds, for the interval (tests move it by hand).
+    wall_clock : callable
+        Unix seconds, for ``saved_at`` and the ``.corrupt-<ms>`` suffix.
+    worker_id : str
+        Written in the header, to tell files apart when one is inspected.
+    snapshot_executors : Mapping[str, Executor], optional
+        Detectors updated on a thread other than the caller's, with the single-thread executor
+        that updates them: their ``snapshot()`` runs in that executor, so it never interleaves
+        with an update (the drift detector is updated in the embedding thread).
+
+    Attributes
+    ----------
+    last_save_bytes : int
+        Size of the last file written.
+    last_encode_s : float
+        Seconds the last save spent snapshotting and encoding: the part that holds the caller's
+        thread (the event loop, in the worker).
+    last_save_s : float
+        Seconds of the last save in all (encode + write + fsync).
+    last_restore_s : float
+        Seconds the last successful restore took (read, decode, restore).
+    saves, failures : int
+        Saves written, and saves or restores that failed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from agentwatch.detectors.loops import LoopDetector
+    >>> from agentwatch.detectors.runner import DetectorRunner
+    >>> path = Path(tempfile.mkdtemp()) / "detectors.json"
+    >>> checkpoint = DetectorCheckpoint(path, DetectorRunner([LoopDetector()]), every_s=30.0)
+    >>> checkpoint.restore()  # nothing saved yet: start empty
+    False
+    >>> checkpoint.maybe_save(), checkpoint.maybe_save(force=True)
+    (False, True)
+    >>> DetectorCheckpoint(path, DetectorRunner([LoopDetector()])).restore()
+    True
+    """
+
+    def __init__(self, path: Path, runner: Any, *, every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, worker_id: str = "",
+                 snapshot_executors: Mapping[str, Executor] | None = None) -> None:
+        if not every_s > 0:
+            raise ValueError(f"every_s must be > 0, got {every_s}")
+        self.path = Path(path)
+        self.runner = runner
+        self.every_s = float(every_s)
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.worker_id = worker_id
+        self.snapshot_executors = dict(snapshot_executors or {})
+        self.last_save_at = clock()  # the first periodic save comes every_s after start-up
+        self.last_save_bytes = 0
+        self.last_encode_s = 0.0
+        self.last_save_s = 0.0
+        self.last_restore_s = 0.0
+        self.saves = 0
+        self.failures = 0
+        self._write_lock = threading.Lock()  # a shutdown save and a timer save may both write
+        self._save_lock: asyncio.Lock | None = None
+
+    # -- restore ----------------------------------------------------------------------------
+
+    def restore(self) -> bool:
+        """Load the checkpoint into the runner; False when there is none or it is unusable.
+
+        An unreadable, corrupt or unrestorable file is logged, moved aside as
+        ``<name>.corrupt-<unix ms>``, and every detector is left empty (a restore that failed
+        half-way would otherwise leave some detectors restored and others not).
+        """
+        self._remove_temp_files()
+        started = time.perf_counter()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            self._reject(f"unreadable: {exc}")
+            return False
+        empty = self.runner.snapshot()  # the fresh state, to go back to if the restore fails
+        try:
+            self.runner.restore(self._state_from(raw))
+        except Exception as exc:  # any detector's restore may choke on a bad file
+            self.runner.restore(empty)
+            self._reject(f"{type(exc).__name__}: {exc}")
+            return False
+        self.last_restore_s = time.perf_counter() - started
+        log.info("detector state restored from %s (%d bytes, %.3f s)", self.path, len(raw),
+                 self.last_restore_s)
+        return True
+
+    @staticmethod
+    def _state_from(raw: bytes) -> dict[str, dict[str, Any]]:
+        doc = orjson.loads(raw)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise CheckpointFormatError("not a detector checkpoint")
+        if doc.get("version") != FORMAT_VERSION:
+            raise CheckpointFormatError(f"checkpoint version {doc.get('version')!r}, "
+                                        f"this worker reads {FORMAT_VERSION}")
+        state = doc.get("state")
+        if not isinstance(state, dict) or not all(isinstance(s, dict) for s in state.values()):
+            raise CheckpointFormatError("state is not a mapping of detector snapshots")
+        return state
+
+    def _reject(self, reason: str) -> None:
+        self.failures += 1
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.wall_clock() * 1000)}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            log.warning("detector checkpoint %s not restored (%s) and not moved aside (%s); "
+                        "detectors start empty", self.path, reason, exc)
+            return
+        log.warning("detector checkpoint %s not restored (%s); moved to %s, detectors start empty",
+                    self.path, reason, aside.name)
+
+    def _remove_temp_files(self) -> None:
+        # Left by a worker killed mid-save; the name is this worker's, so nobody else writes them.
+        try:
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    # -- save -------------------------------------------------------------------------------
+
+    def due(self) -> bool:
+        """Whether ``every_s`` has passed since the last save (or attempt, or start-up)."""
+        return self.clock() - self.last_save_at >= self.every_s
+
+    def encode(self, taken: Mapping[str, dict[str, Any]] | None = None) -> bytes:
+        """The checkpoint file's bytes for the runner's state now.
+
+        ``taken`` holds snapshots already taken elsewhere, by detector name; the other detectors
+        are snapshotted here. Call this on the thread that updates the detectors.
+        """
+        started = time.perf_counter()
+        if taken:
+            state = {name: taken[name] if name in taken else det.snapshot()
+                     for name, det in self.runner.detectors.items()}
+        else:
+            state = self.runner.snapshot()
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "worker_id": self.worker_id,
+               "saved_at": self.wall_clock(), "detectors": list(state), "state": state}
+        data = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+        self.last_encode_s = time.perf_counter() - started
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Replace the checkpoint file with ``data`` atomically (safe from any thread)."""
+        started = time.perf_counter()
+        with self._write_lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                        suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temp, self.path)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.path.parent)  # the rename itself survives a power cut
+        self.last_save_bytes = len(data)
+        self.last_save_s = self.last_encode_s + (time.perf_counter() - started)
+        self.saves += 1
+
+    def maybe_save(self, force: bool = False) -> bool:
+        """Save when :meth:`due` (or ``force``), on this thread; True when a file was written.
+
+        A failed save is logged and leaves the previous file in place; it is tried again after
+        another ``every_s``, not on every call.
+        """
+        if not force and not self.due():
+            return False
+        self.last_save_at = self.clock()
+        try:
+            self.write(self.encode(self._taken_in_executors()))
+        except Exception:
+            self.failures += 1
+            log.exception("detector checkpoint not saved to %s; the previous one is kept", self.path)
+            return False
+        return True
+
+    async def maybe_save_async(self, force: bool = False) -> bool:
+        """:meth:`maybe_save` for an event loop whose thread updates the detectors.
+
+        Snapshot and encoding run here, between two events (consistent state); the file write
+        and fsync run in the loop's default executor. Saves are serialised, so a shutdown save
+        that starts during a timer save waits for it and then writes the newer state.
+        """
+        if not force and not self.due():
+            return False
+        self.last_save_at = self.clock()
+        if self._save_lock is None:
+            self._save_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        async with self._save_lock:
+            try:
+                taken = {}
+                for name, executor in self.snapshot_executors.items():
+                    det = self.runner.detectors.get(name)
+                    if det is not None:
+                        taken[name] = await _run_in(loop, executor, det.snapshot)
+                data = self.encode(taken)
+                await loop.run_in_executor(None, self.write, data)
+            except Exception:
+                self.failures += 1
+                log.exception("detector checkpoint not saved to %s; the previous one is kept",
+                              self.path)
+                return False
+        log.info("detector checkpoint saved: %d bytes, %.3f s (%.3f s on the event loop)",
+                 self.last_save_bytes, self.last_save_s, self.last_encode_s)
+        return True
+
+    def _taken_in_executors(self) -> dict[str, dict[str, Any]]:
+        taken = {}
+        for name, executor in self.snapshot_executors.items():
+            det = self.runner.detectors.get(name)
+            if det is None:
+                continue
+            try:
+                future = executor.submit(det.snapshot)
+            except RuntimeError:  # executor shut down: nothing updates the detector any more
+                taken[name] = det.snapshot()
+            else:
+                taken[name] = future.result()
+        return taken
+
+
+def bench_checkpoint(n_traces: int = 60_000, *, max_traces: int = 50_000, repeat: int = 3,
+                     directory: Path | None = None) -> dict[str, Any]:
+    """Size and save/restore time of a checkpoint with the per-trace maps at their cap.
+
+    Fills every registered detector (default config, loop and tool caps at ``max_traces``) with
+    ``n_traces`` distinct 3-event traces, the way ``bench_trace_state`` does, then saves
+    ``repeat`` times. ``encode_ms`` (snapshot + encoding) is what the worker's event loop is
+    blocked for; the write and fsync run in a thread.
+    """
+    import gc
+    import shutil
+    import statistics
+
+    from agentwatch.detectors.bench_state import WORKER_GC_THRESHOLD, _trace_chunk
+    from agentwatch.detectors.registry import build_detectors
+    from agentwatch.detectors.runner import DetectorRunner
+    from agentwatch.detectors.synthetic import tool_definitions_json
+
+    config = {"agent_loop": {"max_traces": max_traces}, "hallucinated_tool": {"max_traces": max_traces}}
+    previous = gc.get_threshold()
+    gc.set_threshold(*WORKER_GC_THRESHOLD)
+    owned = directory is None
+    where = Path(tempfile.mkdtemp(prefix="agentwatch-ckpt-")) if owned else Path(directory)
+    try:
+        runner = DetectorRunner(build_detectors(config))
+        defs = tool_definitions_json(("search", "lookup_order", "fetch_url"))
+        for first in range(0, n_traces, 10_000):
+            runner.process(_trace_chunk(first, min(10_000, n_traces - first), 2_000.0, defs))
+        checkpoint = DetectorCheckpoint(where / "detectors-bench-w0.json", runner)
+        encode_ms, total_ms = [], []
+        for _ in range(repeat):
+            if not checkpoint.maybe_save(force=True):
+                raise RuntimeError("checkpoint save failed")
+            encode_ms.append(checkpoint.last_encode_s * 1000)
+            total_ms.append(checkpoint.last_save_s * 1000)
+        restored = DetectorCheckpoint(checkpoint.path, DetectorRunner(build_detectors(config)))
+        if not restored.restore():
+            raise RuntimeError("checkpoint restore failed")
+        return {"n_traces": n_traces, "max_traces": max_traces, "state_sizes": runner.state_sizes(),
+                "bytes": checkpoint.last_save_bytes,
+                "bytes_by_detector": {name: len(orjson.dumps(snap, option=_DUMPS_OPTIONS))
+                                      for name, snap in runner.snapshot().items()},
+                "encode_ms_median": round(statistics.median(encode_ms), 1),
+                "encode_ms_max": round(max(encode_ms), 1),
+                "save_ms_median": round(statistics.median(total_ms), 1),
+                "save_ms_max": round(max(total_ms), 1),
+                "restore_ms": round(restored.last_restore_s * 1000, 1)}
+    finally:
+        gc.set_threshold(*previous)
+        if owned:
+            shutil.rmtree(where, ignore_errors=True)
+
+
+async def _run_in(loop: asyncio.AbstractEventLoop, executor: Executor, fun: Callable[[], Any]) -> Any:
+    try:
+        future = loop.run_in_executor(executor, fun)
+    except RuntimeError:  # executor shut down: nothing updates the detector any more
+        return fun()
+    return await future
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["DetectorCheckpoint", "CheckpointFormatError", "checkpoint_path", "bench_checkpoint",
+           "FORMAT", "FORMAT_VERSION"]
