@@ -92,10 +92,14 @@ class Normalizer:
 
     def normalize_traces(self, request: Any) -> NormalizedBatch:
         batch = NormalizedBatch()
-        # First pass: classify every span; keep only the GenAI ones.
-        staged: list[tuple[str, Any, dict[str, Any], dict[str, Any], str, str]] = []
+        # One pass: classify every span and keep only the GenAI ones; note the LLM spans' parents
+        # and the few spans that carry trace context (project, user, session, agent).
+        staged: list[tuple[str, Any, dict[str, Any], dict[str, Any], str, str, str]] = []
+        llm_parent_ids: set[tuple[str, str]] = set()
+        llm_by_id: dict[tuple[str, str], tuple[dict[str, Any], tuple[str, str]]] = {}
+        genai_context: list[tuple[dict[str, Any], str]] = []
         # Non-GenAI spans that carry trace context (a web server root span with enduser.id).
-        context_only: list[tuple[dict[str, Any], str]] = []
+        other_context: list[tuple[dict[str, Any], str]] = []
         for resource_spans in request.resource_spans:
             resource = _resource_context(attributes(resource_spans.resource.attributes))
             for scope_spans in resource_spans.scope_spans:
@@ -105,45 +109,52 @@ class Normalizer:
                         attrs = attributes(span.attributes)
                         role = _span_role(attrs)
                         if role is not None:
-                            staged.append((role, span, attrs, resource, span.trace_id.hex(),
-                                           span.span_id.hex()))
+                            trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+                            parent_id = span.parent_span_id.hex()
+                            staged.append((role, span, attrs, resource, trace_id, span_id, parent_id))
+                            if role == "llm":
+                                parent_key = (trace_id, parent_id)
+                                llm_parent_ids.add(parent_key)
+                                llm_by_id[(trace_id, span_id)] = (attrs, parent_key)
+                            if not _CONTEXT_KEYS.isdisjoint(attrs):
+                                genai_context.append((attrs, trace_id))
                         elif not _CONTEXT_KEYS.isdisjoint(attrs):
-                            context_only.append((attrs, span.trace_id.hex()))
+                            other_context.append((attrs, span.trace_id.hex()))
                     except Exception as exc:  # hostile attribute content must not sink the batch
                         batch.failures.append((span.span_id.hex(), f"{type(exc).__name__}: {exc}"))
         if not staged:
             return batch
 
-        # Which LLM spans are ancestors of another LLM span (this batch or remembered)?
-        parents = {sid: s.parent_span_id.hex() for role, s, _, _, _, sid in staged if role == "llm"}
-        llm_parent_ids = {(t, parents[sid]) for role, _, _, _, t, sid in staged if role == "llm"}
-        llm_by_id = {(t, sid): (a, (t, parents[sid])) for role, _, a, _, t, sid in staged if role == "llm"}
-        trace_context = _trace_context(staged, context_only)
+        trace_context = _trace_context(genai_context + other_context)
         remembered = self._llm_parents
 
-        for role, span, attrs, resource, trace_id, span_id in staged:
+        for role, span, attrs, resource, trace_id, span_id, parent_id in staged:
             try:
                 if role == "llm" and ((trace_id, span_id) in llm_parent_ids or (trace_id, span_id) in remembered):
                     role = "agent"  # an outer wrapper of a model call: counted once, in the child
-                context = trace_context[trace_id]
+                context = trace_context.get(trace_id, _NO_CONTEXT)
                 if role == "llm":
-                    parent_key = (trace_id, parents[span_id])
+                    parent_key = (trace_id, parent_id)
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
-                    batch.llm_call_rows.append(self._llm_call(span, merged, resource, context, trace_id, span_id))
+                    batch.llm_call_rows.append(
+                        self._llm_call(span, merged, resource, context, trace_id, span_id, parent_id))
                     if self.parent_memory:
                         remembered[parent_key] = None
                         if len(remembered) > self.parent_memory:
                             remembered.popitem(last=False)
                 elif role == "tool":
-                    batch.tool_call_rows.append(self._tool_call(span, attrs, resource, context, trace_id, span_id))
+                    batch.tool_call_rows.append(
+                        self._tool_call(span, attrs, resource, context, trace_id, span_id, parent_id))
                 else:
-                    batch.agent_step_rows.append(self._agent_step(span, attrs, resource, context, trace_id, span_id))
+                    batch.agent_step_rows.append(
+                        self._agent_step(span, attrs, resource, context, trace_id, span_id, parent_id))
             except Exception as exc:
                 batch.failures.append((span_id, f"{type(exc).__name__}: {exc}"))
         return batch
 
     def _llm_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                  context: dict[str, str], trace_id: str, span_id: str) -> dict[str, Any]:
+                  context: dict[str, str], trace_id: str, span_id: str, parent_id: str
+                  ) -> dict[str, Any]:
         """An :class:`LlmCall` row."""
         clip = self.max_text_chars
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, provider,
@@ -161,7 +172,7 @@ class Normalizer:
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         return {
             "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
-            "parent_span_id": span.parent_span_id.hex(),
+            "parent_span_id": parent_id,
             "service": resource["service"], "project": context["project"] or resource["project"],
             "user": context["user"], "session": context["session"], "agent": context["agent"],
             "host": _str(host) or resource["host"],
@@ -209,7 +220,8 @@ class Normalizer:
         return normalized
 
     def _tool_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                   context: dict[str, str], trace_id: str, span_id: str) -> dict[str, Any]:
+                   context: dict[str, str], trace_id: str, span_id: str, parent_id: str
+                   ) -> dict[str, Any]:
         """A :class:`ToolCall` row."""
         clip = self.max_text_chars
         name, host, call_id, arguments, result = _TOOL_FIELDS.values(attrs)
@@ -221,7 +233,7 @@ class Normalizer:
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         return {
             "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
-            "parent_span_id": span.parent_span_id.hex(),
+            "parent_span_id": parent_id,
             "service": resource["service"], "project": context["project"] or resource["project"],
             "user": context["user"], "session": context["session"], "agent": context["agent"],
             "host": _str(host) or resource["host"], "tool_name": name,
@@ -231,7 +243,8 @@ class Normalizer:
         }
 
     def _agent_step(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                    context: dict[str, str], trace_id: str, span_id: str) -> dict[str, Any]:
+                    context: dict[str, str], trace_id: str, span_id: str, parent_id: str
+                    ) -> dict[str, Any]:
         """An :class:`AgentStep` row."""
         agent, host = _STEP_FIELDS.values(attrs)
         status, error = _status(span, attrs)
@@ -240,7 +253,7 @@ class Normalizer:
                      or _str(attrs.get(sc.TRACELOOP_KIND)) or "step")
         return {
             "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
-            "parent_span_id": span.parent_span_id.hex(),
+            "parent_span_id": parent_id,
             "service": resource["service"], "project": context["project"] or resource["project"],
             "user": context["user"], "session": context["session"],
             "agent": (_str(agent) or context["agent"]
@@ -319,20 +332,20 @@ def _resource_context(resource: dict[str, Any]) -> dict[str, str]:
             "project": _str(_first(resource, sc.PROJECT))}
 
 
-def _trace_context(staged: list, context_only: Iterable[tuple[dict[str, Any], str]] = ()
-                   ) -> dict[str, dict[str, str]]:
+_NO_CONTEXT = {"project": "", "user": "", "session": "", "agent": ""}  # shared: read only
+
+
+def _trace_context(carriers: Iterable[tuple[dict[str, Any], str]]) -> dict[str, dict[str, str]]:
     """Project/user/session/agent per trace: set on one span (often the root), shared by all.
 
-    GenAI spans are read first; non-GenAI spans of the same trace only fill what they left empty.
+    ``carriers`` are the spans holding any context attribute, GenAI spans first: non-GenAI
+    spans of the same trace only fill what those left empty.
     """
     out: dict[str, dict[str, str]] = {}
-    pairs = [(attrs, trace_id) for _, _, attrs, _, trace_id, _ in staged]
-    for attrs, trace_id in pairs + list(context_only):
+    for attrs, trace_id in carriers:
         ctx = out.get(trace_id)
         if ctx is None:
-            ctx = out[trace_id] = {"project": "", "user": "", "session": "", "agent": ""}
-        if _CONTEXT_KEYS.isdisjoint(attrs):  # most spans carry none of them: one C-level check
-            continue
+            ctx = out[trace_id] = dict(_NO_CONTEXT)
         for name, keys in _CONTEXT_FIELDS:
             if not ctx[name]:
                 ctx[name] = _str(_first(attrs, keys))
@@ -560,33 +573,42 @@ class _FieldPlans:
     """The first present, non-empty value of each field among its convention aliases.
 
     Spans of one instrumentation share their attribute layout, so which aliases of each field
-    a layout holds is worked out once per layout (bounded cache) and a span then reads only
-    those, instead of probing every alias of every field.
+    a layout holds is worked out once per layout (bounded cache). A span then reads one key per
+    field in a single C-level pass; only a field with several aliases present in the layout
+    needs the empty-value fall-through. (For a field with one alias present, an empty value and
+    an absent one read the same to every caller: ``_str`` and ``_int`` map both alike.)
     """
+
+    _ABSENT = "\x00absent"  # a key no attribute has: reads as None
 
     def __init__(self, *fields: tuple[str, ...], max_layouts: int = 4096) -> None:
         self.fields = fields
         self.max_layouts = max_layouts
-        self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {}
+        self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[tuple[int, tuple[str, ...]], ...]]] = {}
 
     def values(self, attrs: dict[str, Any]) -> list[Any]:
         layout = tuple(attrs)
         plan = self._plans.get(layout)
         if plan is None:
-            plan = tuple(tuple(key for key in aliases if key in attrs) for aliases in self.fields)
+            plan = self._plan(attrs)
             if len(self._plans) >= self.max_layouts:
                 self._plans.clear()
             self._plans[layout] = plan
-        out = []
-        for present in plan:
-            value = None
+        keys, several = plan
+        out = list(map(attrs.get, keys))
+        for index, present in several:
             for key in present:
                 value = attrs[key]
                 if value is not None and value != "":
+                    out[index] = value
                     break
-                value = None
-            out.append(value)
         return out
+
+    def _plan(self, attrs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[int, tuple[str, ...]], ...]]:
+        present = [tuple(key for key in aliases if key in attrs) for aliases in self.fields]
+        keys = tuple(found[0] if found else self._ABSENT for found in present)
+        several = tuple((i, found) for i, found in enumerate(present) if len(found) > 1)
+        return keys, several
 
 
 _LLM_FIELDS = _FieldPlans(sc.REQUEST_MODEL, sc.RESPONSE_MODEL, sc.INPUT_TOKENS, sc.OUTPUT_TOKENS,
