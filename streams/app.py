@@ -419,6 +419,12 @@ def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[
     from agentwatch.stack import _die_with_parent
 
     _die_with_parent()  # a worker killed with SIGKILL takes its normaliser with it
+    import gc
+
+    # Each record allocates thousands of short-lived dicts; the default thresholds run a young
+    # collection every 700 of them and promote the memos and parent memory into older ones.
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
     pricing = PricingTable.load(pricing_path)
     _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars), partitions)
 
