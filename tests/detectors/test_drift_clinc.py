@@ -6,7 +6,6 @@ many-seed false-alarm measurement runs on cached vectors.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ import pytest
 
 from agentwatch.detectors.drift import (DriftDetector, EmbeddedWindow, centroid_distances,
                                         classifier_auc, component_wasserstein, mmd2_unbiased)
-from agentwatch.reference import clinc_scenario, mixed_window
+from agentwatch.drift_quality import clinc_pools
+from agentwatch.reference import mixed_window
 from agentwatch.traffic import find_clinc
 
 _FOUND = find_clinc(Path(__file__).parent)  # ../shared/data/clinc150 beside the checkout
@@ -29,27 +29,11 @@ POOL_SIZES = {"in_mix": 1500, "other_domains": 600, "out_of_scope": 600}
 
 @pytest.fixture(scope="module")
 def pools(request, tmp_path_factory):
-    scenario = clinc_scenario(CLINC)
-    rng = np.random.default_rng(0)
-    texts = {"reference": list(scenario.reference)}
-    for name, size in POOL_SIZES.items():
-        pool = getattr(scenario, name)
-        texts[name] = [pool[i] for i in sorted(rng.choice(len(pool), size, replace=False))]
-    digest = hashlib.sha256("\n".join(t for v in texts.values() for t in v).encode()).hexdigest()
     try:
         cache = Path(request.config.cache.mkdir("agentwatch-clinc-embeddings"))
     except AttributeError:  # -p no:cacheprovider
         cache = tmp_path_factory.mktemp("clinc-embeddings")
-    vectors = {}
-    embedder = None
-    for name, items in texts.items():
-        path = cache / f"{name}-{digest[:16]}.npy"
-        if not path.exists():
-            if embedder is None:
-                from agentwatch.streams.embeddings import Embedder
-                embedder = Embedder(max_sentences_per_s=None, threads=2, batch_size=128)
-            np.save(path, embedder.encode(items))
-        vectors[name] = np.load(path)
+    texts, vectors, _ = clinc_pools(CLINC, pool_sizes=POOL_SIZES, cache_dir=cache)
     return texts, vectors
 
 
