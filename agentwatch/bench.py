@@ -278,10 +278,11 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
         # Latency-sensitive sections run before the ones that leave this process holding
         # hundreds of MB of objects: a full GC pass here would stall the local Slack receiver.
         ("alert_latency_span_to_webhook", lambda: bench_alert_latency(n_traces=30 if quick else 120)),
-        *_drift_sections(quick),
         ("detectors_events_per_s", lambda: bench_detectors(n_traces=10_000 if quick else 30_000)),
-        # Before the checkpoint section, whose 25 MB snapshots would raise the RSS baseline.
+        # Before the sections that load torch (drift) or build 25 MB snapshots (checkpoint):
+        # they would raise the RSS baseline this one reports against.
         ("trace_state_memory", lambda: bench_trace_state(n_traces=100_000 if quick else 1_000_000)),
+        *_drift_sections(quick),
         ("vram_detector", lambda: bench_vram(hosts=10 if quick else 50)),
         ("metrics_overhead", bench_metrics),
         ("detector_checkpoint", lambda: bench_checkpoint(n_traces=20_000 if quick else 60_000)),
