@@ -253,7 +253,18 @@ def drift_dashboard() -> dict[str, Any]:
              f'"{DRIFT_DETECTORS}"}}[{_RATE}]))', "{{detector}} {{severity}}")]))
          .with_panel(_timeseries("Drift resolutions / s", "ops", [_q(
              f'sum by (detector) (rate(agentwatch_findings_resolved_total{{detector=~'
-             f'"{DRIFT_DETECTORS}"}}[{_RATE}]))', "{{detector}}")])))
+             f'"{DRIFT_DETECTORS}"}}[{_RATE}]))', "{{detector}}")]))
+         .with_row(Row("Sampling and embedding"))
+         # Windows dropped because embedding fell behind mean keys go unchecked: raise the cap.
+         .with_panel(_timeseries("Prompts sampled and embedded / s", "ops", [
+             _q(f"sum(rate(agentwatch_drift_prompts_offered_total[{_RATE}]))", "offered"),
+             _q(f"sum(rate(agentwatch_embeddings_total[{_RATE}]))", "embedded", ref_id="B"),
+             _q(f"sum(rate(agentwatch_embedding_throttled_seconds_total[{_RATE}]))",
+                "throttled s/s", ref_id="C")]))
+         .with_panel(_timeseries("Windows checked and dropped / s", "ops", [
+             _q(f"sum(rate(agentwatch_drift_windows_closed_total[{_RATE}]))", "closed"),
+             _q(f"sum by (reason) (rate(agentwatch_drift_windows_dropped_total[{_RATE}]))",
+                "dropped {{reason}}", ref_id="B")])))
     return to_json(d)
 
 

@@ -477,10 +477,88 @@ def _key_parts(key: str) -> dict[str, str]:
     return parts
 
 
+class WorkerStateCollector:
+    """Drift sampling, embedding and detector-checkpoint figures, read at scrape time.
+
+    The counters live where the work happens (the sampler on the event loop, the embedder in its
+    thread, the checkpoint on save), so the hot path pays nothing for them. Every family is
+    exported even when its source is absent (drift or checkpoints turned off): zeros, not gaps.
+
+    Parameters
+    ----------
+    sampler : DriftSampler or None
+        Its ``counters`` (:class:`~agentwatch.streams.drift_sampler.SamplerCounters`).
+    embedder : Embedder or None
+        Its ``sentences_embedded`` and ``seconds_throttled``.
+    checkpoint : DetectorCheckpoint or None
+        Its ``saves``, ``failures``, ``last_save_bytes``, ``last_encode_s``, ``last_save_s``.
+    """
+
+    def __init__(self, sampler: Any = None, embedder: Any = None, checkpoint: Any = None) -> None:
+        self.sampler = sampler
+        self.embedder = embedder
+        self.checkpoint = checkpoint
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        counts = self.sampler.counters if self.sampler is not None else None
+
+        def count(name: str) -> float:
+            return float(getattr(counts, name, 0) if counts is not None else 0)
+
+        yield CounterMetricFamily("agentwatch_drift_prompts_offered",
+                                  "Prompts offered to the drift sampler.", value=count("offered"))
+        def by_reason(name: str, doc: str, reasons: Mapping[str, str]) -> Any:
+            family = CounterMetricFamily(name, doc, labels=["reason"])
+            for reason, counter in reasons.items():
+                family.add_metric([reason], count(counter))
+            return family
+
+        yield by_reason("agentwatch_drift_prompts_skipped",
+                        "Prompts not sampled: empty, or already in the window's sample (agents "
+                        "repeat them per step).", {"empty": "empty_prompts", "duplicate": "duplicates"})
+        yield CounterMetricFamily("agentwatch_drift_late_prompts",
+                                  "Prompts older than their key's open window (folded into it).",
+                                  value=count("late"))
+        yield CounterMetricFamily("agentwatch_drift_windows_closed",
+                                  "Sampling windows closed and handed to embedding.",
+                                  value=count("windows_closed"))
+        yield by_reason("agentwatch_drift_windows_dropped",
+                        "Windows never checked: too few prompts, or embedding fell behind (raise "
+                        "the embedding cap).", {"too_small": "small_windows_dropped",
+                                                "embedding_behind": "pending_dropped"})
+        yield CounterMetricFamily("agentwatch_drift_keys_evicted",
+                                  "Keys whose open window was closed early to bound memory.",
+                                  value=count("keys_evicted"))
+        for kind, name, doc, source, attribute in _READ_AT_SCRAPE:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, doc, value=float(getattr(getattr(self, source), attribute, 0)))
+
+
+# (kind, family, help, collector attribute holding the source, attribute read from it)
+_READ_AT_SCRAPE = (
+    ("counter", "agentwatch_embeddings", "Prompts embedded for drift.",
+     "embedder", "sentences_embedded"),
+    ("counter", "agentwatch_embedding_throttled_seconds",
+     "Seconds the embedder waited on its rate cap.", "embedder", "seconds_throttled"),
+    ("counter", "agentwatch_detector_checkpoint_saves", "Detector state checkpoints written.",
+     "checkpoint", "saves"),
+    ("counter", "agentwatch_detector_checkpoint_failures",
+     "Detector checkpoint saves or restores that failed.", "checkpoint", "failures"),
+    ("gauge", "agentwatch_detector_checkpoint_bytes", "Size of the last detector checkpoint.",
+     "checkpoint", "last_save_bytes"),
+    ("gauge", "agentwatch_detector_checkpoint_blocking_seconds",
+     "Event-loop time the last checkpoint took (snapshot + encode).", "checkpoint",
+     "last_encode_s"),
+)
+
+
 def exported_sample_names() -> frozenset[str]:
     """Every sample name a worker's ``/metrics`` can carry (``_total``, ``_bucket``, ...)."""
     registry = CollectorRegistry()
     PipelineMetrics(registry)
+    registry.register(WorkerStateCollector())
     names: set[str] = set()
     for family in registry.collect():
         if family.type == "counter":

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from agentwatch.dashboards.metrics import PipelineMetrics, serve_metrics
+from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector, serve_metrics
+from agentwatch.streams.drift_sampler import DriftSampler
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity, ToolCall
 
 # Small enough that the fuzz tool names below overflow it, so the fold path is exercised.
@@ -144,6 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry, max_label_sets=FIXTURE_MAX_LABEL_SETS)
     feed_deterministic(metrics)
+    # The drift sampler's counters, from the fixture's own model calls (no embedder or
+    # checkpoint in this process: those families read zero).
+    sampler = DriftSampler(window_s=60.0)
+    sampler.offer(deterministic_batches().llm_calls)
+    registry.register(WorkerStateCollector(sampler=sampler))
     server = serve_metrics(registry, args.port, args.addr)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,7 +16,7 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
     from prometheus_client import CollectorRegistry
 
     from agentwatch.alerts.model import alert_record_from_finding
-    from agentwatch.dashboards.metrics import PipelineMetrics, serve_metrics
+    from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector, serve_metrics
     from agentwatch.detectors.registry import build_detectors
     from agentwatch.detectors.runner import DetectorRunner
     from agentwatch.streams.app import DriftStage, create_app
@@ -33,6 +33,9 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
     drift_detector = runner.detectors.get("drift")
     drift = DriftStage(settings, drift_detector) if drift_detector is not None else None
     checkpoint = _restored_checkpoint(settings, worker_index, runner, drift)
+    registry.register(WorkerStateCollector(sampler=drift.sampler if drift else None,
+                                           embedder=drift.embedder if drift else None,
+                                           checkpoint=checkpoint))
     app, _ = create_app(settings, worker_index=worker_index, ready_file=ready_file, detect=runner.process, drift=drift,
                         metrics=metrics, alert_record=alert_record_from_finding)
     if checkpoint is not None:
