@@ -6,34 +6,24 @@ many-seed false-alarm measurement runs on cached vectors.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from clinc_helpers import CLINC, POOL_SIZES, embedding_cache_dir
 
 from agentwatch.detectors.drift import (DriftDetector, EmbeddedWindow, centroid_distances,
                                         classifier_auc, component_wasserstein, mmd2_unbiased)
 from agentwatch.drift_quality import clinc_pools
 from agentwatch.reference import mixed_window
-from agentwatch.traffic import find_clinc
 
-_FOUND = find_clinc(Path(__file__).parent)  # ../shared/data/clinc150 beside the checkout
-# The data ships beside every checkout (CI included); a missing copy is an error, not a skip.
-assert _FOUND is not None, "CLINC150 not found: expected shared/data/clinc150 beside the repository"
-CLINC = _FOUND.parent
 KEY = "service=assistant"
 WINDOW = 200  # DriftSampler's default sample_size
-POOL_SIZES = {"in_mix": 1500, "other_domains": 600, "out_of_scope": 600}
 
 
 @pytest.fixture(scope="module")
 def pools(request, tmp_path_factory):
-    try:
-        cache = Path(request.config.cache.mkdir("agentwatch-clinc-embeddings"))
-    except AttributeError:  # -p no:cacheprovider
-        cache = tmp_path_factory.mktemp("clinc-embeddings")
-    texts, vectors, _ = clinc_pools(CLINC, pool_sizes=POOL_SIZES, cache_dir=cache)
+    texts, vectors, _ = clinc_pools(CLINC, pool_sizes=POOL_SIZES,
+                                    cache_dir=embedding_cache_dir(request, tmp_path_factory))
     return texts, vectors
 
 

@@ -10,29 +10,22 @@ import json
 from pathlib import Path
 
 import pytest
+from clinc_helpers import CLINC, POOL_SIZES, embedding_cache_dir
 from click.testing import CliRunner
 
 from agentwatch import drift_quality
 from agentwatch.detectors.drift import DriftDetector
 from agentwatch.drift_quality import evaluate_clinc, format_table
 from agentwatch.reference_cli import drift_group
-from agentwatch.traffic import find_clinc
 
-_FOUND = find_clinc(Path(__file__).parent)
-assert _FOUND is not None, "CLINC150 not found: expected shared/data/clinc150 beside the repository"
-CLINC = _FOUND.parent
-POOL_SIZES = {"in_mix": 1500, "other_domains": 600, "out_of_scope": 600}
 SEEDS_CALM, SEEDS_SHIFT, SHIFTS = 20, 5, (0.15, 1.0)
 
 
 @pytest.fixture(scope="module")
 def result(request, tmp_path_factory):
-    try:
-        cache = Path(request.config.cache.mkdir("agentwatch-clinc-embeddings"))
-    except AttributeError:  # -p no:cacheprovider
-        cache = tmp_path_factory.mktemp("clinc-embeddings")
     return evaluate_clinc(CLINC, seeds_calm=SEEDS_CALM, seeds_shift=SEEDS_SHIFT, shifts=SHIFTS,
-                          cache_dir=cache, pool_sizes=POOL_SIZES)
+                          cache_dir=embedding_cache_dir(request, tmp_path_factory),
+                          pool_sizes=POOL_SIZES)
 
 
 def test_settings_are_the_product_defaults(result):
