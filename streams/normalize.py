@@ -126,35 +126,39 @@ class Normalizer:
             return batch
 
         trace_context = _trace_context(genai_context + other_context)
+        # The fields every row of one trace and resource shares, built once per batch for each.
+        headers: dict[tuple[str, int], dict[str, Any]] = {}
         remembered = self._llm_parents
 
         for role, span, attrs, resource, trace_id, span_id, parent_id in staged:
             try:
                 if role == "llm" and ((trace_id, span_id) in llm_parent_ids or (trace_id, span_id) in remembered):
                     role = "agent"  # an outer wrapper of a model call: counted once, in the child
-                context = trace_context.get(trace_id, _NO_CONTEXT)
+                header = headers.get((trace_id, id(resource)))
+                if header is None:
+                    header = headers[(trace_id, id(resource))] = _row_header(
+                        trace_id, resource, trace_context.get(trace_id, _NO_CONTEXT))
                 if role == "llm":
                     parent_key = (trace_id, parent_id)
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
                     batch.llm_call_rows.append(
-                        self._llm_call(span, merged, resource, context, trace_id, span_id, parent_id))
+                        self._llm_call(span, merged, header, span_id, parent_id))
                     if self.parent_memory:
                         remembered[parent_key] = None
                         if len(remembered) > self.parent_memory:
                             remembered.popitem(last=False)
                 elif role == "tool":
                     batch.tool_call_rows.append(
-                        self._tool_call(span, attrs, resource, context, trace_id, span_id, parent_id))
+                        self._tool_call(span, attrs, header, span_id, parent_id))
                 else:
                     batch.agent_step_rows.append(
-                        self._agent_step(span, attrs, resource, context, trace_id, span_id, parent_id))
+                        self._agent_step(span, attrs, header, span_id, parent_id))
             except Exception as exc:
                 batch.failures.append((span_id, f"{type(exc).__name__}: {exc}"))
         return batch
 
-    def _llm_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                  context: dict[str, str], trace_id: str, span_id: str, parent_id: str
-                  ) -> dict[str, Any]:
+    def _llm_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
+                  parent_id: str) -> dict[str, Any]:
         """An :class:`LlmCall` row."""
         clip = self.max_text_chars
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, provider,
@@ -171,11 +175,8 @@ class Normalizer:
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         return {
-            "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
-            "parent_span_id": parent_id,
-            "service": resource["service"], "project": context["project"] or resource["project"],
-            "user": context["user"], "session": context["session"], "agent": context["agent"],
-            "host": _str(host) or resource["host"],
+            **header, "ts": end / 1e9, "span_id": span_id, "parent_span_id": parent_id,
+            "host": _str(host) or header["host"],
             "provider": _str(provider), "model": model,
             "request_model": request_model,
             "operation": _str(operation) or "chat",
@@ -219,9 +220,8 @@ class Normalizer:
             self._tool_definitions_memo[raw] = normalized
         return normalized
 
-    def _tool_call(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                   context: dict[str, str], trace_id: str, span_id: str, parent_id: str
-                   ) -> dict[str, Any]:
+    def _tool_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
+                   parent_id: str) -> dict[str, Any]:
         """A :class:`ToolCall` row."""
         clip = self.max_text_chars
         name, host, call_id, arguments, result = _TOOL_FIELDS.values(attrs)
@@ -232,19 +232,15 @@ class Normalizer:
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         return {
-            "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
-            "parent_span_id": parent_id,
-            "service": resource["service"], "project": context["project"] or resource["project"],
-            "user": context["user"], "session": context["session"], "agent": context["agent"],
-            "host": _str(host) or resource["host"], "tool_name": name,
+            **header, "ts": end / 1e9, "span_id": span_id, "parent_span_id": parent_id,
+            "host": _str(host) or header["host"], "tool_name": name,
             "call_id": _str(call_id), "arguments": _str(arguments)[:clip],
             "result": _str(result)[:clip],
             "latency_ms": max(end - start, 0) / 1e6, "status": status, "error": error[:clip],
         }
 
-    def _agent_step(self, span: Any, attrs: dict[str, Any], resource: dict[str, Any],
-                    context: dict[str, str], trace_id: str, span_id: str, parent_id: str
-                    ) -> dict[str, Any]:
+    def _agent_step(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
+                    parent_id: str) -> dict[str, Any]:
         """An :class:`AgentStep` row."""
         agent, host = _STEP_FIELDS.values(attrs)
         status, error = _status(span, attrs)
@@ -252,13 +248,9 @@ class Normalizer:
         operation = (_str(attrs.get("gen_ai.operation.name")) or _str(attrs.get(sc.OPENINFERENCE_KIND)).lower()
                      or _str(attrs.get(sc.TRACELOOP_KIND)) or "step")
         return {
-            "ts": end / 1e9, "trace_id": trace_id, "span_id": span_id,
-            "parent_span_id": parent_id,
-            "service": resource["service"], "project": context["project"] or resource["project"],
-            "user": context["user"], "session": context["session"],
-            "agent": (_str(agent) or context["agent"]
-                      or _str(attrs.get(sc.TRACELOOP_ENTITY))),
-            "host": _str(host) or resource["host"], "operation": operation,
+            **header, "ts": end / 1e9, "span_id": span_id, "parent_span_id": parent_id,
+            "agent": _str(agent) or header["agent"] or _str(attrs.get(sc.TRACELOOP_ENTITY)),
+            "host": _str(host) or header["host"], "operation": operation,
             "name": span.name, "start_ts": start / 1e9,
             "latency_ms": max(end - start, 0) / 1e6, "status": status,
             "error": error[: self.max_text_chars],
@@ -333,6 +325,13 @@ def _resource_context(resource: dict[str, Any]) -> dict[str, str]:
 
 
 _NO_CONTEXT = {"project": "", "user": "", "session": "", "agent": ""}  # shared: read only
+
+
+def _row_header(trace_id: str, resource: dict[str, Any], context: dict[str, str]) -> dict[str, Any]:
+    """The row fields one trace's spans of one resource share (a span's own host wins later)."""
+    return {"trace_id": trace_id, "service": resource["service"],
+            "project": context["project"] or resource["project"], "user": context["user"],
+            "session": context["session"], "agent": context["agent"], "host": resource["host"]}
 
 
 def _trace_context(carriers: Iterable[tuple[dict[str, Any], str]]) -> dict[str, dict[str, str]]:
