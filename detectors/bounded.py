@@ -55,8 +55,7 @@ class EventTimeLru(Generic[K, V]):
     __slots__ = ("entries", "max_entries", "ttl_s", "next_sweep_ts")
 
     def __init__(self, max_entries: int, ttl_s: float) -> None:
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        check_at_least("max_entries", max_entries, 1)
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.entries: OrderedDict[K, V] = OrderedDict()
@@ -131,6 +130,12 @@ def stable_hash(data: str | bytes) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def check_at_least(name: str, value: float, minimum: float) -> None:
+    """Raise ValueError unless ``value >= minimum``."""
+    if not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:

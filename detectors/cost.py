@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from operator import attrgetter
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from agentwatch.detectors.bounded import EventTimeLru, check_positive, stable_hash
+from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
 from agentwatch.detectors.contract import ContractStream
 from agentwatch.events import Finding, LlmCall, Severity
 
@@ -146,10 +146,8 @@ class CostAnomalyDetector:
         check_positive("key_ttl_s", key_ttl_s)
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        if min_history < 1:
-            raise ValueError(f"min_history must be >= 1, got {min_history}")
-        if max_keys < 1:
-            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        check_at_least("min_history", min_history, 1)
+        check_at_least("max_keys", max_keys, 1)
         self.group_by = group_by
         self.interval_s = float(interval_s)
         self.alpha = float(alpha)
@@ -610,10 +608,8 @@ class RetryStormDetector:
     def __init__(self, *, window_s: float = 10.0, min_repeats: int = 3,
                  max_entries: int = 100_000) -> None:
         check_positive("window_s", window_s)
-        if min_repeats < 2:
-            raise ValueError(f"min_repeats must be >= 2, got {min_repeats}")
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        check_at_least("min_repeats", min_repeats, 2)
+        check_at_least("max_entries", max_entries, 1)
         self.window_s = float(window_s)
         self.min_repeats = min_repeats
         self.max_entries = max_entries

@@ -59,6 +59,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 from scipy import sparse, stats
 
+from agentwatch.detectors.bounded import check_at_least, check_positive
 from agentwatch.events import Finding, Severity
 
 # ---------------------------------------------------------------------------------------------
@@ -493,17 +494,13 @@ class DriftDetector:
                  max_keys: int = 128, max_reference_rows: int = 5000, seed: int = 0) -> None:
         if not 0.0 < alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
-        if permutations < 20:
-            raise ValueError(f"permutations must be >= 20, got {permutations}")
-        if reference_sample_size < 10:
-            raise ValueError(f"reference_sample_size must be >= 10, got {reference_sample_size}")
-        if history_windows < 1:
-            raise ValueError(f"history_windows must be >= 1, got {history_windows}")
+        check_at_least("permutations", permutations, 20)
+        check_at_least("reference_sample_size", reference_sample_size, 10)
+        check_at_least("history_windows", history_windows, 1)
         if not 1 <= min_history_windows <= history_windows:
             raise ValueError("min_history_windows must be in [1, history_windows], got "
                              f"{min_history_windows}")
-        if min_window_size < 5:
-            raise ValueError(f"min_window_size must be >= 5, got {min_window_size}")
+        check_at_least("min_window_size", min_window_size, 5)
         skew_decide_on, drift_decide_on = tuple(skew_decide_on), tuple(drift_decide_on)
         for label, chosen, allowed in (
                 ("skew_decide_on", skew_decide_on, DECIDING_STATISTICS),
@@ -516,19 +513,14 @@ class DriftDetector:
         if ood_similarity_threshold is not None and not -1.0 <= ood_similarity_threshold <= 1.0:
             raise ValueError("ood_similarity_threshold must be in [-1, 1], got "
                              f"{ood_similarity_threshold}")
-        if ood_rate_slack < 1.0:
-            raise ValueError(f"ood_rate_slack must be >= 1, got {ood_rate_slack}")
-        if component_threshold <= 0:
-            raise ValueError(f"component_threshold must be > 0, got {component_threshold}")
+        check_at_least("ood_rate_slack", ood_rate_slack, 1.0)
+        check_positive("component_threshold", component_threshold)
         if not 0.0 < component_share_threshold < 1.0:
             raise ValueError("component_share_threshold must be in (0, 1), got "
                              f"{component_share_threshold}")
-        if max_examples < 0:
-            raise ValueError(f"max_examples must be >= 0, got {max_examples}")
-        if max_keys < 1:
-            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
-        if max_reference_rows < 10:
-            raise ValueError(f"max_reference_rows must be >= 10, got {max_reference_rows}")
+        check_at_least("max_examples", max_examples, 0)
+        check_at_least("max_keys", max_keys, 1)
+        check_at_least("max_reference_rows", max_reference_rows, 10)
         self.alpha = alpha
         self.permutations = permutations
         self.reference_sample_size = reference_sample_size

@@ -13,7 +13,7 @@ import math
 from collections import deque
 from typing import Any, ClassVar, Mapping, Sequence
 
-from agentwatch.detectors.bounded import EventTimeLru, check_positive
+from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive
 from agentwatch.detectors.contract import ContractStream
 from agentwatch.events import Finding, LlmCall, Severity
 
@@ -120,20 +120,16 @@ class SloDetector:
         check_positive("window_s", window_s)
         check_positive("latency_threshold_ms", latency_threshold_ms)
         check_positive("key_ttl_s", key_ttl_s)
-        if n_buckets < 1:
-            raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
-        if min_calls < 1:
-            raise ValueError(f"min_calls must be >= 1, got {min_calls}")
+        check_at_least("n_buckets", n_buckets, 1)
+        check_at_least("min_calls", min_calls, 1)
         if not 0 < error_rate_threshold < 1:
             raise ValueError(f"error_rate_threshold must be in (0, 1), got {error_rate_threshold}")
         if not 0 < latency_quantile < 1:
             raise ValueError(f"latency_quantile must be in (0, 1), got {latency_quantile}")
         if not 0 < resolve_ratio <= 1:
             raise ValueError(f"resolve_ratio must be in (0, 1], got {resolve_ratio}")
-        if max_keys < 1:
-            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
-        if recent_latencies < 1:
-            raise ValueError(f"recent_latencies must be >= 1, got {recent_latencies}")
+        check_at_least("max_keys", max_keys, 1)
+        check_at_least("recent_latencies", recent_latencies, 1)
         overrides = {str(k): dict(v) for k, v in (overrides or {}).items()}
         for scope, values in overrides.items():
             unknown = set(values) - _OVERRIDABLE

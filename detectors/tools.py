@@ -19,7 +19,7 @@ import json
 from collections import OrderedDict
 from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
-from agentwatch.detectors.bounded import EventTimeLru, check_positive, stable_hash
+from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
 from agentwatch.detectors.contract import ContractStream
 from agentwatch.detectors.loops import NOT_JSON, parsed_json, requested_calls
 from agentwatch.events import Finding, LlmCall, Severity, ToolCall
@@ -302,8 +302,7 @@ class HallucinatedToolDetector:
             raise ValueError("known_tools must be a collection of tool names, not one string")
         for arg, value in (("max_traces", max_traces), ("max_tools_per_trace", max_tools_per_trace),
                            ("max_schemas", max_schemas)):
-            if value < 1:
-                raise ValueError(f"{arg} must be >= 1, got {value}")
+            check_at_least(arg, value, 1)
         check_positive("trace_ttl_s", trace_ttl_s)
         self.known_tools = frozenset(str(t) for t in known_tools)
         self.tool_schemas = {str(k): dict(v) for k, v in (tool_schemas or {}).items()}

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 import numpy as np
 from scipy.stats import theilslopes
 
-from agentwatch.detectors.bounded import EventTimeLru, check_positive
+from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive
 from agentwatch.detectors.contract import ContractStream
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity
 
@@ -329,8 +329,7 @@ class VramLeakDetector:
             if abs(value - round(value)) > 1e-9:
                 raise ValueError(f"{name} must be a multiple of bucket_s ({bucket_s}), "
                                  f"got {value * bucket_s}")
-        if min_points < 3:
-            raise ValueError(f"min_points must be >= 3, got {min_points}")
+        check_at_least("min_points", min_points, 3)
         if min_points > round(window_buckets):
             raise ValueError(f"min_points ({min_points}) exceeds the floors in window_s "
                              f"({round(window_buckets)})")
@@ -352,10 +351,8 @@ class VramLeakDetector:
                 f"restart_drop_fraction must be in (0, 1], got {restart_drop_fraction}")
         check_positive("restart_min_drop_bytes", restart_min_drop_bytes, allow_zero=True)
         check_positive("process_stale_s", process_stale_s)
-        if clear_after_evaluations < 1:
-            raise ValueError(f"clear_after_evaluations must be >= 1, got {clear_after_evaluations}")
-        if max_keys < 1:
-            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        check_at_least("clear_after_evaluations", clear_after_evaluations, 1)
+        check_at_least("max_keys", max_keys, 1)
         check_positive("idle_expiry_s", idle_expiry_s)
 
         self.bucket_s = float(bucket_s)
