@@ -25,8 +25,8 @@ from agentwatch.broker import DEFAULT_TOPICS
 from agentwatch.events import Finding
 from agentwatch.settings import Settings
 from agentwatch.streams.normalize import Normalizer
-from agentwatch.streams.pipeline import (SpanPipeline, decode_event_rows, encode_by_partition,
-                                         merge_event_records, rows_to_events)
+from agentwatch.streams.pipeline import (SpanPipeline, decode_event_rows, decode_events, encode_by_partition,
+                                         merge_event_records)
 from agentwatch.streams.otlp import UndecodableRecord
 from agentwatch.streams.pricing import PricingTable
 from agentwatch.streams.snapshots import SnapshotSink
@@ -267,15 +267,19 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         async for event in stream.events():
             table = event.message.topic
             try:
-                rows = decode_event_rows(event.value or b"")
-                # Events are built only where something reads them (detectors, metrics).
-                events = rows_to_events(table, rows) if table in DETECTED_TOPICS else []
+                # Typed events only where something reads them (detectors, metrics); the
+                # snapshot sink takes the record's bytes as they are and needs only the count.
+                if table in DETECTED_TOPICS:
+                    events = decode_events(table, event.value or b"")
+                    rows = len(events)
+                else:
+                    events, rows = [], len(decode_event_rows(event.value or b""))
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {table} record: {exc}")
                 await stream.ack(event)
                 continue
             if rows:
-                state.sink.add_payload(table, event.value, len(rows), token=(stream, event))
+                state.sink.add_payload(table, event.value, rows, token=(stream, event))
             else:
                 await stream.ack(event)
             if state.metrics is not None:

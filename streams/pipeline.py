@@ -11,9 +11,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import msgspec
 import orjson
 
-from agentwatch.events import EVENT_BY_TABLE, event_from_dict
+from agentwatch.events import EVENT_BY_TABLE
 from agentwatch.streams.normalize import NormalizedBatch, Normalizer
 from agentwatch.streams.otlp import UndecodableRecord, decode_logs, decode_traces
 
@@ -110,12 +111,26 @@ def decode_event_rows(payload: bytes) -> list[dict[str, Any]]:
     return doc
 
 
-def rows_to_events(table: str, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
-    cls = EVENT_BY_TABLE[table]
+_EVENT_DECODERS: dict[str, msgspec.json.Decoder] = {}
+
+
+def decode_events(table: str, payload: bytes) -> list[Any]:
+    """The typed events of an event-topic record (a JSON array of objects, or one object).
+
+    JSON is parsed straight into the event dataclasses and checked against their field types in
+    one C pass (msgspec): a quarter of the cost of parsing to dicts and calling the constructor,
+    which never checked types. Unknown keys are ignored (a newer producer may add fields); a
+    missing required field or a wrong type names the path, e.g. ``$[3].input_tokens``.
+    """
+    decoder = _EVENT_DECODERS.get(table)
+    if decoder is None:
+        cls = EVENT_BY_TABLE[table]
+        decoder = _EVENT_DECODERS[table] = msgspec.json.Decoder(list[cls] | cls)  # type: ignore[valid-type]
     try:
-        return [event_from_dict(cls, row) for row in rows]
-    except (TypeError, ValueError) as exc:
-        raise UndecodableRecord(f"rows do not match {cls.__name__}: {exc}") from exc
+        decoded = decoder.decode(payload)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise UndecodableRecord(f"rows do not match {EVENT_BY_TABLE[table].__name__}: {exc}") from exc
+    return decoded if isinstance(decoded, list) else [decoded]
 
 
 class SpanPipeline:

@@ -100,7 +100,9 @@ def test_malformed_records_go_to_dead_letter_and_processing_continues(running_st
     garbage = [b"\xff\xfe not protobuf at all", b'{"resourceSpans": "nope"}', b"{ broken json"]
     for payload in garbage:
         producer.send("otlp_spans", payload)
-    producer.send("llm_calls", b"[1, 2, 3]")
+    mistyped = b'[{"ts": 1.0, "trace_id": "t", "span_id": "s", "input_tokens": "many"}]'
+    for payload in (b"[1, 2, 3]", mistyped):
+        producer.send("llm_calls", payload)
     producer.flush()
     # A valid batch after the bad ones still arrives.
     provider = _provider(running_stack, "after-garbage")
@@ -114,13 +116,14 @@ def test_malformed_records_go_to_dead_letter_and_processing_continues(running_st
     consumer.assign([TopicPartition("dead_letter", 0)])
     letters = list(consumer)
     consumer.close()
-    assert sorted(m.value for m in letters) == sorted(garbage + [b"[1, 2, 3]"])  # nothing lost, bytes intact
+    assert sorted(m.value for m in letters) == sorted(garbage + [b"[1, 2, 3]", mistyped])  # nothing lost, bytes intact
     reasons = {m.value: dict(m.headers)[DLQ_REASON_HEADER].decode() for m in letters}
     assert reasons[garbage[0]].startswith("undecodable otlp_spans record")
     assert "llm_calls" in reasons[b"[1, 2, 3]"]
+    assert "$[0].input_tokens" in reasons[mistyped]  # a wrong type is named before a detector trips on it
     assert all(dict(m.headers)["agentwatch.dlq.topic"] in (b"otlp_spans", b"llm_calls") for m in letters)
     assert running_stack.dead_child() is None  # the worker survived all of it
-    assert scrape_counter(running_stack.worker_metrics_ports(), "agentwatch_dead_letter_total") == 4
+    assert scrape_counter(running_stack.worker_metrics_ports(), "agentwatch_dead_letter_total") == 5
 
 
 def test_openai_v2_instrumentation_log_records_arrive_via_otlp_logs(running_stack, tmp_path, monkeypatch):

@@ -16,10 +16,10 @@ from agentwatch.streams.otlp import UndecodableRecord
 from agentwatch.streams.pipeline import (
     SpanPipeline,
     decode_event_rows,
+    decode_events,
     encode_by_partition,
     merge_event_records,
     partition_for,
-    rows_to_events,
 )
 
 PARTITIONS = {"llm_calls": 4, "tool_calls": 3, "agent_steps": 5, "llm_messages": 2}
@@ -155,13 +155,13 @@ def test_event_records_round_trip():
     events = [LlmCall(ts=1.5, trace_id=f"t{i}", span_id=f"s{i}", model="gpt-4o", cost_usd=0.25, priced=True)
               for i in range(6)]
     outputs = encode_by_partition("llm_calls", events, 3)
-    decoded = [e for _, _, value in outputs for e in rows_to_events("llm_calls", decode_event_rows(value))]
+    decoded = [e for _, _, value in outputs for e in decode_events("llm_calls", value)]
     assert sorted(decoded, key=lambda e: e.trace_id) == events
     assert encode_by_partition("llm_calls", [], 3) == []
 
     finding = Finding(detector="loops", key="trace=t1", kind="tool_loop", severity=Severity.CRITICAL, ts=2.0,
                       value=5.0, threshold=3.0, evidence={"tool": "search"})
-    (back,) = rows_to_events("findings", decode_event_rows(orjson.dumps(finding)))
+    (back,) = decode_events("findings", orjson.dumps(finding))
     assert back == finding and back.severity is Severity.CRITICAL
 
 
@@ -192,8 +192,23 @@ def test_merged_records_keep_every_row_in_partition_order_and_stay_under_the_siz
 
 
 def test_rows_from_a_newer_producer_ignore_unknown_keys():
-    rows = decode_event_rows(b'{"ts": 1.0, "trace_id": "t", "span_id": "s", "tool_name": "x", "added_later": 1}')
-    assert rows_to_events("tool_calls", rows) == [ToolCall(ts=1.0, trace_id="t", span_id="s", tool_name="x")]
+    payload = b'{"ts": 1.0, "trace_id": "t", "span_id": "s", "tool_name": "x", "added_later": 1}'
+    assert decode_events("tool_calls", payload) == [ToolCall(ts=1.0, trace_id="t", span_id="s", tool_name="x")]
+
+
+def test_event_records_decode_to_the_same_events_as_the_normaliser_rows():
+    # The worker decodes what the normaliser encoded: every field must come back equal, typed.
+    # Demo agent traffic fills every field kind (tokens, cost, prompts, tool definitions).
+    from agentwatch.bench import make_records
+
+    (payload,) = make_records(1, spans_per_record=300)
+    outcome = _pipeline().on_traces(payload)
+    assert {table for table, _, _ in outcome.outputs} == {"llm_calls", "tool_calls", "agent_steps"}
+    for table, _, value in outcome.outputs:
+        rows = orjson.loads(value)
+        events = decode_events(table, value)
+        assert [type(e).__name__ for e in events] == [type(events[0]).__name__] * len(rows)
+        assert [orjson.loads(orjson.dumps(e)) for e in events] == rows
 
 
 @pytest.mark.parametrize("payload,message", [
@@ -213,12 +228,18 @@ def test_decode_event_rows_accepts_an_empty_array():
     assert decode_event_rows(b"[]") == []
 
 
-@pytest.mark.parametrize("table,rows", [
-    ("llm_calls", [{"trace_id": "t", "span_id": "s"}]),  # ts is required
-    ("tool_calls", [{"ts": 1.0, "trace_id": "t", "span_id": "s"}, {"ts": 2.0}]),
-    ("findings", [{"detector": "d", "key": "k", "kind": "x", "severity": "apocalyptic", "ts": 1.0,
-                   "value": 1.0, "threshold": 0.5}]),
+@pytest.mark.parametrize("table,payload,where", [
+    ("llm_calls", b'[{"trace_id": "t", "span_id": "s"}]', "missing required field `ts`"),
+    ("tool_calls", b'[{"ts": 1.0, "trace_id": "t", "span_id": "s"}, {"ts": 2.0}]', "at `$[1]`"),
+    # A type the detectors would trip over later is refused here, with the field's path.
+    ("llm_calls", b'[{"ts": 1.0, "trace_id": "t", "span_id": "s", "input_tokens": "12"}]',
+     "at `$[0].input_tokens`"),
+    ("findings", b'[{"detector": "d", "key": "k", "kind": "x", "severity": "apocalyptic", "ts": 1.0,'
+                 b' "value": 1.0, "threshold": 0.5}]', "severity"),
+    ("llm_calls", b"not json", "malformed"),
+    ("llm_calls", b'[{"ts": 1.0, "trace_id": "t", "span_id": "s"}, 2]', "at `$[1]`"),
 ])
-def test_rows_to_events_errors(table, rows):
-    with pytest.raises(UndecodableRecord, match="rows do not match"):
-        rows_to_events(table, rows)
+def test_decode_events_errors_name_the_record_type_and_the_place(table, payload, where):
+    with pytest.raises(UndecodableRecord, match="rows do not match") as caught:
+        decode_events(table, payload)
+    assert where in str(caught.value)
