@@ -27,8 +27,16 @@ from agentwatch.broker import free_port
 OUTPUT_TOPICS = ("llm_calls", "tool_calls", "agent_steps")
 
 
-def make_records(n_records: int, spans_per_record: int = 1000, seed: int = 11) -> list[bytes]:
-    """Realistic otlp_spans records: demo agent traffic from the real SDK, encoded as the collector does."""
+def make_records(n_records: int, spans_per_record: int = 1000, seed: int = 11,
+                 pool_spans: int = 60_000) -> list[bytes]:
+    """Realistic otlp_spans records: demo agent traffic from the real SDK, encoded as the collector does.
+
+    Every record holds distinct traces. The SDK makes a pool of ``pool_spans`` spans once (its span
+    machinery is slow); records past the pool replay it with fresh trace and span ids and times
+    moved on by the pool's length, so the stream reads as more of the same traffic. (Replaying the
+    same ids and times, as this once did, made a fifth of all events look like retries and loops
+    and put ~40k findings and alerts into the measured path.)
+    """
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -42,19 +50,49 @@ def make_records(n_records: int, spans_per_record: int = 1000, seed: int = 11) -
 
     traffic = AgentTraffic(factory, seed=seed, schedule_delay_ms=50)
     now = time.time_ns()
-    # Generate a pool of distinct spans once, then re-encode slices of it as records.
-    pool_target = min(n_records * spans_per_record, 60_000)
+    pool_target = min(n_records * spans_per_record, max(pool_spans, spans_per_record))
     i = 0
     while traffic.stats.spans < pool_target:
         traffic.run(now + i * 10_000_000)
         i += 1
     traffic.shutdown()
     spans = [s for e in exporters for s in e.get_finished_spans()]
+    spans.sort(key=lambda s: s.end_time)  # so a replay follows on in time
+    pool_ns = spans[-1].end_time - min(s.start_time for s in spans) + 1_000_000_000
     records = []
     for r in range(n_records):
-        start = (r * spans_per_record) % max(1, len(spans) - spans_per_record)
-        records.append(encode_spans(spans[start:start + spans_per_record]).SerializeToString())
+        replay, start = divmod(r * spans_per_record, len(spans))
+        request = _replayed(encode_spans(spans[start:start + spans_per_record]), replay, pool_ns)
+        wrapped = spans_per_record - (len(spans) - start)
+        if wrapped > 0:  # the record runs on into the next replay
+            request.MergeFrom(_replayed(encode_spans(spans[:wrapped]), replay + 1, pool_ns))
+        records.append(request.SerializeToString())
     return records
+
+
+def _replayed(request: Any, replay: int, pool_ns: int) -> Any:
+    """The pool's spans as replay number ``replay``: fresh ids, times moved on (0: as made)."""
+    if not replay:
+        return request
+    shift = replay * pool_ns
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                span.trace_id = _mix(span.trace_id, replay)
+                span.span_id = _mix(span.span_id, replay)
+                if span.parent_span_id:
+                    span.parent_span_id = _mix(span.parent_span_id, replay)
+                span.start_time_unix_nano += shift
+                span.end_time_unix_nano += shift
+                for event in span.events:
+                    event.time_unix_nano += shift
+    return request
+
+
+def _mix(identifier: bytes, replay: int) -> bytes:
+    # XOR with a replay-dependent mask: distinct per replay, never zero for a non-zero id mask.
+    mask = (replay * 0x9E3779B97F4A7C15).to_bytes(16, "big")[-len(identifier):]
+    return bytes(a ^ b for a, b in zip(identifier, mask))
 
 
 def bench_decode(records: list[bytes]) -> float:
