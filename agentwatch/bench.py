@@ -7,6 +7,8 @@
 - ``end_to_end_spans_per_s``: records produced to the embedded broker until all of their events
   have been consumed from the output topics by a separate consumer, through one Faust worker
   (which also runs the detectors and the snapshot sink on those events).
+- ``transport_floor``: the same records through the broker and a Faust worker that only forwards
+  them (:mod:`agentwatch.bench_floor`): what the broker and Kafka clients alone allow.
 
 Detector sections (state memory, drift, alert latency) are added by their packages.
 """
@@ -211,6 +213,16 @@ def run_bench(output: Path, *, quick: bool = False, say: Callable[[str], None] =
     results["end_to_end_spans_per_s"] = round(total_spans / e2e["seconds"]) if e2e["events_seen"] >= events else 0
     results["end_to_end"] = {**e2e, "spans": total_spans, "events_expected": events}
     say(f"end to end {results['end_to_end_spans_per_s']:,} spans/s ({events:,} events in {e2e['seconds']:.2f}s)")
+    # The same records through the broker and a do-nothing two-hop Faust worker: the ceiling the
+    # transport alone sets, against which the end-to-end figure reads.
+    from agentwatch.bench_floor import bench_transport_floor
+
+    try:
+        results["transport_floor"] = bench_transport_floor(records, spans_per_record=1000)
+        say(f"transport floor {results['transport_floor']['spans_per_s']:,} spans/s "
+            f"(CPU us/span: {results['transport_floor']['cpu_us_per_span']})")
+    except Exception as exc:
+        results["transport_floor"] = {"error": f"{type(exc).__name__}: {exc}"}
 
     for name, section in _extra_sections(quick):
         try:
@@ -354,6 +366,9 @@ def _table(results: dict[str, Any]) -> str:
             ("normalize_spans_per_s", results["normalize_spans_per_s"],
              f"{results['normalize_vs_decode']:.2f} x decode (target >= 0.33)"),
             ("end_to_end_spans_per_s", results["end_to_end_spans_per_s"], "target >= 50,000 with 1 worker")]
+    floor = results.get("transport_floor", {}).get("spans_per_s")
+    if floor:
+        rows.append(("transport_floor_spans_per_s", floor, "broker + Kafka clients, no work: the ceiling"))
     width = max(len(r[0]) for r in rows)
     lines = ["", f"{'measure':<{width}}  {'value':>12}  note"]
     lines += [f"{name:<{width}}  {value:>12,}  {note}" for name, value, note in rows]

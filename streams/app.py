@@ -160,19 +160,12 @@ def _cap_consumer_fetch_wait(max_wait_ms: int) -> None:
     aiokafka.AIOKafkaConsumer.__init__ = init
 
 
-def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | None = None,
-               detect: Callable[[Sequence[Any]], list[Finding]] | None = None,
-               metrics: Any | None = None,
-               alert_record: Callable[[Finding], bytes] | None = None,
-               drift: DriftStage | None = None) -> tuple[faust.App, WorkerState]:
-    if not settings.bootstrap_servers:
-        raise ValueError("create_app needs settings.bootstrap_servers")
-    state = WorkerState(settings, worker_index=worker_index, detect=detect, metrics=metrics,
-                        alert_record=alert_record, drift=drift)
+def faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
+    """A Faust app with the worker's client settings (batches of tens of MB, fast group joins)."""
     _cap_consumer_fetch_wait(settings.consumer_fetch_max_wait_ms)
     fetch = settings.max_message_bytes * 2
-    app = faust.App(
-        settings.app_id,
+    return faust.App(
+        app_id or settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         store="memory://",
         autodiscover=False,
@@ -194,9 +187,26 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         stream_buffer_maxsize=64,
     )
 
+
+def raw_topic(app: faust.App, *names: str) -> faust.TopicT:
+    """Topics carry bytes as they are: records are decoded by the pipeline, not by Faust."""
+    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+                     value_serializer="raw", allow_empty=True)
+
+
+def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | None = None,
+               detect: Callable[[Sequence[Any]], list[Finding]] | None = None,
+               metrics: Any | None = None,
+               alert_record: Callable[[Finding], bytes] | None = None,
+               drift: DriftStage | None = None) -> tuple[faust.App, WorkerState]:
+    if not settings.bootstrap_servers:
+        raise ValueError("create_app needs settings.bootstrap_servers")
+    state = WorkerState(settings, worker_index=worker_index, detect=detect, metrics=metrics,
+                        alert_record=alert_record, drift=drift)
+    app = faust_app(settings)
+
     def topic(*names: str) -> faust.TopicT:
-        return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw", allow_empty=True)
+        return raw_topic(app, *names)
 
     out_topics = {name: topic(name) for name in DEFAULT_TOPICS}
 

@@ -1,6 +1,8 @@
-"""The benchmark's input: records past the SDK-made pool must still be distinct, coherent traffic."""
+"""The benchmark harness: distinct, coherent input records past the SDK-made pool; the transport floor."""
 
 from __future__ import annotations
+
+import pytest
 
 from agentwatch.bench import make_records
 from agentwatch.streams.otlp import decode_traces
@@ -26,3 +28,15 @@ def test_replayed_records_carry_fresh_ids_later_times_and_intact_parent_links():
     # so event time only moves on from record to record, across replays too.
     last_end = [max(s.end_time_unix_nano for s in record) for record in per_record]
     assert last_end == sorted(last_end) and len(set(last_end)) == len(last_end)
+
+
+@pytest.mark.slow
+def test_transport_floor_passes_every_record_through_the_real_broker_and_a_forwarding_worker():
+    from agentwatch.bench_floor import bench_transport_floor
+
+    records = make_records(8, spans_per_record=200)
+    floor = bench_transport_floor(records, spans_per_record=200, timeout_s=120)
+    assert floor["spans"] == 1600  # it returns only once all 8 records came out of the far side
+    assert floor["spans_per_s"] > 0
+    assert set(floor["cpu_us_per_span"]) == {"forwarder", "broker", "bench_client"}
+    assert floor["cpu_us_per_span"]["broker"] > 0  # measured on the real broker process
