@@ -23,6 +23,8 @@ def test_built_wheel_maps_the_top_level_folders_and_imports(tmp_path):
                    "agentwatch/collectors/rotel.py", "agentwatch/dashboards/metrics.py"):
         assert module in names, f"{module} missing from the wheel"
     assert not any(n.startswith(("streams/", "detectors/", "tests/")) for n in names), "generic top-level packages leaked"
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
 
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(wheel).extractall(unpacked)
