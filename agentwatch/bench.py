@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from agentwatch.broker import free_port
 
@@ -130,10 +130,25 @@ def bench_normalize(records: list[bytes]) -> tuple[float, int]:
     return spans / (time.perf_counter() - started), events
 
 
-def bench_end_to_end(records: list[bytes], expected_events: int, say: Callable[[str], None],
-                     warmup_events: int = 0) -> dict[str, Any]:
+def bench_clients(bootstrap_servers: str, output_topics: Sequence[str], max_message_bytes: int) -> tuple[Any, Any]:
+    """The benchmark's own producer, and a consumer of every partition of ``output_topics``
+    positioned at their ends (only what the timed run produces is counted)."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=50,
+                             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    parts = [TopicPartition(t, p) for t in output_topics for p in consumer.partitions_for_topic(t) or ()]
+    consumer.assign(parts)
+    consumer.seek_to_end(*parts)
+    for tp in parts:
+        consumer.position(tp)
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, max_request_size=max_message_bytes,
+                             linger_ms=5, batch_size=1 << 20, acks=1)
+    return consumer, producer
+
+
+def bench_end_to_end(records: list[bytes], expected_events: int, say: Callable[[str], None],
+                     warmup_events: int = 0) -> dict[str, Any]:
     from agentwatch.settings import Settings
     from agentwatch.stack import Stack
 
@@ -141,15 +156,7 @@ def bench_end_to_end(records: list[bytes], expected_events: int, say: Callable[[
     settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
                         metrics_port=free_port(), data_dir=data_dir)
     with Stack(settings, say=lambda _m: None) as stack:
-        consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=50,
-                                 fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
-        parts = [TopicPartition(t, p) for t in OUTPUT_TOPICS for p in consumer.partitions_for_topic(t) or ()]
-        consumer.assign(parts)
-        consumer.seek_to_end(*parts)
-        for tp in parts:
-            consumer.position(tp)
-        producer = KafkaProducer(bootstrap_servers=stack.bootstrap_servers, max_request_size=settings.max_message_bytes,
-                                 linger_ms=5, batch_size=1 << 20, acks=1)
+        consumer, producer = bench_clients(stack.bootstrap_servers, OUTPUT_TOPICS, settings.max_message_bytes)
         # Steady state: one-time costs (the worker's model preload, first-record code paths, the
         # consumer's fetch sessions) are paid on a warm-up batch before the clock starts.
         warmup = records[:5]

@@ -17,7 +17,9 @@ import sys
 import time
 from typing import Any
 
-FORWARD_PARTITIONS = 8  # llm_calls' partitions in DEFAULT_TOPICS
+from agentwatch.broker import DEFAULT_TOPICS
+
+FORWARD_PARTITIONS = DEFAULT_TOPICS["llm_calls"]
 
 
 def run_forwarder() -> None:
@@ -49,9 +51,10 @@ def run_forwarder() -> None:
 def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s: float = 300) -> dict[str, Any]:
     """Spans/s of ``records`` through broker -> forwarder (two hops) -> consumer, and CPU per span."""
     import psutil
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-    from agentwatch.broker import DEFAULT_TOPICS, EmbeddedBroker, create_topics, free_port
+    from agentwatch.bench import bench_clients
+    from agentwatch.broker import EmbeddedBroker, create_topics, free_port
+    from agentwatch.settings import Settings
 
     with EmbeddedBroker(free_port()) as broker:
         create_topics(broker.bootstrap_servers, DEFAULT_TOPICS)
@@ -59,16 +62,7 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
         worker = subprocess.Popen([sys.executable, "-m", "agentwatch.bench_floor"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False,
-                                     fetch_max_wait_ms=50, fetch_max_bytes=64 * 1024 * 1024,
-                                     max_partition_fetch_bytes=16 * 1024 * 1024)
-            parts = [TopicPartition("llm_calls", p) for p in range(FORWARD_PARTITIONS)]
-            consumer.assign(parts)
-            consumer.seek_to_end(*parts)
-            for tp in parts:
-                consumer.position(tp)
-            producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, max_request_size=32 << 20,
-                                     linger_ms=5, batch_size=1 << 20, acks=1)
+            consumer, producer = bench_clients(broker.bootstrap_servers, ["llm_calls"], Settings().max_message_bytes)
             deadline = time.monotonic() + timeout_s
 
             def pass_through(batch: list[bytes]) -> None:
