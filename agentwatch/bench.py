@@ -291,31 +291,47 @@ def bench_alert_latency(n_traces: int = 120, rate_per_s: float = 10.0) -> dict[s
         provider.add_span_processor(BatchSpanProcessor(
             TimedExporter(endpoint=f"127.0.0.1:{settings.otlp_grpc_port}", insecure=True), schedule_delay_millis=20))
         tracer = provider.get_tracer("bench")
-        trace_ids = []
-        for i in range(n_traces):
+
+        def loop_trace(i: int) -> str:
             with tracer.start_as_current_span("invoke_agent looper", attributes={
                     "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "looper"}) as root:
-                trace_ids.append(format(root.get_span_context().trace_id, "032x"))
                 for _ in range(3):
                     with tracer.start_as_current_span("execute_tool search", attributes={
                             "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search",
                             "gen_ai.tool.call.arguments": json.dumps({"q": f"same question {i}"})}):
                         pass
+            return format(root.get_span_context().trace_id, "032x")
+
+        def wait_for(ids: list[str], timeout_s: float) -> None:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and len(_matched(ids, received)) < len(ids):
+                time.sleep(0.05)
+
+        # The first alert after start-up pays one-time costs on every hop (the exporters' first
+        # metadata and connections, the notifier's first webhook call): measured on its own, so
+        # the distribution below is the steady state on-call lives with.
+        cold = [loop_trace(-1)]
+        provider.force_flush()
+        wait_for(cold, 30)
+        trace_ids = []
+        for i in range(n_traces):
+            trace_ids.append(loop_trace(i))
             time.sleep(1.0 / rate_per_s)
         provider.force_flush()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(_matched(trace_ids, received)) < n_traces:
-            time.sleep(0.2)
+        wait_for(trace_ids, 30)
         provider.shutdown()
     receiver.down()
+    first = _matched(cold, received)
+    cold_ms = round((first[cold[0]] - exported[cold[0]]) * 1000, 1) if cold[0] in first and cold[0] in exported else None
     matched = _matched(trace_ids, received)
     latencies = sorted((matched[t] - exported[t]) * 1000 for t in matched if t in exported)
     if not latencies:
-        return {"alerts": 0, "traces": n_traces}
+        return {"alerts": 0, "traces": n_traces, "first_alert_after_start_ms": cold_ms}
     return {"traces": n_traces, "alerts": len(latencies),
             "p50_ms": round(statistics.median(latencies), 1),
             "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
-            "max_ms": round(latencies[-1], 1), "target_p99_ms": 2000}
+            "max_ms": round(latencies[-1], 1), "target_p99_ms": 2000,
+            "first_alert_after_start_ms": cold_ms}
 
 
 def _matched(trace_ids: list[str], received: dict[str, float]) -> dict[str, float]:
