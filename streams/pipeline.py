@@ -128,8 +128,10 @@ def decode_events(table: str, payload: bytes) -> list[Any]:
         decoder = _EVENT_DECODERS[table] = msgspec.json.Decoder(list[cls] | cls)  # type: ignore[valid-type]
     try:
         decoded = decoder.decode(payload)
-    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+    except msgspec.ValidationError as exc:
         raise UndecodableRecord(f"rows do not match {EVENT_BY_TABLE[table].__name__}: {exc}") from exc
+    except msgspec.DecodeError as exc:  # not JSON at all
+        raise UndecodableRecord(f"invalid JSON ({exc})") from exc
     return decoded if isinstance(decoded, list) else [decoded]
 
 

@@ -236,10 +236,15 @@ def test_decode_event_rows_accepts_an_empty_array():
      "at `$[0].input_tokens`"),
     ("findings", b'[{"detector": "d", "key": "k", "kind": "x", "severity": "apocalyptic", "ts": 1.0,'
                  b' "value": 1.0, "threshold": 0.5}]', "severity"),
-    ("llm_calls", b"not json", "malformed"),
     ("llm_calls", b'[{"ts": 1.0, "trace_id": "t", "span_id": "s"}, 2]', "at `$[1]`"),
 ])
 def test_decode_events_errors_name_the_record_type_and_the_place(table, payload, where):
     with pytest.raises(UndecodableRecord, match="rows do not match") as caught:
         decode_events(table, payload)
     assert where in str(caught.value)
+
+
+@pytest.mark.parametrize("payload", [b"not json", b"", b'[{"ts": 1.0'])
+def test_decode_events_tells_malformed_json_from_rows_that_do_not_fit(payload):
+    with pytest.raises(UndecodableRecord, match=r"^invalid JSON \("):
+        decode_events("llm_calls", payload)
