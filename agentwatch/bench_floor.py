@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -59,8 +60,10 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
     with EmbeddedBroker(free_port()) as broker:
         create_topics(broker.bootstrap_servers, DEFAULT_TOPICS)
         env = {**os.environ, "AGENTWATCH_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+        # Its log goes to a file, not an unread pipe (a full pipe would stall the forwarder).
+        log = tempfile.TemporaryFile()
         worker = subprocess.Popen([sys.executable, "-m", "agentwatch.bench_floor"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                                  stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         try:
             consumer, producer = bench_clients(broker.bootstrap_servers, ["llm_calls"], Settings().max_message_bytes)
             deadline = time.monotonic() + timeout_s
@@ -72,8 +75,11 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
                 seen = 0
                 while seen < len(batch):
                     if time.monotonic() > deadline or worker.poll() is not None:
+                        log.seek(0)
+                        tail = log.read().decode(errors="replace")[-2000:]
                         raise RuntimeError(f"transport floor: {seen} of {len(batch)} records came through "
-                                           f"(forwarder {'exited' if worker.poll() is not None else 'running'})")
+                                           f"(forwarder {'exited' if worker.poll() is not None else 'running'}); "
+                                           f"its log ends:\n{tail}")
                     seen += sum(len(b) for b in consumer.poll(timeout_ms=200, max_records=1000).values())
 
             pass_through(records[:5])  # the group join and first fetches happen here
@@ -93,6 +99,7 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+            log.close()
     spans = len(records) * spans_per_record
     return {"spans_per_s": round(spans / seconds), "seconds": round(seconds, 3), "spans": spans,
             "cpu_us_per_span": {name: round(s / spans * 1e6, 1) for name, s in cpu.items()}}
