@@ -96,6 +96,12 @@ def _query(base: str, expr: str) -> list[dict]:
     return data["result"] if data["resultType"] == "vector" else [data["result"]]
 
 
+def _query_range(base: str, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict]:
+    """The series ``expr`` has at any step from ``start`` to ``end``: what a panel over that range shows."""
+    params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}
+    return _get(f"{base}/api/v1/query_range?{urllib.parse.urlencode(params)}")["result"]
+
+
 def _substitute(expr: str) -> str:
     for variable, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(variable, value)

@@ -14,7 +14,7 @@ import time
 import urllib.parse
 
 import pytest
-from test_prometheus_scrape import _get, _query, _stop, _substitute
+from test_prometheus_scrape import _get, _query, _query_range, _stop, _substitute
 
 from agentwatch.alerts.testing import SlackReceiver
 from agentwatch.broker import free_port, wait_for_port
@@ -68,6 +68,7 @@ def scraped_stack(tmp_path_factory):
         # the VRAM gauges are fresh (they expire 300 s of event time after their last finding).
         produce_simulated(stack.bootstrap_servers, profile="leak", duration_s=1500.0)
 
+        traffic_started_at = time.time()
         traffic = AgentTraffic(otlp_grpc_exporter_factory(settings.otlp_grpc_port), seed=3,
                                incidents=("loop", "unknown_tool", "errors", "cost_spike", "drift"),
                                schedule_delay_ms=100)
@@ -77,27 +78,38 @@ def scraped_stack(tmp_path_factory):
             traffic.run(time.time_ns(), progress=i / runs)
             time.sleep(max(0.0, started + seconds * (i + 1) / runs - time.monotonic()))
         traffic.shutdown()
-        # Then the incidents end: the drifted service's prompts return to normal, so drift resolves.
+        # Then the incidents end and the drifted service's prompts return to normal. Drift compares
+        # each window with the previous ones, so it resolves only once calm windows have filled
+        # that history; how many calm seconds that takes depends on how busy the machine is, so
+        # calm traffic goes on (at least 12 s) until Prometheus has seen the resolve.
         calm = AgentTraffic(otlp_grpc_exporter_factory(settings.otlp_grpc_port), seed=4, schedule_delay_ms=100)
+        runs_per_s, min_runs = 25, 300
         started = time.monotonic()
-        for i in range(300):
+        calm_deadline = started + 120
+        runs = 0
+        while True:
             calm.run(time.time_ns())
-            time.sleep(max(0.0, started + 12.0 * (i + 1) / 300 - time.monotonic()))
+            runs += 1
+            time.sleep(max(0.0, started + runs / runs_per_s - time.monotonic()))
+            if runs >= min_runs and runs % runs_per_s == 0:
+                if _query(base, 'agentwatch_findings_resolved_total{detector="drift"}'):
+                    break
+                assert time.monotonic() < calm_deadline, (
+                    f"drift had not resolved after {runs} calm runs ({runs / runs_per_s:.0f} s)")
         calm.shutdown()
 
-        deadline = time.monotonic() + 90
-        # Drift windows close a few seconds after traffic ends; wait until every target is up and
-        # the late series (drift, notifier deliveries) have been scraped at least twice.
-        while time.monotonic() < deadline:
-            up = _query(base, "sum(up)")
-            ready = (up and float(up[0]["value"][1]) == 2
-                     and _query(base, "count_over_time(agentwatch_drift_score[1m]) >= 2")
-                     and _query(base, 'agentwatch_findings_resolved_total{detector="drift"}')
-                     and _query(base, "count_over_time(agentwatch_notifier_deliveries_total[1m]) >= 2"))
-            if ready:
-                break
+        # Wait until every target is up and the late series (the drift resolve, notifier
+        # deliveries) have been scraped at least twice, so rate() has two points.
+        late = {"both targets up": "sum(up) == 2",
+                "drift scores scraped twice": "count_over_time(agentwatch_drift_score[1m]) >= 2",
+                "drift resolve scraped twice":
+                    'count_over_time(agentwatch_findings_resolved_total{detector="drift"}[1m]) >= 2',
+                "deliveries scraped twice": "count_over_time(agentwatch_notifier_deliveries_total[1m]) >= 2"}
+        deadline = time.monotonic() + 60
+        while missing := [what for what, expr in late.items() if not _query(base, expr)]:
+            assert time.monotonic() < deadline, f"never ready: {missing}"
             time.sleep(1.0)
-        yield base, receiver
+        yield base, receiver, traffic_started_at
     finally:
         if prom is not None:
             _stop(prom)
@@ -124,20 +136,23 @@ def _wait_ready(base: str, timeout_s: float = 60.0) -> None:
 
 @pytest.mark.parametrize("dashboard", grafana.all_dashboards(), ids=lambda d: d["uid"])
 def test_every_dashboard_query_returns_series_from_the_real_worker(scraped_stack, dashboard):
-    base, _ = scraped_stack
+    """Over the run, as a panel showing that time range would: the annotation queries (findings
+    over the last minute) have data while incidents happen, not necessarily at the end."""
+    base, _, traffic_started_at = scraped_stack
+    now = time.time()
     empty = []
     for expr in grafana.dashboard_queries(dashboard):
         if expr.startswith("label_values("):
             metric, label = [part.strip() for part in expr[len("label_values("):-1].split(",")]
             if not _get(f"{base}/api/v1/label/{label}/values?{urllib.parse.urlencode({'match[]': metric})}"):
                 empty.append(expr)
-        elif not _query(base, _substitute(expr)):
+        elif not _query_range(base, _substitute(expr), traffic_started_at, now):
             empty.append(expr)
     assert not empty, "queries without data from the real worker:\n" + "\n".join(empty)
 
 
 def test_scraped_counts_match_what_the_pipeline_did(scraped_stack):
-    base, receiver = scraped_stack
+    base, receiver, _ = scraped_stack
     loops = _query(base, 'sum(agentwatch_findings_total{detector="agent_loop"})')
     assert loops and float(loops[0]["value"][1]) >= 1
     dead = _query(base, 'sum(agentwatch_dead_letter_total{topic="otlp_spans"})')
