@@ -64,8 +64,10 @@ def _restored_checkpoint(settings: Settings, worker_index: int, runner: Any, dri
 def _save_checkpoints(app: Any, checkpoint: Any) -> None:
     """Save on a timer and once more on clean shutdown.
 
-    Both run on the event loop, which is also the thread that feeds the detectors, so the
-    snapshot is taken between two events; only the file write goes to a thread.
+    Both start on the event loop, which is also the thread that feeds the detectors, so the state
+    saved is the state between two events. A timer save forks and lets the child snapshot and
+    write while the loop goes on; the shutdown save runs in-process (nothing waits on the loop
+    then, and it must not race the process's exit).
     """
     # Ticks shorter than the interval, so timer drift never skips a whole interval.
     @app.timer(min(checkpoint.every_s, 5.0), name="agentwatch.checkpoint_detectors")
@@ -75,4 +77,4 @@ def _save_checkpoints(app: Any, checkpoint: Any) -> None:
     # Faust sends this after the consumer stopped and the streams drained: the final state.
     @app.on_before_shutdown.connect
     async def checkpoint_on_shutdown(app: Any, **kwargs: Any) -> None:
-        await checkpoint.maybe_save_async(force=True)
+        await checkpoint.maybe_save_async(force=True, background=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry
 
 from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector, exported_sample_names
@@ -49,6 +51,11 @@ def test_counters_come_from_the_live_objects_at_scrape_time(tmp_path):
     assert value("agentwatch_detector_checkpoint_bytes") == float(
         (tmp_path / "detectors.json").stat().st_size)
     assert value("agentwatch_detector_checkpoint_blocking_seconds") > 0.0
+    assert value("agentwatch_detector_checkpoint_child_private_bytes") == 0.0  # saved in-process
+    assert asyncio.run(checkpoint.maybe_save_async(force=True))  # a timer save: forked child
+    assert value("agentwatch_detector_checkpoint_saves_total") == 2.0
+    assert value("agentwatch_detector_checkpoint_child_private_bytes") == float(
+        checkpoint.last_child_private_bytes) > 0.0
 
 
 def test_families_are_exported_as_zeros_without_drift_or_checkpoints():

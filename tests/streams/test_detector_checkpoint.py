@@ -267,32 +267,146 @@ def test_restore_removes_temp_files_left_by_a_killed_save(tmp_path):
     assert not stale.exists() and other.exists()
 
 
-def test_async_save_snapshots_executor_detectors_on_their_thread(tmp_path, merged):
-    runner = _runner_with_state(merged)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-test")
-    seen: dict[str, str] = {}
-    for name in ("drift", "agent_loop"):
+def _record_where_snapshots_run(runner: DetectorRunner, names, log: Path) -> None:
+    """Make ``names``' snapshot() append "name pid thread" to ``log`` (a forked child's writes
+    to memory are invisible here; its writes to a file are not)."""
+    for name in names:
         original = runner.detectors[name].snapshot
 
         def recording(name=name, original=original) -> dict[str, Any]:
-            seen[name] = threading.current_thread().name
+            with open(log, "a") as out:
+                out.write(f"{name} {os.getpid()} {threading.current_thread().name}\n")
             return original()
 
         runner.detectors[name].snapshot = recording
+
+
+def _where(log: Path) -> list[tuple[str, int, str]]:
+    rows = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    log.unlink()
+    return [(name, int(pid), thread) for name, pid, thread in rows]
+
+
+def test_async_save_snapshots_executor_detectors_on_their_thread(tmp_path, merged):
+    runner = _runner_with_state(merged)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-test")
+    where = tmp_path / "where.log"
+    _record_where_snapshots_run(runner, ("drift", "agent_loop"), where)
     path = tmp_path / "d.json"
     checkpoint = _checkpoint(path, runner, snapshot_executors={"drift": executor})
+    me, main = os.getpid(), threading.main_thread().name
 
     async def save_twice() -> list[bool]:
         # A shutdown save while a timer save is in flight: both write, one after the other.
         return list(await asyncio.gather(checkpoint.maybe_save_async(force=True),
-                                         checkpoint.maybe_save_async(force=True)))
+                                         checkpoint.maybe_save_async(force=True, background=False)))
 
     assert asyncio.run(save_twice()) == [True, True]
-    assert seen["drift"].startswith("embed-test") and seen["agent_loop"] == threading.main_thread().name
-    assert checkpoint.saves == 2
+    drift_first, loop_forked, drift_second, loop_here = _where(where)
+    assert drift_first[1] == drift_second[1] == me and drift_first[2].startswith("embed-test")
+    assert loop_forked[:2] == ("agent_loop", loop_forked[1]) and loop_forked[1] != me
+    assert loop_here == ("agent_loop", me, main)
+    assert checkpoint.saves == 2 and checkpoint.forked_saves == 1
     executor.shutdown()
-    assert asyncio.run(checkpoint.maybe_save_async(force=True))  # shut down: snapshot here
-    assert seen["drift"] == threading.main_thread().name
+    assert asyncio.run(checkpoint.maybe_save_async(force=True, background=False))  # shut down: here
+    assert _where(where)[0] == ("drift", me, main)
+    restored = _runner()
+    assert _checkpoint(path, restored).restore()
+    assert _normalised(restored.snapshot()) == _normalised(runner.snapshot())
+
+
+class _SlowSnapshot:
+    """Wraps a detector so its snapshot takes ``delay_s`` (a big state, in miniature)."""
+
+    def __init__(self, detector: Any, delay_s: float) -> None:
+        self.detector, self.delay_s = detector, delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.detector, name)
+
+    def snapshot(self) -> dict[str, Any]:
+        time.sleep(self.delay_s)
+        return self.detector.snapshot()
+
+
+def test_background_save_leaves_the_loop_free_and_saves_the_state_at_the_fork(tmp_path, merged):
+    half = len(merged) // 2
+    runner = _runner()
+    runner.process(merged[:half])
+    at_fork = _normalised(runner.snapshot())
+    runner.detectors["agent_loop"] = _SlowSnapshot(runner.detectors["agent_loop"], 1.0)
+    path = tmp_path / "d.json"
+    checkpoint = _checkpoint(path, runner)
+
+    async def save_while_working() -> tuple[bool, int]:
+        save = asyncio.create_task(checkpoint.maybe_save_async(force=True))
+        await asyncio.sleep(0)  # the save forks and starts waiting for its child
+        runner.process(merged[half:])  # after the fork: not in the file
+        ticks = 0
+        while not save.done():  # an in-process save would hold the loop for the whole second
+            ticks += 1
+            await asyncio.sleep(0.01)
+        return await save, ticks
+
+    saved, ticks = asyncio.run(save_while_working())
+    assert saved and checkpoint.forked_saves == 1
+    assert ticks > 10, "the event loop was blocked during the save"
+    assert checkpoint.last_blocking_s < checkpoint.last_encode_s
+    assert checkpoint.last_save_bytes == path.stat().st_size
+    assert checkpoint.last_child_private_bytes > 0
+    restored = _runner()
+    assert _checkpoint(path, restored).restore()
+    assert _normalised(restored.snapshot()) == at_fork != _normalised(runner.snapshot())
+
+
+def test_background_save_failing_in_the_child_keeps_the_previous_file_and_says_why(tmp_path, merged,
+                                                                                   caplog):
+    path = tmp_path / "d.json"
+    runner = _runner_with_state(merged)
+    checkpoint = _checkpoint(path, runner)
+    assert asyncio.run(checkpoint.maybe_save_async(force=True))
+    good = path.read_bytes()
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("snapshot failed in the child")
+
+    runner.detectors["slo"].snapshot = broken
+    assert asyncio.run(checkpoint.maybe_save_async(force=True)) is False
+    assert checkpoint.failures == 1 and checkpoint.saves == 1
+    assert "RuntimeError: snapshot failed in the child" in caplog.text
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+
+
+def test_background_save_killed_child_is_a_failure_not_a_hang(tmp_path, merged):
+    path = tmp_path / "d.json"
+    runner = _runner_with_state(merged)
+    me = os.getpid()
+
+    def killed() -> dict[str, Any]:
+        if os.getpid() == me:  # never the test process itself
+            raise AssertionError("snapshot ran in-process, not in a forked child")
+        os.kill(os.getpid(), 9)  # as the OOM killer would
+        return {}
+
+    runner.detectors["slo"].snapshot = killed
+    checkpoint = _checkpoint(path, runner)
+    assert asyncio.run(checkpoint.maybe_save_async(force=True)) is False
+    assert checkpoint.failures == 1 and not path.exists()
+
+
+def test_background_save_falls_back_to_in_process_when_fork_fails(tmp_path, merged, monkeypatch,
+                                                                  caplog):
+    def no_memory() -> int:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(os, "fork", no_memory)
+    path = tmp_path / "d.json"
+    runner = _runner_with_state(merged)
+    checkpoint = _checkpoint(path, runner)
+    assert asyncio.run(checkpoint.maybe_save_async(force=True))
+    assert checkpoint.saves == 1 and checkpoint.forked_saves == 0
+    assert "fork failed" in caplog.text
     restored = _runner()
     assert _checkpoint(path, restored).restore()
     assert _normalised(restored.snapshot()) == _normalised(runner.snapshot())
@@ -380,6 +494,56 @@ def test_worker_restart_keeps_a_loop_in_progress(tmp_path):
 
     second = Stack(_stack_settings(data_dir), say=lambda _m: None).start()
     try:  # a fresh, empty broker: only the data dir carries the state over
+        _send_repeated_tool_calls(second.settings, trace_id, 2, 1)
+        found = _wait(lambda: _rows(second.settings, loops))
+    finally:
+        second.stop()
+    assert [(r["key"], r["value"]) for r in found] == [(trace_hex, 3.0)]
+
+
+@pytest.mark.slow
+def test_worker_killed_keeps_the_state_of_its_last_background_save(tmp_path):
+    """A SIGKILL skips the shutdown save: the state comes from a timer save made by a forked child."""
+    import urllib.request
+
+    from agentwatch.stack import Stack
+
+    data_dir = tmp_path / "data"
+    trace_id = 0x0FEDCBA9876543210FEDCBA987654321
+    trace_hex = f"{trace_id:032x}"
+    saved = checkpoint_path(data_dir, "agentwatch", 0)
+    loops = ("SELECT key, value FROM findings WHERE detector = 'agent_loop' "
+             "AND kind = 'repeated_tool_call' AND NOT resolved")
+
+    def holds_the_trace() -> bool:
+        try:
+            state = orjson.loads(saved.read_bytes())["state"]
+        except (OSError, orjson.JSONDecodeError, KeyError):
+            return False
+        return any(key == trace_hex for key, _ in state["agent_loop"]["traces"])
+
+    settings = _stack_settings(data_dir).model_copy(update={"detector_checkpoint_s": 1.0})
+    first = Stack(settings, say=lambda _m: None).start()
+    try:
+        _send_repeated_tool_calls(first.settings, trace_id, 0, 2)
+        _wait(lambda: len(_rows(first.settings, "SELECT * FROM tool_calls")) >= 2)
+        _wait(holds_the_trace, timeout_s=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{first.worker_metrics_ports()[0]}/metrics",
+                                    timeout=10) as response:
+            metrics = response.read().decode()
+        copied = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("agentwatch_detector_checkpoint_child_private_bytes ")]
+        assert copied and copied[0] > 0, "the timer save did not run in a forked child"
+        worker = next(c for c in first.children if c.name == "worker-0")
+        os.kill(worker.proc.pid, 9)
+        worker.proc.wait()
+        first.children.remove(worker)
+    finally:
+        first.stop()
+    assert holds_the_trace()
+
+    second = Stack(_stack_settings(data_dir), say=lambda _m: None).start()
+    try:
         _send_repeated_tool_calls(second.settings, trace_id, 2, 1)
         found = _wait(lambda: _rows(second.settings, loops))
     finally:
