@@ -15,7 +15,7 @@ A save is atomic (temp file in the same directory, fsync, ``os.replace``): a cra
 leaves the previous checkpoint. Periodic saves in the worker run in a forked child (as Redis's
 BGSAVE does): the child holds a copy-on-write image of the detectors as they were between two
 events and snapshots, encodes and writes it, while the event loop goes on after the fork alone
-(~10 ms, where an in-process save of per-trace maps at their cap holds it ~0.5 s). The
+(10–25 ms, where an in-process save of per-trace maps at their cap holds it 0.3–0.6 s). The
 price is memory: the child's private pages while it runs (``last_child_private_bytes``).
 
 A file that cannot be read or restored never stops the worker: it is moved aside as
