@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # Detector state is saved to <data_dir>/state/ this often (and on clean stop) and restored
     # when a worker starts; 0 turns checkpoints off.
     detector_checkpoint_s: float = 30.0
+    # Timer saves run in a forked child so the event loop is not held while the state is encoded;
+    # the child needs memory headroom (about a third of the detector state). False saves
+    # in-process instead (the loop stops for the whole encode, ~0.3-0.6 s at the default caps).
+    detector_checkpoint_fork: bool = True
 
     # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
     rebalance_timeout_s: float = 6.0

@@ -54,7 +54,7 @@ def _restored_checkpoint(settings: Settings, worker_index: int, runner: Any, dri
         return None
     checkpoint = DetectorCheckpoint(
         checkpoint_path(settings.data_dir, settings.app_id, worker_index), runner, every_s=every_s,
-        worker_id=f"{settings.app_id}-w{worker_index}",
+        worker_id=f"{settings.app_id}-w{worker_index}", fork_saves=settings.detector_checkpoint_fork,
         # The drift detector is updated in the embedding thread: snapshot it there.
         snapshot_executors={"drift": drift.executor} if drift is not None else None)
     checkpoint.restore()  # before the app starts: no event reaches a detector before its state

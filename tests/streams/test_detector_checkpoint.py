@@ -412,6 +412,24 @@ def test_background_save_falls_back_to_in_process_when_fork_fails(tmp_path, merg
     assert _normalised(restored.snapshot()) == _normalised(runner.snapshot())
 
 
+@pytest.mark.parametrize("env, forks", [({}, True), ({"AGENTWATCH_DETECTOR_CHECKPOINT_FORK": "false"}, False)])
+def test_worker_checkpoint_forks_unless_turned_off(tmp_path, monkeypatch, env, forks):
+    from agentwatch.settings import Settings
+    from agentwatch.stack import settings_env
+    from agentwatch.streams.worker import _restored_checkpoint
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(data_dir=tmp_path)
+    assert settings.detector_checkpoint_fork is forks
+    # The supervisor hands settings to the worker process as AGENTWATCH_* variables: they read back.
+    monkeypatch.setenv("AGENTWATCH_DETECTOR_CHECKPOINT_FORK",
+                       settings_env(settings)["AGENTWATCH_DETECTOR_CHECKPOINT_FORK"])
+    assert Settings(data_dir=tmp_path).detector_checkpoint_fork is forks
+    checkpoint = _restored_checkpoint(settings, 0, _runner(), drift=None)
+    assert checkpoint.fork_saves is forks
+
+
 def test_interval_must_be_positive(tmp_path):
     with pytest.raises(ValueError):
         DetectorCheckpoint(tmp_path / "d.json", _runner(), every_s=0)
