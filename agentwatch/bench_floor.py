@@ -56,6 +56,7 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
     from agentwatch.bench import bench_clients
     from agentwatch.broker import EmbeddedBroker, create_topics, free_port
     from agentwatch.settings import Settings
+    from agentwatch.stack import terminate_group
 
     with EmbeddedBroker(free_port()) as broker:
         create_topics(broker.bootstrap_servers, DEFAULT_TOPICS)
@@ -93,12 +94,7 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
             consumer.close()
             producer.close()
         finally:
-            worker.terminate()
-            try:
-                worker.wait(10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            terminate_group(worker, timeout_s=10)
             log.close()
     spans = len(records) * spans_per_record
     return {"spans_per_s": round(spans / seconds), "seconds": round(seconds, 3), "spans": spans,

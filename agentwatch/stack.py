@@ -199,7 +199,7 @@ class Stack:
     def stop(self, timeout_s: float = 15.0) -> None:
         # Workers first (they flush snapshots on shutdown), then the collector, then the broker.
         for child in sorted(self.children, key=lambda c: 0 if c.name.startswith("worker") else 1):
-            _terminate(child.proc, timeout_s)
+            terminate_group(child.proc, timeout_s)
         self.children.clear()
         if self.broker is not None:
             self.broker.stop()
@@ -212,7 +212,7 @@ class Stack:
         self.stop()
 
 
-def _terminate(proc: subprocess.Popen, timeout_s: float) -> None:
+def terminate_group(proc: subprocess.Popen, timeout_s: float) -> None:
     """Stop a child and everything it started (its process group, even when the leader is gone:
     a worker killed with SIGKILL leaves its normaliser process behind otherwise)."""
     _signal_group(proc.pid, signal.SIGTERM)
