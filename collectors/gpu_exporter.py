@@ -1,6 +1,6 @@
 """The GPU exporter: sample a GPU source every interval and produce to Kafka (``gpu_samples``).
 
-Record format (what the stream worker decodes with :func:`agentwatch.events.event_from_dict`):
+Record format (what the stream worker decodes with :func:`agentwatch.streams.pipeline.decode_events`):
 one record per device per sampling round, key ``b"<host>:<gpu>"`` (so a device's samples stay
 ordered on one partition), value a JSON array of :class:`~agentwatch.events.GpuSample` objects:
 the device row (``pid == 0``) first, then one row per compute process on that device.
@@ -44,10 +44,10 @@ def encode_round(samples: Iterable[GpuSample]) -> list[tuple[bytes, bytes]]:
 
 
 def decode_record(value: bytes) -> list[GpuSample]:
-    """The inverse of one record of :func:`encode_round` (for tests and tools)."""
-    from agentwatch.events import event_from_dict
+    """The inverse of one record of :func:`encode_round` (for tests and tools): the worker's decoder."""
+    from agentwatch.streams.pipeline import decode_events
 
-    return [event_from_dict(GpuSample, row) for row in orjson.loads(value)]
+    return decode_events("gpu_samples", value)
 
 
 @dataclass

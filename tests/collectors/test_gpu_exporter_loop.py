@@ -74,7 +74,7 @@ def test_one_record_per_device_keyed_host_gpu_with_json_array_value():
     assert [k for k, _ in records] == [b"gpu-node-1:0", b"gpu-node-1:1"]
     rows0 = orjson.loads(records[0][1])
     assert [r["pid"] for r in rows0] == [0, 31337, 5150]
-    # the lead's worker decodes each array element with event_from_dict
+    # each array element holds exactly one GpuSample's fields
     assert [event_from_dict(GpuSample, r) for r in rows0] == samples[:3]
     assert decode_record(records[1][1]) == samples[3:]
 
