@@ -304,7 +304,7 @@ def test_async_save_snapshots_executor_detectors_on_their_thread(tmp_path, merge
     assert asyncio.run(save_twice()) == [True, True]
     drift_first, loop_forked, drift_second, loop_here = _where(where)
     assert drift_first[1] == drift_second[1] == me and drift_first[2].startswith("embed-test")
-    assert loop_forked[:2] == ("agent_loop", loop_forked[1]) and loop_forked[1] != me
+    assert loop_forked[0] == "agent_loop" and loop_forked[1] != me
     assert loop_here == ("agent_loop", me, main)
     assert checkpoint.saves == 2 and checkpoint.forked_saves == 1
     executor.shutdown()
@@ -489,15 +489,30 @@ def _wait(predicate, timeout_s: float = 45.0):
     return value
 
 
+LOOP_FINDINGS = ("SELECT key, value FROM findings WHERE detector = 'agent_loop' "
+                 "AND kind = 'repeated_tool_call' AND NOT resolved")
+
+
+def _third_repeat_fires_the_loop(data_dir: Path, trace_id: int) -> None:
+    """A new stack on ``data_dir`` gets the trace's third repeat: the loop fires only if the
+    first two came back from the checkpoint (a fresh, empty broker carries nothing over)."""
+    from agentwatch.stack import Stack
+
+    stack = Stack(_stack_settings(data_dir), say=lambda _m: None).start()
+    try:
+        _send_repeated_tool_calls(stack.settings, trace_id, 2, 1)
+        found = _wait(lambda: _rows(stack.settings, LOOP_FINDINGS))
+    finally:
+        stack.stop()
+    assert [(r["key"], r["value"]) for r in found] == [(f"{trace_id:032x}", 3.0)]
+
+
 @pytest.mark.slow
 def test_worker_restart_keeps_a_loop_in_progress(tmp_path):
     from agentwatch.stack import Stack
 
     data_dir = tmp_path / "data"
     trace_id = 0x0123456789ABCDEF0123456789ABCDEF
-    trace_hex = f"{trace_id:032x}"
-    loops = ("SELECT key, value FROM findings WHERE detector = 'agent_loop' "
-             "AND kind = 'repeated_tool_call' AND NOT resolved")
 
     first = Stack(_stack_settings(data_dir), say=lambda _m: None).start()
     try:
@@ -508,15 +523,9 @@ def test_worker_restart_keeps_a_loop_in_progress(tmp_path):
         first.stop()  # SIGTERM: the worker saves its checkpoint on the way out
     saved = checkpoint_path(data_dir, "agentwatch", 0)
     assert saved.exists()
-    assert _rows(first.settings, loops) == []  # two repeats are not a loop yet
+    assert _rows(first.settings, LOOP_FINDINGS) == []  # two repeats are not a loop yet
 
-    second = Stack(_stack_settings(data_dir), say=lambda _m: None).start()
-    try:  # a fresh, empty broker: only the data dir carries the state over
-        _send_repeated_tool_calls(second.settings, trace_id, 2, 1)
-        found = _wait(lambda: _rows(second.settings, loops))
-    finally:
-        second.stop()
-    assert [(r["key"], r["value"]) for r in found] == [(trace_hex, 3.0)]
+    _third_repeat_fires_the_loop(data_dir, trace_id)
 
 
 @pytest.mark.slow
@@ -530,8 +539,6 @@ def test_worker_killed_keeps_the_state_of_its_last_background_save(tmp_path):
     trace_id = 0x0FEDCBA9876543210FEDCBA987654321
     trace_hex = f"{trace_id:032x}"
     saved = checkpoint_path(data_dir, "agentwatch", 0)
-    loops = ("SELECT key, value FROM findings WHERE detector = 'agent_loop' "
-             "AND kind = 'repeated_tool_call' AND NOT resolved")
 
     def holds_the_trace() -> bool:
         try:
@@ -560,10 +567,4 @@ def test_worker_killed_keeps_the_state_of_its_last_background_save(tmp_path):
         first.stop()
     assert holds_the_trace()
 
-    second = Stack(_stack_settings(data_dir), say=lambda _m: None).start()
-    try:
-        _send_repeated_tool_calls(second.settings, trace_id, 2, 1)
-        found = _wait(lambda: _rows(second.settings, loops))
-    finally:
-        second.stop()
-    assert [(r["key"], r["value"]) for r in found] == [(trace_hex, 3.0)]
+    _third_repeat_fires_the_loop(data_dir, trace_id)
