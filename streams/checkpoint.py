@@ -236,6 +236,9 @@ class DetectorCheckpoint:
                "saved_at": self.wall_clock(), "detectors": list(state), "state": state}
         data = orjson.dumps(doc, option=_DUMPS_OPTIONS)
         self.last_encode_s = time.perf_counter() - started
+        # Done here, this is an in-process save: all of it held the caller's thread, no child.
+        self.last_blocking_s = self.last_encode_s
+        self.last_child_private_bytes = 0
         return data
 
     def write(self, data: bytes) -> None:
@@ -273,7 +276,6 @@ class DetectorCheckpoint:
         self.last_save_at = self.clock()
         try:
             self.write(self.encode(self._taken_in_executors()))
-            self.last_blocking_s = self.last_encode_s
         except Exception:
             self.failures += 1
             log.exception("detector checkpoint not saved to %s; the previous one is kept", self.path)
@@ -306,8 +308,6 @@ class DetectorCheckpoint:
                         taken[name] = await _run_in(loop, executor, det.snapshot)
                 if not (background and self.fork_saves and await self._save_in_child(loop, taken)):
                     data = self.encode(taken)
-                    self.last_blocking_s = self.last_encode_s
-                    self.last_child_private_bytes = 0
                     await loop.run_in_executor(None, self.write, data)
             except Exception:
                 self.failures += 1
