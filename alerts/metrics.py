@@ -37,5 +37,9 @@ class NotifierCollector:
         yield circuit_open
         yield CounterMetricFamily("agentwatch_notifier_alerts_consumed", "Alert records consumed.",
                                   value=self.service.stats.consumed)
+        yield CounterMetricFamily("agentwatch_notifier_alerts_absorbed",
+                                  "Alert records already routed (read again after a crash, or sent "
+                                  "twice), absorbed before routing.",
+                                  value=self.service.stats.duplicates)
         yield CounterMetricFamily("agentwatch_notifier_dead_lettered", "Malformed alert records dead-lettered.",
                                   value=self.service.stats.dead_lettered)

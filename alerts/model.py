@@ -115,6 +115,31 @@ def alert_id(dedup_key: str, ts: float, status: str) -> str:
     return digest[:24]
 
 
+def alert_identity(alert: Alert) -> str:
+    """What makes two alert records one occurrence: dedup key, status and the finding's ts.
+
+    The notifier absorbs a record whose identity it has routed already (a record read again
+    after a crash, or a producer's retry), whatever offset or broker it came from. A repeat of
+    a firing incident, a resolve, and a new firing after a resolve each carry their own finding
+    time, so each is a new identity and reaches the policy. Computed from the fields rather
+    than taken from the record's ``id``, so a producer's ids cannot merge distinct alerts.
+
+    Examples
+    --------
+    >>> def loop_at(ts, resolved=False):
+    ...     return Finding(detector="agent_loop", key="trace=ab12", kind="loop",
+    ...                    severity=Severity.CRITICAL, ts=ts, value=7, threshold=5,
+    ...                    resolved=resolved)
+    >>> first = alert_identity(alert_from_record(alert_record_from_finding(loop_at(1e9))))
+    >>> first == alert_identity(alert_from_record(alert_record_from_finding(loop_at(1e9))))
+    True
+    >>> first in {alert_identity(alert_from_finding(loop_at(1e9, resolved=True))),
+    ...           alert_identity(alert_from_finding(loop_at(1e9 + 60)))}
+    False
+    """
+    return alert_id(alert.dedup_key, float(alert.ts), alert.status.value)
+
+
 def summary_of(finding: Finding) -> str:
     evidence = finding.evidence or {}
     for name in ("summary", "message", "reason"):

@@ -2,15 +2,20 @@
 
 Tables
 ------
-outbox            notifications to deliver, in order per destination (``seq``), until sent.
-consumed_offsets  next offset per (topic, partition) whose effects are in this database.
-incidents/meta    the policy state (dedup counts, pending groups, rate-limit buckets).
-silences          written by ``agentwatch silence add``, read by the running notifier.
+outbox       notifications to deliver, in order per destination (``seq``), until sent.
+seen_alerts  the identity of every alert record already routed (:func:`alert_identity`).
+incidents/meta  the policy state (dedup counts, pending groups, rate-limit buckets).
+silences     written by ``agentwatch silence add``, read by the running notifier.
 
-The consumer writes one transaction per poll batch (new outbox rows + policy changes + the
-batch's offsets) and commits the Kafka offsets only after it. A crash between the two makes the
-consumer see those records again; it skips every offset below ``consumed_offsets``, so nothing
-is routed twice, and outbox ids are deterministic (INSERT OR IGNORE) as a second guard.
+Where to resume reading is the broker's business: the consumer group's committed offsets. No
+offset is kept here, because this file outlives the embedded broker, which starts again at
+offset 0 after a restart (offsets remembered here would skip every new alert). The consumer
+writes one transaction per poll batch (new outbox rows + policy changes + the identities of the
+batch's alerts) and commits the Kafka offsets only after it. A crash between the two makes the
+consumer read those records again; their identities are in ``seen_alerts``, so they are
+absorbed before routing, and outbox ids are deterministic (INSERT OR IGNORE) as a second guard.
+
+``seen_alerts`` is pruned by age (longer than a topic keeps records) and by count.
 
 WAL mode lets the CLI, the consumer thread and one delivery thread per destination use the file
 at once; ``synchronous=FULL`` makes each commit survive power loss, not just a killed process.
@@ -29,6 +34,15 @@ import orjson
 from agentwatch.alerts.policy import Matcher, Notification, PolicyChanges, Silence
 
 DB_NAME = "notifier.sqlite3"
+# PRAGMA user_version. 0: the first layout, which kept consumed offsets in a table of their own.
+# 1: offsets live with the broker only; re-read records are recognised by ``seen_alerts``.
+SCHEMA_VERSION = 1
+# A topic keeps records 7 days by default (Kafka's retention.ms, and how long it keeps a group's
+# committed offsets): a group that lost its offsets re-reads at most that far back.
+SEEN_RETENTION_S = 8 * 24 * 3600
+MAX_SEEN_ALERTS = 1_000_000
+# Below SQLite's smallest bound on variables in one statement (999 before 3.32).
+_IN_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -44,10 +58,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (destination, status, seq);
-CREATE TABLE IF NOT EXISTS consumed_offsets (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
-    PRIMARY KEY (topic, partition)
-);
+CREATE TABLE IF NOT EXISTS seen_alerts (id TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_alerts_by_age ON seen_alerts (seen_at);
 CREATE TABLE IF NOT EXISTS incidents (dedup_key TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS policy_meta (id INTEGER PRIMARY KEY CHECK (id = 1), data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS silences (
@@ -83,6 +95,21 @@ class NotifierStore:
         self._lock = threading.Lock()
         # executescript manages its own transaction (it commits first), so no _tx() here.
         self._db().executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        if self._db().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return  # the usual case: no write lock for a CLI opening the file next to the notifier
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
+                                   f"notifier's {SCHEMA_VERSION}; upgrade agentwatch")
+            if version < 1:
+                # Offsets of a broker that may no longer exist: trusting them skipped new alerts.
+                db.execute("DROP TABLE IF EXISTS consumed_offsets")
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- connections
 
@@ -127,9 +154,12 @@ class NotifierStore:
     # -- consumer side
 
     def commit_batch(self, notifications: Iterable[Notification],
-                     offsets: Mapping[tuple[str, int], int],
-                     changes: PolicyChanges | None) -> int:
-        """Outbox rows, policy changes and consumed offsets in one transaction; rows added."""
+                     changes: PolicyChanges | None, *, alert_ids: Iterable[str] = (),
+                     now: float) -> int:
+        """Outbox rows, policy changes and routed alert identities in one transaction.
+
+        Returns the number of outbox rows added (a notification written before adds none).
+        """
         added = 0
         with self._tx() as db:
             for n in notifications:
@@ -145,17 +175,31 @@ class NotifierStore:
                                [(k,) for k in changes.deleted])
                 db.execute("INSERT OR REPLACE INTO policy_meta (id, data) VALUES (1, ?)",
                            (orjson.dumps(changes.meta),))
-            db.executemany(
-                "INSERT INTO consumed_offsets (topic, partition, next_offset) VALUES (?, ?, ?)"
-                " ON CONFLICT (topic, partition) DO UPDATE SET next_offset ="
-                " max(next_offset, excluded.next_offset)",
-                [(t, p, o) for (t, p), o in offsets.items()])
+            db.executemany("INSERT OR IGNORE INTO seen_alerts (id, seen_at) VALUES (?, ?)",
+                           [(i, now) for i in alert_ids])
         return added
 
-    def consumed_offsets(self, topic: str) -> dict[int, int]:
-        rows = self._db().execute(
-            "SELECT partition, next_offset FROM consumed_offsets WHERE topic = ?", (topic,))
-        return {p: o for p, o in rows}
+    def seen_alerts(self, alert_ids: Iterable[str]) -> set[str]:
+        """Those of ``alert_ids`` already routed (committed by :meth:`commit_batch`)."""
+        wanted = list(dict.fromkeys(alert_ids))
+        found: set[str] = set()
+        db = self._db()
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start:start + _IN_CHUNK]
+            found.update(i for (i,) in db.execute(
+                f"SELECT id FROM seen_alerts WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def prune_seen(self, before: float, max_rows: int = MAX_SEEN_ALERTS) -> int:
+        """Forget identities seen before ``before``, then the oldest beyond ``max_rows``."""
+        with self._tx() as db:
+            removed = db.execute("DELETE FROM seen_alerts WHERE seen_at < ?", (before,)).rowcount
+            (count,) = db.execute("SELECT count(*) FROM seen_alerts").fetchone()
+            if count > max_rows:
+                removed += db.execute(
+                    "DELETE FROM seen_alerts WHERE id IN (SELECT id FROM seen_alerts"
+                    " ORDER BY seen_at LIMIT ?)", (count - max_rows,)).rowcount
+        return removed
 
     def load_policy(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         db = self._db()

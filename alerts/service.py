@@ -5,16 +5,19 @@ No alert is lost
 1. ``poll`` a batch (kafka-python, auto-commit off).
 2. Decode each record; a malformed one goes to ``dead_letter`` (acknowledged by the broker)
    with the reason. Valid alerts go through :class:`~agentwatch.alerts.policy.AlertPolicy`.
+   An alert whose identity (:func:`~agentwatch.alerts.model.alert_identity`: dedup key,
+   status, finding time) was routed before is absorbed here, before the policy sees it.
 3. One SQLite transaction: the notifications due, the policy changes (dedup counts, groups,
-   rate-limit buckets) and the batch's next offsets.
-4. Only then commit the offsets to Kafka, and wake the destination workers.
+   rate-limit buckets) and the identities of the batch's alerts.
+4. Only then commit the offsets to Kafka (the consumer group's commit is the only record of
+   where to resume), and wake the destination workers.
 
-Delivery runs in one :class:`~agentwatch.alerts.delivery.DeliveryWorker` thread per
-destination, from the outbox, with backoff and a circuit breaker; an outage only grows the
-outbox. After a SIGKILL the consumer re-reads what Kafka had not committed and skips what
-SQLite already has; rows not marked sent are sent again. So delivery is at-least-once: the row
-in flight at the kill may arrive twice, which PagerDuty folds by ``dedup_key`` (no second
-incident) and Slack shows as one repeated message.
+Offsets are never kept in SQLite: the state directory outlives the embedded broker, which
+starts again at offset 0 after a restart, so a remembered offset would skip new alerts. After a
+SIGKILL the consumer re-reads what Kafka had not committed; those records' identities are in
+SQLite, so they are absorbed, and rows not marked sent are sent again. Delivery is
+at-least-once: the row in flight at the kill may arrive twice, which PagerDuty folds by
+``dedup_key`` (no second incident) and Slack shows as one repeated message.
 
 One notifier per ``state_dir``: the policy state (dedup, groups, rate limits) is local to it.
 """
@@ -33,9 +36,9 @@ import orjson
 
 from agentwatch.alerts.config import RoutesConfig, load_routes
 from agentwatch.alerts.delivery import CircuitBreaker, DeliveryWorker
-from agentwatch.alerts.model import MalformedAlertError, alert_from_record
+from agentwatch.alerts.model import Alert, MalformedAlertError, alert_from_record, alert_identity
 from agentwatch.alerts.notifiers import Notifier, build_notifier
-from agentwatch.alerts.outbox import NotifierStore
+from agentwatch.alerts.outbox import SEEN_RETENTION_S, NotifierStore
 from agentwatch.alerts.policy import AlertPolicy, Notification
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,8 @@ PRUNE_SENT_AFTER_S = 24 * 3600
 @dataclass
 class NotifierStats:
     consumed: int = 0
-    skipped_already_stored: int = 0
+    # Records whose alert was routed already (re-read after a crash, or sent twice).
+    duplicates: int = 0
     dead_lettered: int = 0
     notifications: int = 0
     kafka_commit_failures: int = 0
@@ -96,7 +100,6 @@ class NotifierService:
         self.policy = AlertPolicy(config, max_incidents=max_incidents)
         incidents, meta = self.store.load_policy()
         self.policy.restore_parts(incidents, meta)
-        self._stored_offsets = {(topic, p): o for p, o in self.store.consumed_offsets(topic).items()}
         notifiers = dict(notifiers or {})
         delivery = config.delivery
         self.workers: dict[str, DeliveryWorker] = {}
@@ -161,43 +164,70 @@ class NotifierService:
             self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
                                    for (t, p), o in offsets.items()})
         except KafkaError as exc:
-            # Harmless: SQLite holds these offsets, re-read records are skipped.
+            # Harmless: SQLite holds these alerts' identities, re-read records are absorbed.
             self.stats.kafka_commit_failures += 1
-            log.warning("kafka offset commit failed (records will be re-read and skipped): %s", exc)
+            log.warning("kafka offset commit failed (records will be re-read and absorbed): %s",
+                        exc)
+
+    def _log_broker_identity(self) -> None:
+        """Log which cluster and which incarnation of the topic the group's offsets belong to.
+
+        Only logged, nothing depends on it. Tansu answers the same cluster id (``tansu_cluster``
+        unless started with ``--cluster-id``) from every instance; the topic id (a UUID made
+        when the topic is created) is what changes when the in-memory broker is replaced.
+        """
+        from kafka.errors import KafkaError
+
+        try:
+            self._consumer.topics()  # one metadata round trip fills the client's cluster view
+            cluster = self._consumer._client.cluster
+            cluster_id, topic_id = cluster.cluster_id, cluster.topic_id(self.topic)
+        except (KafkaError, AttributeError) as exc:
+            log.info("broker identity not available: %s", exc)
+            return
+        log.info("consuming %s (topic id %s) as group %s from cluster %s at %s", self.topic,
+                 topic_id, self.group_id, cluster_id, self.bootstrap_servers)
 
     # -- the loop
 
     def process(self, records: Mapping[Any, list[Any]], now: float) -> list[Notification]:
-        """Route one poll batch; write outbox + state + offsets durably; return new notifications."""
-        notifications: list[Notification] = []
+        """Route one poll batch; write outbox + state + identities durably; return notifications."""
         offsets: dict[tuple[str, int], int] = {}
         dead: list[tuple[Any, str]] = []
+        decoded: list[tuple[Any, Alert, str]] = []
         for tp, batch in records.items():
-            tp_key = (tp.topic, tp.partition)
-            stored = self._stored_offsets.get(tp_key, -1)
             for rec in batch:
-                offsets[tp_key] = rec.offset + 1
-                if rec.offset < stored:
-                    self.stats.skipped_already_stored += 1
-                    continue
+                offsets[(tp.topic, tp.partition)] = rec.offset + 1
                 self.stats.consumed += 1
                 try:
                     alert = alert_from_record(rec.value)
                 except MalformedAlertError as exc:
                     dead.append((rec, str(exc)))
                     continue
-                try:
-                    notifications += self.policy.observe(alert, now)
-                except Exception as exc:  # a bug must not wedge the partition on one record
-                    log.exception("policy failed on alert %s", alert.id)
-                    dead.append((rec, f"policy error: {type(exc).__name__}: {exc}"))
+                decoded.append((rec, alert, alert_identity(alert)))
+        routed = self.store.seen_alerts(identity for _, _, identity in decoded)
+        new_ids: list[str] = []
+        notifications: list[Notification] = []
+        for rec, alert, identity in decoded:
+            if identity in routed:
+                self.stats.duplicates += 1
+                continue
+            routed.add(identity)
+            new_ids.append(identity)
+            try:
+                notifications += self.policy.observe(alert, now)
+            except Exception as exc:  # a bug must not wedge the partition on one record
+                log.exception("policy failed on alert %s", alert.id)
+                dead.append((rec, f"policy error: {type(exc).__name__}: {exc}"))
+        absorbed = len(decoded) - len(new_ids)
+        if absorbed:
+            log.info("absorbed %d alert records routed before (re-read or sent twice)", absorbed)
         notifications += self.policy.flush(now)
         if dead:
             self._dead_letter(dead)
-        if offsets or notifications:
-            self.store.commit_batch(notifications, offsets, self.policy.drain_changes())
-            for tp_key, offset in offsets.items():
-                self._stored_offsets[tp_key] = max(offset, self._stored_offsets.get(tp_key, -1))
+        if new_ids or notifications:
+            self.store.commit_batch(notifications, self.policy.drain_changes(),
+                                    alert_ids=new_ids, now=now)
             self.stats.notifications += len(notifications)
             for destination in {n.destination for n in notifications}:
                 self.workers[destination].notify()
@@ -214,6 +244,7 @@ class NotifierService:
         next_prune = self.clock() + 60.0
         try:
             self._consumer = self._make_consumer()
+            self._log_broker_identity()
             while not self.stop_event.is_set():
                 now = self.clock()
                 if now >= next_silence_refresh:
@@ -221,6 +252,7 @@ class NotifierService:
                     next_silence_refresh = now + SILENCE_REFRESH_S
                 if now >= next_prune:
                     self.store.prune_finished(now - PRUNE_SENT_AFTER_S)
+                    self.store.prune_seen(now - SEEN_RETENTION_S)
                     next_prune = now + 3600.0
                 timeout_ms = self.poll_timeout_ms
                 deadline = self.policy.next_deadline(now)
@@ -264,7 +296,8 @@ def run_notifier(bootstrap_servers: str, routes_path: str | Path | None, state_d
         The routes YAML (``${ENV}`` references resolved from ``env``); ignored when ``routes``
         is given.
     state_dir : path
-        Directory for ``notifier.sqlite3`` (outbox, offsets, policy state, silences).
+        Directory for ``notifier.sqlite3`` (outbox, routed alert identities, policy state,
+        silences). Where to resume reading is the consumer group's commit on the broker.
     stop_event : threading.Event
         Set it to stop; pending rows stay in the outbox for the next start.
     notifiers : mapping, optional

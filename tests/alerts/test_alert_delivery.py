@@ -94,7 +94,7 @@ class ScriptedNotifier:
 
 def run_worker(tmp_path, notifier, rows, *, threshold=3, reset_s=0.05):
     store = NotifierStore(tmp_path)
-    store.commit_batch(rows, {}, None)
+    store.commit_batch(rows, None, now=0.0)
     stop = threading.Event()
     worker = DeliveryWorker(rows[0].destination, notifier, store, stop_event=stop,
                             breaker=CircuitBreaker(failure_threshold=threshold,
@@ -151,16 +151,95 @@ def test_stop_during_backoff_leaves_the_row_pending(tmp_path):
     store.close()
 
 
-def test_outbox_insert_is_idempotent_and_offsets_only_move_forward(tmp_path):
+def test_outbox_insert_is_idempotent_and_records_routed_alert_identities(tmp_path):
     rows, policy = notifications(2)
     store = NotifierStore(tmp_path)
-    assert store.commit_batch(rows, {("alerts", 0): 5}, policy.drain_changes()) == 2
-    assert store.commit_batch(rows, {("alerts", 0): 3, ("alerts", 1): 1}, None) == 0
-    assert store.consumed_offsets("alerts") == {0: 5, 1: 1}
+    assert store.commit_batch(rows, policy.drain_changes(), alert_ids=["a", "b"], now=10.0) == 2
+    assert store.commit_batch(rows, None, alert_ids=["b", "c"], now=20.0) == 0
+    assert store.seen_alerts(["a", "c", "d", "a"]) == {"a", "c"}
+    assert store.seen_alerts(f"id{i}" for i in range(1200)) == set()  # more than one IN chunk
     incidents, meta = store.load_policy()
     assert sorted(i["dedup_key"] for i in incidents) == sorted(
         a.alert.dedup_key for r in rows for a in r.alerts)
     store.close()
+
+
+def test_seen_alert_identities_are_pruned_by_age_then_count(tmp_path):
+    store = NotifierStore(tmp_path)
+    for i in range(6):
+        store.commit_batch((), None, alert_ids=[f"id{i}"], now=float(i))
+    assert store.prune_seen(before=2.0, max_rows=100) == 2  # id0, id1 too old
+    assert store.prune_seen(before=0.0, max_rows=3) == 1  # the oldest beyond the cap
+    assert store.seen_alerts(f"id{i}" for i in range(6)) == {"id3", "id4", "id5"}
+    store.close()
+
+
+# The first layout (schema version 0): consumed offsets in SQLite, no seen_alerts.
+_V0_SCHEMA = """
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, destination TEXT NOT NULL,
+    action TEXT NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '', finished_at REAL
+);
+CREATE INDEX outbox_pending ON outbox (destination, status, seq);
+CREATE TABLE consumed_offsets (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE incidents (dedup_key TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE policy_meta (id INTEGER PRIMARY KEY CHECK (id = 1), data BLOB NOT NULL);
+CREATE TABLE silences (
+    id TEXT PRIMARY KEY, matchers TEXT NOT NULL, starts_at REAL NOT NULL, ends_at REAL NOT NULL,
+    comment TEXT NOT NULL DEFAULT '', created_by TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+def test_a_version_0_database_is_migrated_and_its_offsets_no_longer_skip_alerts(tmp_path):
+    import sqlite3
+
+    import orjson
+
+    from agentwatch.alerts.outbox import DB_NAME, SCHEMA_VERSION
+    from agentwatch.alerts.service import NotifierService
+
+    rows, _ = notifications(1, destination="s")
+    old = sqlite3.connect(tmp_path / DB_NAME)
+    old.executescript(_V0_SCHEMA)
+    old.execute("INSERT INTO outbox (id, destination, action, payload, created_at)"
+                " VALUES (?, ?, ?, ?, ?)", (rows[0].id, "s", "trigger",
+                                            orjson.dumps(rows[0].to_dict()), 1.0))
+    old.execute("INSERT INTO consumed_offsets VALUES ('alerts', 0, 1000)")
+    old.commit()
+    old.close()
+
+    service = NotifierService("unused:9092", _slack_routes(), tmp_path,
+                              stop_event=threading.Event())
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "consumed_offsets" not in tables and "seen_alerts" in tables
+    db.close()
+    assert [r.id for r in service.store.rows("pending")] == [rows[0].id]  # kept across the migration
+    # The old file said partition 0 was read up to offset 1000: a new broker's offset 0 still counts.
+    out = service.process({_TP0: _records(range(2), trace=lambda i: f"new{i}")}, now=5.0)
+    assert len(out) == 2 and service.stats.duplicates == 0
+    service.store.close()
+    NotifierStore(tmp_path).close()  # opening a migrated file again is a no-op
+
+
+def test_a_database_from_a_newer_notifier_is_refused(tmp_path):
+    import sqlite3
+
+    from agentwatch.alerts.outbox import DB_NAME, SCHEMA_VERSION
+
+    NotifierStore(tmp_path).close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        NotifierStore(tmp_path)
 
 
 # -- notifier payloads against local receivers
@@ -275,34 +354,81 @@ def test_silence_cli_add_list_remove(tmp_path):
     assert bad.exit_code != 0 and "NAME=VALUE" in bad.output
 
 
-# -- crash between the SQLite commit and the Kafka commit
+# -- crash between the SQLite commit and the Kafka commit; a broker that starts again at 0
 
 
-def test_records_reread_after_a_crash_are_skipped_not_routed_twice(tmp_path):
-    from collections import namedtuple
+def _slack_routes():
+    return parse_routes({"destinations": {"s": {"type": "slack", "webhook_url": "http://127.0.0.1:9"}},
+                         "default_destinations": ["s"]})
 
+
+def _tp(partition):
     from kafka import TopicPartition
 
-    from agentwatch.alerts.service import NotifierService
+    return TopicPartition("alerts", partition)
+
+
+_TP0 = _tp(0)
+
+
+def _records(indexes, *, trace=lambda i: f"t{i % 3}", partition=0, first_offset=0,
+             resolved=lambda i: False, ts=lambda i: T0 + i):
+    from collections import namedtuple
 
     Record = namedtuple("Record", "topic partition offset key value")
-    cfg = parse_routes({"destinations": {"s": {"type": "slack", "webhook_url": "http://127.0.0.1:9"}},
-                        "default_destinations": ["s"]})
-    tp = TopicPartition("alerts", 0)
-    records = [Record("alerts", 0, i, None, alert_record_from_finding(Finding(
-        detector="agent_loop", key=f"project=shop/trace=t{i % 3}", kind="loop",
-        severity=Severity.CRITICAL, ts=T0 + i, value=7.0, threshold=5.0))) for i in range(5)]
+    return [Record("alerts", partition, first_offset + n, None, alert_record_from_finding(Finding(
+        detector="agent_loop", key=f"project=shop/trace={trace(i)}", kind="loop",
+        severity=Severity.CRITICAL, ts=ts(i), value=7.0, threshold=5.0, resolved=resolved(i))))
+        for n, i in enumerate(indexes)]
 
-    first = NotifierService("unused:9092", cfg, tmp_path, stop_event=threading.Event())
-    out = first.process({tp: records[:4]}, now=100.0)
+
+def test_records_reread_after_a_crash_are_absorbed_not_routed_twice(tmp_path):
+    from agentwatch.alerts.service import NotifierService
+
+    records = _records(range(5))
+    first = NotifierService("unused:9092", _slack_routes(), tmp_path, stop_event=threading.Event())
+    out = first.process({_TP0: records[:4]}, now=100.0)
     assert len(out) == 3  # t0, t1, t2 fire; the 4th record repeats t0
     first.store.close()  # "killed" here: Kafka never got the commit for offsets 0..3
 
-    second = NotifierService("unused:9092", cfg, tmp_path, stop_event=threading.Event())
-    assert second.process({tp: records}, now=101.0) == []  # 0..3 skipped, 4 repeats t1
-    assert second.stats.skipped_already_stored == 4 and second.stats.consumed == 1
+    second = NotifierService("unused:9092", _slack_routes(), tmp_path, stop_event=threading.Event())
+    assert second.process({_TP0: records}, now=101.0) == []  # 0..3 absorbed, 4 repeats t1
+    assert second.stats.duplicates == 4 and second.stats.consumed == 5
     assert len(second.store.rows("pending")) == 3
-    assert second.policy.incident(f"agent_loop:loop:project=shop/trace=t1").count == 2
-    assert second.policy.incident(f"agent_loop:loop:project=shop/trace=t0").count == 2
-    assert second.store.consumed_offsets("alerts") == {0: 5}
+    assert second.policy.incident("agent_loop:loop:project=shop/trace=t1").count == 2
+    assert second.policy.incident("agent_loop:loop:project=shop/trace=t0").count == 2
+    # A record sent twice within one batch (a producer's retry) is absorbed too.
+    assert second.process({_TP0: _records([7, 7], first_offset=5)}, now=102.0) == []
+    assert second.stats.duplicates == 5
+    assert second.policy.incident("agent_loop:loop:project=shop/trace=t1").count == 3
     second.store.close()
+
+
+def test_a_broker_that_starts_again_at_offset_0_gets_every_new_alert_routed(tmp_path):
+    """The same state dir under a new in-memory broker (notifier restart, second ``up``)."""
+    from agentwatch.alerts.service import NotifierService
+
+    first = NotifierService("unused:9092", _slack_routes(), tmp_path, stop_event=threading.Event())
+    assert len(first.process({_TP0: _records(range(6), trace=str)}, now=100.0)) == 6
+    first.store.close()
+
+    second = NotifierService("unused:9092", _slack_routes(), tmp_path, stop_event=threading.Event())
+    fresh = _records(range(10, 14), trace=str)  # offsets 0..3 again, new alerts
+    assert len(second.process({_TP0: fresh}, now=200.0)) == 4
+    assert second.stats.duplicates == 0
+    second.store.close()
+
+
+def test_pagerduty_lifecycle_fire_resolve_fire_again_survives_rereading(tmp_path):
+    """A new firing of a resolved dedup key is a new alert; re-reading any of it pages nobody."""
+    from agentwatch.alerts.service import NotifierService
+
+    lifecycle = _records(range(4), trace=lambda i: "x", resolved=lambda i: i in (1, 3),
+                         ts=lambda i: T0 + 10 * i)  # fire, resolve, fire again, resolve again
+    service = NotifierService("unused:9092", _slack_routes(), tmp_path,
+                              stop_event=threading.Event())
+    out = service.process({_TP0: lifecycle}, now=100.0)
+    assert [n.action.value for n in out] == ["trigger", "resolve", "trigger", "resolve"]
+    assert service.process({_TP0: lifecycle}, now=101.0) == []
+    assert service.stats.duplicates == 4
+    service.store.close()

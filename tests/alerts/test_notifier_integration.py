@@ -2,7 +2,8 @@
 
 Covers: routing/dedup/resolve end to end, malformed records to dead_letter, a receiver outage
 (OUTAGE_S, default the 60 s the issue asks for: many backoff cycles, and the circuit breaker
-opens), and SIGKILL of the notifier process mid-delivery followed by a restart.
+opens), SIGKILL of the notifier process while alerts stream in and are delivered, followed by a
+restart, and a new (empty, offsets from 0) broker under the same state dir.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import orjson
 import pytest
@@ -187,7 +189,10 @@ def test_routes_dedups_resolves_and_dead_letters(broker, tmp_path):
 def test_receiver_outage_delivers_everything_afterwards(broker, tmp_path):
     alerts_topic, dead_topic = topics(broker, "outage")
     n = 20
-    slack, pd = SlackReceiver(), PagerDutyReceiver()  # both down: nothing listens yet
+    # Two kinds of outage: nothing listens for Slack; PagerDuty answers 503 to every event.
+    slack, pd = SlackReceiver(), PagerDutyReceiver()
+    pd.status = 503
+    pd.up()
     service, stop, thread = start_service(broker, routes_dict(slack, pd), tmp_path,
                                           alerts_topic, dead_topic, "g-outage")
     try:
@@ -202,8 +207,9 @@ def test_receiver_outage_delivers_everything_afterwards(broker, tmp_path):
             assert worker.breaker.times_opened >= 1, name
             assert worker.stats.transient_failures >= 3 and worker.stats.sent == 0
             assert worker.stats.circuit_rejections >= 1 or worker.breaker.times_opened >= 2
+        assert pd.rejected >= 3
         slack.up()
-        pd.up()
+        pd.status = None
         assert wait_until(lambda: len(slack.requests) >= n and len(pd.requests) >= n, 30)
         time.sleep(0.3)
         assert sorted(r.body["blocks"][-1]["elements"][0]["text"].split("`")[1]
@@ -219,6 +225,76 @@ def test_receiver_outage_delivers_everything_afterwards(broker, tmp_path):
         pd.down()
 
 
+def test_records_read_again_after_a_lost_kafka_commit_are_absorbed_by_identity(broker, tmp_path):
+    """The crash window between the SQLite commit and the Kafka commit, made certain: the first
+    notifier never commits to Kafka, so the second reads every record again from offset 0."""
+    alerts_topic, dead_topic = topics(broker, "reread")
+    fires = [finding(i) for i in range(10)]
+    resolves = [dataclasses.replace(f, resolved=True, ts=f.ts + 100) for f in fires[:4]]
+    with SlackReceiver() as slack, PagerDutyReceiver() as pd:
+        routes = routes_dict(slack, pd)
+        service, stop, thread = start_service(broker, routes, tmp_path, alerts_topic, dead_topic,
+                                              "g-reread")
+        service._commit_kafka = lambda offsets: None  # "killed" before every Kafka commit
+        produce_findings(broker, alerts_topic, fires + resolves)
+        try:
+            assert wait_until(lambda: len(pd.requests) >= 14 and len(slack.requests) >= 14, 20)
+        finally:
+            stop.set()
+            thread.join(15)
+        assert committed_total(broker, alerts_topic, "g-reread") == 0
+        later = finding(50)
+        produce_findings(broker, alerts_topic, [later])
+        service, stop, thread = start_service(broker, routes, tmp_path, alerts_topic, dead_topic,
+                                              "g-reread")
+        try:
+            assert wait_until(lambda: len(pd.requests) >= 15 and len(slack.requests) >= 15, 20)
+            assert wait_until(lambda: committed_total(broker, alerts_topic, "g-reread") == 15, 10)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            thread.join(15)
+    assert (service.stats.consumed, service.stats.duplicates) == (15, 14)
+    assert Counter(e["dedup_key"] for e in pd.events("trigger")) == Counter(
+        f.dedup_key for f in fires + [later])
+    assert len(pd.events("resolve")) == 4 and len(slack.requests) == 15
+
+
+def test_a_new_broker_under_the_same_state_dir_gets_every_new_alert_delivered(tmp_path):
+    """A notifier restart with the embedded broker, or a second ``agentwatch up`` in the same
+    directory: the new in-memory broker numbers offsets from 0 again and has no group commits,
+    while the state dir remembers the alerts routed under the old one."""
+    n, m = 12, 10
+    before = [finding(i) for i in range(n)]
+    resolve_0 = dataclasses.replace(before[0], resolved=True, ts=T0 + 100)
+    # Nine new incidents, and the first one firing again after its resolve: a new PD incident.
+    after = [finding(100 + i) for i in range(m - 1)] + [dataclasses.replace(before[0], ts=T0 + 500)]
+    port, state_dir = free_port(), tmp_path / "state"
+    with SlackReceiver() as slack, PagerDutyReceiver() as pd:
+        for run, findings, triggers in ((0, [*before, resolve_0], n), (1, after, n + m)):
+            with EmbeddedBroker(port, log_path=tmp_path / f"tansu{run}.log") as new_broker:
+                alerts_topic, dead_topic = topics(new_broker, "restart")
+                service, stop, thread = start_service(new_broker, routes_dict(slack, pd), state_dir,
+                                                      alerts_topic, dead_topic, "g-restart")
+                try:
+                    produce_findings(new_broker, alerts_topic, findings)
+                    assert wait_until(lambda: len(pd.events("trigger")) >= triggers
+                                      and len(slack.requests) >= triggers + 1, 20), (
+                        run, len(pd.events("trigger")), len(slack.requests), service.stats)
+                    time.sleep(0.3)  # a duplicate would arrive by now
+                finally:
+                    stop.set()
+                    thread.join(15)
+                assert not thread.is_alive()
+        assert (service.stats.consumed, service.stats.duplicates) == (m, 0)
+    assert sorted(e["dedup_key"] for e in pd.events("trigger")) == sorted(
+        f.dedup_key for f in before + after)
+    assert [e["dedup_key"] for e in pd.events("resolve")] == [before[0].dedup_key]
+    assert pd.incidents_opened == n + m
+    assert [len(pd.incidents[f.dedup_key]) for f in before] == [2] + [1] * (n - 1)
+    assert len(slack.requests) == n + m + 1
+
+
 def _notifier_proc(broker, routes_path, state_dir, alerts_topic, dead_topic, log_path):
     env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -228,11 +304,37 @@ def _notifier_proc(broker, routes_path, state_dir, alerts_topic, dead_topic, log
         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def test_sigkill_mid_delivery_then_restart_loses_nothing_and_opens_no_duplicate(broker, tmp_path):
+class PacedProducer(threading.Thread):
+    """Sends findings one at a time, ``interval_s`` apart, as detectors do while incidents unfold."""
+
+    def __init__(self, broker, topic, findings, interval_s):
+        super().__init__(daemon=True)
+        self.broker, self.topic, self.findings, self.interval_s = broker, topic, findings, interval_s
+        self.sent = 0
+
+    def run(self):
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=self.broker.bootstrap_servers, acks="all",
+                                 linger_ms=0)
+        try:
+            for f in self.findings:
+                producer.send(self.topic, key=f.dedup_key.encode(),
+                              value=alert_record_from_finding(f)).get(10)
+                self.sent += 1
+                time.sleep(self.interval_s)
+        finally:
+            producer.close()
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing_and_opens_no_duplicate(broker, tmp_path):
     alerts_topic, dead_topic = topics(broker, "kill")
-    n_fire, n_resolve = 40, 20
+    n_fire, n_resolve, n_before = 40, 20, 10
     fires = [finding(i) for i in range(n_fire)]
     resolves = [dataclasses.replace(f, resolved=True, ts=f.ts + 100) for f in fires[:n_resolve]]
+    # After the first n_before fires, the rest arrive while the notifier runs, each resolve
+    # a few records after its trigger.
+    streamed = [f for pair in zip(fires[n_before:], resolves) for f in pair] + fires[n_before + n_resolve:]
     expected = {(f.dedup_key, "trigger") for f in fires} | {(f.dedup_key, "resolve") for f in resolves}
     # Slow receivers keep deliveries in flight when the kill lands.
     with SlackReceiver(delay_s=0.05) as slack, PagerDutyReceiver(delay_s=0.05) as pd:
@@ -240,14 +342,19 @@ def test_sigkill_mid_delivery_then_restart_loses_nothing_and_opens_no_duplicate(
         routes_path.write_text(yaml.safe_dump(routes_dict(slack, pd)))
         state_dir = tmp_path / "state"
         log_path = tmp_path / "notifier.log"
-        produce_findings(broker, alerts_topic, fires + resolves)
+        produce_findings(broker, alerts_topic, fires[:n_before])
         proc = _notifier_proc(broker, routes_path, state_dir, alerts_topic, dead_topic, log_path)
+        stream = PacedProducer(broker, alerts_topic, streamed, interval_s=0.05)
         try:
-            assert wait_until(lambda: len(slack.requests) >= 12, 60), log_path.read_text()
+            assert wait_until(lambda: len(slack.requests) >= 3, 60), log_path.read_text()
+            stream.start()
+            assert wait_until(lambda: stream.sent >= len(streamed) // 3, 20)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            at_kill = len(slack.requests), len(pd.requests)
-            assert at_kill[0] < len(expected) and at_kill[1] < len(expected)  # truly mid-flight
+            at_kill = len(slack.requests), len(pd.requests), stream.sent
+            # Truly mid-stream: alerts were still arriving and deliveries still owed.
+            assert at_kill[0] < len(expected) and at_kill[1] < len(expected)
+            assert at_kill[2] < len(streamed)
 
             proc = _notifier_proc(broker, routes_path, state_dir, alerts_topic, dead_topic, log_path)
 
@@ -259,18 +366,24 @@ def test_sigkill_mid_delivery_then_restart_loses_nothing_and_opens_no_duplicate(
             def pd_seen():
                 return {(e["dedup_key"], e["event_action"]) for e in pd.events()}
 
-            assert wait_until(lambda: slack_seen() == expected and pd_seen() == expected, 90), (
-                len(slack_seen()), len(pd_seen()), log_path.read_text()[-3000:])
+            assert wait_until(lambda: slack_seen() == expected and pd_seen() == expected, 60), (
+                at_kill, len(slack_seen()), len(pd_seen()), log_path.read_text()[-3000:])
+            stream.join(10)
             time.sleep(0.5)
             # At-least-once: only the one row in flight per destination may arrive twice.
             assert len(slack.requests) - len(expected) <= 1
             assert len(pd.requests) - len(expected) <= 1
-            # PagerDuty folds a repeated trigger into the open incident: no duplicate incident.
+            # One PagerDuty incident per dedup_key; a trigger re-sent after the kill folds into it.
+            triggers = Counter(e["dedup_key"] for e in pd.events("trigger"))
+            assert set(triggers) == {f.dedup_key for f in fires}
+            assert sum(triggers.values()) - n_fire <= 1
+            assert [len(pd.incidents[f.dedup_key]) for f in fires] == [1] * n_fire
             assert pd.incidents_opened == n_fire
             assert sum(not h[-1].open for h in pd.incidents.values()) == n_resolve
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
         finally:
+            stream.join(10)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
