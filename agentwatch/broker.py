@@ -12,7 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
 # Partition counts: per-trace state is partitioned by trace id, so the trace-keyed topics get
 # enough partitions to spread over several workers.
@@ -143,3 +143,61 @@ def create_topics(bootstrap_servers: str, topics: Mapping[str, int] = DEFAULT_TO
                 pass
     finally:
         admin.close()
+
+
+def unconsumed_records(bootstrap_servers: str, group_id: str, topics: Iterable[str],
+                       timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
+    """Records on ``topics`` that ``group_id`` has not committed yet, per (topic, partition).
+
+    Only partitions with something left are returned, so ``{}`` means the group is drained
+    (exact); a count may be low on Tansu, which reports end offsets per batch. A partition the
+    group never committed counts from its first offset.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.admin import KafkaAdminClient
+
+    # Commits are read with the admin API: a consumer carrying the group's id would disturb the
+    # group (a leave on close makes the broker rebalance the real members).
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="agentwatch-drain",
+                             request_timeout_ms=int(timeout_s * 1000))
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentwatch-drain",
+                             enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000) + 1000)
+    try:
+        partitions = [TopicPartition(topic, p) for topic in topics
+                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        ends = consumer.end_offsets(partitions)
+        begins = consumer.beginning_offsets(partitions)
+        offsets = admin.list_group_offsets({group_id: partitions}).get(group_id, {})
+        committed = {tp: (meta.offset if meta is not None and meta.offset >= 0 else None)
+                     for tp in partitions for meta in [offsets.get(tp)]}
+        # Tansu reports the end offset as the last batch's base offset + 1, not its last record's:
+        # where a commit lies inside that last batch, read the batch to know where it ends.
+        unsure = [tp for tp in partitions
+                  if ends[tp] > begins[tp] and (committed[tp] is None or committed[tp] >= ends[tp] - 1)]
+        ends.update(_last_offsets_plus_one(consumer, {tp: ends[tp] - 1 for tp in unsure}, timeout_s))
+    finally:
+        consumer.close()
+        admin.close()
+    left = {}
+    for tp in partitions:
+        done = committed[tp]
+        start = begins[tp] if done is None else max(done, begins[tp])
+        if ends[tp] > start:
+            left[(tp.topic, tp.partition)] = ends[tp] - start
+    return left
+
+
+def _last_offsets_plus_one(consumer: Any, last_batch_starts: Mapping[Any, int], timeout_s: float) -> dict[Any, int]:
+    if not last_batch_starts:
+        return {}
+    consumer.assign(list(last_batch_starts))
+    for tp, offset in last_batch_starts.items():
+        consumer.seek(tp, offset)
+    ends: dict[Any, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(ends) < len(last_batch_starts) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=200).items():
+            if records:
+                ends[tp] = max(ends.get(tp, 0), records[-1].offset + 1)
+                consumer.pause(tp)
+    return ends

@@ -49,8 +49,9 @@ def up(**flags: Any) -> None:
     """Run the stack in the foreground until Ctrl-C/SIGTERM.
 
     Starts the embedded Tansu broker (or uses --bootstrap-servers), creates the topics, starts
-    the rotel collector and the Faust workers, and supervises them: if one dies, its log tail
-    is printed and everything stops.
+    the rotel collector and the Faust workers, and supervises them: a child that dies is
+    restarted with backoff (restarts are printed and counted on the supervisor's /metrics);
+    one that keeps dying, or the death of the embedded broker, stops everything with exit code 1.
     """
     from agentwatch.broker import PortInUseError
     from agentwatch.stack import Stack, StackError

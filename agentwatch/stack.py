@@ -1,13 +1,24 @@
 """The embedded-stack supervisor: broker, topics, collector, workers; started and stopped as one.
 
-Every child runs in its own session (Ctrl-C reaches only the supervisor, which then stops the
-children in order: workers first so they flush snapshots, then collector, then broker) and
-with a parent-death signal, so a supervisor killed with SIGKILL leaves no orphans.
-When any child dies, the supervisor prints the tail of its log and stops the rest.
+Every child runs in its own session (Ctrl-C reaches only the supervisor) and with a parent-death
+signal, so a supervisor killed with SIGKILL leaves no orphans.
+
+Supervision works as systemd or Kubernetes would: a child that dies (worker, notifier, GPU
+exporter, collector) is restarted with exponential backoff while the broker keeps running, and
+the stack gives up loudly only when one child dies repeatedly within a short window. Nothing is
+lost by a restart: every consumer resumes from its group's committed offsets (at-least-once) and
+every side effect downstream is idempotent. The in-memory broker is the exception: when it dies
+nothing can be stored any more, so the collector is killed at once (no client may get success
+for data that cannot be stored) and the stack stops with an error.
+
+A clean stop runs in data-flow order: the collector first (nothing new is acknowledged), then
+the consumers drain what is already on the in-memory broker, then workers flush and commit,
+then the broker stops.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import os
@@ -18,10 +29,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from agentwatch.broker import (DEFAULT_TOPICS, EmbeddedBroker, create_topics, ensure_port_free,
-                               wait_for_port)
+                               unconsumed_records, wait_for_port)
 from agentwatch.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -38,17 +49,90 @@ class StackError(RuntimeError):
     pass
 
 
+class BrokerDied(StackError):
+    pass
+
+
+# The worker group consumes every topic but dead_letter.
+WORKER_INPUT_TOPICS = tuple(name for name in DEFAULT_TOPICS if name != "dead_letter")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Restart a dead child after an exponential backoff; give up after ``max_deaths`` deaths of
+    one child within ``window_s``: a crash loop is a fault that restarting cannot mend."""
+
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 15.0
+    max_deaths: int = 5
+    window_s: float = 60.0
+
+    def backoff_s(self, recent_deaths: int) -> float:
+        return min(self.max_backoff_s, self.initial_backoff_s * 2 ** max(0, recent_deaths - 1))
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
+    deaths: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
+    restart_at: float | None = None  # monotonic time of a scheduled restart
 
     def tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class SupervisorMetrics:
+    """What only the supervisor sees: restarts of its children and the collector's export failures."""
+
+    def __init__(self, registry: Any | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.restarts = Counter("agentwatch_supervisor_restarts", "Children restarted after they died",
+                                ["child"], registry=self.registry)
+        self.up = Gauge("agentwatch_supervisor_child_up", "1 while the child process runs", ["child"],
+                        registry=self.registry)
+        self.export_failures = Counter("agentwatch_collector_export_failures",
+                                       "Collector log lines reporting a failed export to Kafka",
+                                       registry=self.registry)
+
+
+class LogTail:
+    """The lines appended to a log file since the last call (a restarted child appends)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def new_lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read(1 << 20)
+        except OSError:
+            return []
+        self._offset += len(chunk)
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        return [line.decode(errors="replace") for line in lines]
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -67,6 +151,16 @@ class Stack:
     say: Callable[[str], None] = print
     children: list[Child] = field(default_factory=list)
     broker: EmbeddedBroker | None = None
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    metrics: SupervisorMetrics = field(default_factory=SupervisorMetrics)
+    # A clean stop waits for the consumers to drain the in-memory broker while they make
+    # progress, giving up after drain_stall_s without any, or after drain_timeout_s in all.
+    drain_stall_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    # Children that had to be killed by the last stop (a clean stop needs none).
+    forced_stops: list[str] = field(default_factory=list)
+    _collector_log: LogTail | None = None
+    _metrics_server: Any = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -79,6 +173,11 @@ class Stack:
             return []
         return [self.settings.metrics_port + i for i in range(self.settings.workers)]
 
+    def supervisor_metrics_port(self) -> int:
+        """After the workers' and the notifier's ports; 0 when metrics are off."""
+        s = self.settings
+        return s.metrics_port + s.workers + 1 if s.metrics_port else 0
+
     def start(self, timeout_s: float = 30.0) -> "Stack":
         started = time.monotonic()
         s = self.settings
@@ -89,8 +188,15 @@ class Stack:
         ensure_port_free(s.otlp_http_port, "--otlp-http-port")
         for port in self.worker_metrics_ports() + ([s.metrics_port + s.workers] if s.alert_routes and s.metrics_port else []):
             ensure_port_free(port, "--metrics-port")
+        if self.supervisor_metrics_port():
+            ensure_port_free(self.supervisor_metrics_port(), "--metrics-port")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.supervisor_metrics_port():
+                from agentwatch.dashboards.metrics import serve_metrics
+
+                self._metrics_server = serve_metrics(self.metrics.registry, self.supervisor_metrics_port(),
+                                                     s.metrics_addr)
             if not s.bootstrap_servers:
                 self.broker = EmbeddedBroker(s.broker_port, log_path=self.run_dir / "broker.log").start()
                 self.say(f"broker    Tansu (embedded, in-memory) on {self.bootstrap_servers}")
@@ -108,12 +214,9 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.run_dir / f"{name}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
-        child = Child(name, proc, log_path)
+        child = Child(name, _popen(argv, env or {}, log_path), log_path, argv=argv, env=env or {})
         self.children.append(child)
+        self.metrics.up.labels(name).set(1)
         return child
 
     def _start_collector(self) -> None:
@@ -121,9 +224,10 @@ class Stack:
 
         s = self.settings
         config = RotelConfig(brokers=self.bootstrap_servers, grpc_port=s.otlp_grpc_port, http_port=s.otlp_http_port,
-                             max_message_bytes=s.max_message_bytes, max_span_bytes=s.collector_max_span_bytes,
+                             max_message_bytes=s.max_message_bytes,
                              pid_file=str(self.run_dir / "rotel.pid"))
         child = self._spawn("collector", config.command(), {"RUST_LOG": "warn"})
+        self._collector_log = LogTail(child.log_path)
         try:
             wait_for_port(s.otlp_grpc_port, 10, child.proc)
             wait_for_port(s.otlp_http_port, 10, child.proc)
@@ -181,29 +285,137 @@ class Stack:
         self.say(f"gpu       NVML exporter sampling every {s.gpu_interval_s:g}s -> gpu_samples")
 
     def dead_child(self) -> Child | None:
+        """A child that is dead and not scheduled for a restart, or the dead broker."""
         for child in self.children:
-            if child.proc.poll() is not None:
+            if child.restart_at is None and child.proc.poll() is not None:
                 return child
-        if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
+        if self.broker_died():
             return Child("broker", self.broker.proc, self.run_dir / "broker.log")
         return None
 
-    def supervise(self, should_stop: Callable[[], bool]) -> None:
-        """Block until ``should_stop()`` or a child dies (then raise with its log tail)."""
-        while not should_stop():
-            dead = self.dead_child()
-            if dead is not None:
-                raise StackError(f"{dead.name} died with exit code {dead.proc.returncode}; last log lines:\n{dead.tail()}")
-            time.sleep(0.2)
+    def broker_died(self) -> bool:
+        return self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        # Workers first (they flush snapshots on shutdown), then the collector, then the broker.
-        for child in sorted(self.children, key=lambda c: 0 if c.name.startswith("worker") else 1):
+    def supervise(self, should_stop: Callable[[], bool], every_s: float = 0.2) -> None:
+        """Keep the stack running until ``should_stop()``: restart dead children, report collector
+        export failures; raise :class:`StackError` when a child keeps dying or the broker died."""
+        while not should_stop():
+            self.poll()
+            time.sleep(every_s)
+
+    def poll(self) -> None:
+        """One supervision step (``supervise`` loops over it; the demo calls it between sends)."""
+        if self.broker_died():
+            self._on_broker_death()
+        now = time.monotonic()
+        policy = self.restart_policy
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    self._restart(child)
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            self.metrics.up.labels(child.name).set(0)
+            # A killed worker can leave its normaliser process behind for a moment.
+            _signal_group(child.proc.pid, signal.SIGKILL)
+            child.deaths.append(now)
+            recent = sum(1 for t in child.deaths if now - t <= policy.window_s)
+            if recent >= policy.max_deaths:
+                raise StackError(f"{child.name} died {recent} times within {policy.window_s:g}s "
+                                 f"(last: {describe_exit(code)}); giving up. Last log lines:\n{child.tail()}")
+            delay = policy.backoff_s(recent)
+            child.restart_at = now + delay
+            self.say(f"{child.name} died ({describe_exit(code)}); restarting in {delay:.1f}s "
+                     f"(restart {child.restarts + 1}); log: {child.log_path}")
+        self._report_export_failures()
+
+    def _restart(self, child: Child) -> None:
+        child.restart_at = None
+        child.proc = _popen(child.argv, child.env, child.log_path)
+        child.restarts += 1
+        self.metrics.restarts.labels(child.name).inc()
+        self.metrics.up.labels(child.name).set(1)
+        self.say(f"{child.name} restarted (pid {child.proc.pid}, restart {child.restarts})")
+
+    def _report_export_failures(self) -> None:
+        if self._collector_log is None:
+            return
+        from agentwatch.collectors.rotel import export_failures
+
+        failures = export_failures("\n".join(self._collector_log.new_lines()))
+        if failures:
+            self.metrics.export_failures.inc(len(failures))
+            self.say(f"collector: {len(failures)} export(s) to Kafka failed; first: {failures[0]}")
+
+    def _on_broker_death(self) -> None:
+        code = self.broker.proc.returncode
+        # Nothing may answer success while nothing can store: stop the receivers at once.
+        for child in self.children:
+            if child.name == "collector":
+                _signal_group(child.proc.pid, signal.SIGKILL)
+        raise BrokerDied(
+            f"broker died ({describe_exit(code)}): the embedded broker keeps topics in memory, so what "
+            f"was not yet consumed is lost; the collector was stopped so no sender gets success for data "
+            f"that cannot be stored. Last log lines:\n{Child('broker', self.broker.proc, self.run_dir / 'broker.log').tail()}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop in data-flow order; on the in-memory broker, drain it before it goes."""
+        by_role = {"collector": [], "gpu": [], "worker": [], "notifier": []}
+        for child in self.children:
+            role = "worker" if child.name.startswith("worker") else "gpu" if child.name.startswith("gpu") else child.name
+            by_role.setdefault(role, []).append(child)
+        for child in by_role["collector"] + by_role["gpu"]:
             terminate_group(child.proc, timeout_s)
+        if self.broker is not None and not self.broker_died() and self.children:
+            self._drain(by_role)
+        self.forced_stops = []
+        for child in by_role["worker"] + [c for role, cs in by_role.items()
+                                          if role not in ("collector", "gpu", "worker") for c in cs]:
+            if terminate_group(child.proc, timeout_s):
+                self.forced_stops.append(child.name)
+                self.say(f"stop: {child.name} did not stop within {timeout_s:g}s and was killed")
         self.children.clear()
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+
+    def _drain(self, by_role: dict[str, list[Child]]) -> None:
+        """Wait until the worker and notifier groups have committed everything on the broker."""
+        from agentwatch.alerts.service import ALERTS_TOPIC, GROUP_ID as NOTIFIER_GROUP
+
+        groups = {}
+        if any(c.proc.poll() is None for c in by_role["worker"]):
+            groups[self.settings.app_id] = WORKER_INPUT_TOPICS
+        if any(c.proc.poll() is None for c in by_role["notifier"]):
+            groups[NOTIFIER_GROUP] = (ALERTS_TOPIC,)
+        for child in by_role["worker"]:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGUSR1)  # write buffered rows at every tick now
+        started = last_progress = time.monotonic()
+        left: dict[str, dict] = {}
+        remaining = None
+        while groups:
+            try:
+                left = {g: r for g, topics in groups.items()
+                        if (r := unconsumed_records(self.bootstrap_servers, g, topics))}
+            except Exception as exc:  # a broken broker: nothing more to wait for
+                self.say(f"stop: could not read the consumer groups' progress ({exc})")
+                return
+            total = sum(n for records in left.values() for n in records.values())
+            now = time.monotonic()
+            if remaining is None or total < remaining:
+                remaining, last_progress = total, now
+            if not left or now - last_progress > self.drain_stall_s or now - started > self.drain_timeout_s:
+                break
+            time.sleep(0.25)
+        for group, records in left.items():
+            self.say(f"stop: {sum(records.values())} record(s) not consumed by {group} after "
+                     f"{time.monotonic() - started:.1f}s are lost with the in-memory broker: {dict(records)}")
 
     def __enter__(self) -> "Stack":
         return self.start()
@@ -212,20 +424,32 @@ class Stack:
         self.stop()
 
 
-def terminate_group(proc: subprocess.Popen, timeout_s: float) -> None:
+def _popen(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env}, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def terminate_group(proc: subprocess.Popen, timeout_s: float) -> bool:
     """Stop a child and everything it started (its process group, even when the leader is gone:
-    a worker killed with SIGKILL leaves its normaliser process behind otherwise)."""
+    a worker killed with SIGKILL leaves its normaliser process behind otherwise).
+
+    Returns True when the child had to be killed because it did not stop within ``timeout_s``.
+    """
+    forced = False
     _signal_group(proc.pid, signal.SIGTERM)
     if proc.poll() is None:
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            forced = True
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
     deadline = time.monotonic() + timeout_s
     while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     _signal_group(proc.pid, signal.SIGKILL)
+    return forced
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -17,7 +17,7 @@ import collections
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import faust
 
@@ -60,8 +60,9 @@ class DriftStage:
 
     def preload(self) -> None:
         """Load torch and the model in the embedding thread now: a few CPU-seconds, paid once at
-        start-up instead of inside the first traffic burst that closes a window."""
-        self.executor.submit(self.embedder.dimension)
+        start-up instead of inside the first traffic burst that closes a window. ``dimension`` is a
+        property, read inside the lambda so that the load runs in the executor, not on the loop."""
+        self.executor.submit(lambda: self.embedder.dimension)
 
     def refresh_references(self, now: float, every_s: float = 30.0) -> None:
         """Pick up reference sets added or re-bound while running (``agentwatch reference add``)."""
@@ -135,7 +136,7 @@ class WorkerState:
         self.metrics = metrics
         self.alert_record = alert_record
         self.counts = {"spans": 0, "records": 0, "dead_letter": 0, "findings": 0}
-        self.pool: Any | None = None  # the normaliser process, when used
+        self.pool: NormalizerProcess | None = None  # the normaliser process, when used
         self.trace_steps = TraceStepCounter()
 
 
@@ -160,11 +161,43 @@ def _cap_consumer_fetch_wait(max_wait_ms: int) -> None:
     aiokafka.AIOKafkaConsumer.__init__ = init
 
 
-def faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
+class WorkerApp(faust.App):
+    """A Faust app that writes buffered rows while Faust waits for acknowledgements.
+
+    Before a worker gives its partitions up (a stop, a rebalance), Faust waits, with no timeout,
+    until every event it handed out is acknowledged. Event records are acknowledged only once
+    their rows are in Parquet, and the timers that flush them are already stopped by then: the
+    wait never ended, a clean stop ended in SIGKILL and the buffered rows were lost. So the wait
+    runs with a flush loop beside it.
+    """
+
+    flush_buffered: Callable[[], Awaitable[None]] | None = None
+
+    async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
+        if self.flush_buffered is None:
+            await super()._consumer_wait_empty(consumer, logger)
+            return
+        flushing = asyncio.ensure_future(self._flush_until_cancelled(self.flush_buffered))
+        try:
+            await super()._consumer_wait_empty(consumer, logger)
+        finally:
+            flushing.cancel()
+
+    @staticmethod
+    async def _flush_until_cancelled(flush: Callable[[], Awaitable[None]], every_s: float = 0.1) -> None:
+        while True:
+            try:
+                await flush()
+            except Exception:
+                log.exception("flush while releasing partitions failed; retrying")
+            await asyncio.sleep(every_s)
+
+
+def faust_app(settings: Settings, app_id: str | None = None) -> WorkerApp:
     """A Faust app with the worker's client settings (batches of tens of MB, fast group joins)."""
     _cap_consumer_fetch_wait(settings.consumer_fetch_max_wait_ms)
     fetch = settings.max_message_bytes * 2
-    return faust.App(
+    return WorkerApp(
         app_id or settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         store="memory://",
@@ -235,11 +268,14 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         # decodes, this loop sends the previous group's events and runs the detect stage.
         async for events in stream.take_events(16, within=0.005):
             started = time.perf_counter()
-            pending = [normalize(event.value or b"") for event in events]
+            pending = [asyncio.ensure_future(normalize(event.value or b"")) for event in events]
             group_outputs: list[tuple[str, int, bytes]] = []
             for event, future in zip(events, pending):
                 try:
                     outputs, spans, reason = await future
+                except NormalizerDied as exc:
+                    await dead_letter(event, f"normaliser died: {exc}")
+                    continue
                 except Exception as exc:  # never let one record kill the worker
                     log.exception("normaliser failed on a record")
                     await dead_letter(event, f"normaliser error: {type(exc).__name__}: {exc}")
@@ -377,9 +413,8 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             for stream, event in buffer.tokens:
                 await stream.ack(event)
 
-    @app.timer(0.5)
-    async def flush_snapshots() -> None:
-        due = state.sink.take_due()
+    async def flush(force: bool = False) -> None:
+        due = state.sink.take_due(force=force)
         if not due:
             return
         # Parquet encoding runs in a thread so the consumer loop keeps heartbeating.
@@ -391,13 +426,29 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
             return
         await ack_written(due)
 
+    app.flush_buffered = lambda: flush(force=True)
+    draining = asyncio.Event()
+
+    @app.task
+    async def drain_on_sigusr1() -> None:
+        # The supervisor sends SIGUSR1 before a stop, while it waits for the consumers to commit
+        # everything on the in-memory broker: from then on rows are written at every tick, so
+        # their records commit within a second instead of after the flush interval.
+        import signal
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, draining.set)
+
+    @app.timer(0.5)
+    async def flush_snapshots() -> None:
+        await flush(force=draining.is_set())
+
     @app.on_before_shutdown.connect
     async def flush_on_shutdown(app: faust.App, **kwargs: Any) -> None:
         due = state.sink.take_due(force=True)
         state.sink.write(due)
         await ack_written(due)
         if state.pool is not None:
-            state.pool.shutdown(wait=False, cancel_futures=True)
+            state.pool.shutdown()
 
     if state.drift is not None:
         @app.task
@@ -448,31 +499,95 @@ def _child_on_traces(payload: bytes) -> tuple[list[tuple[str, int, bytes]], int,
     return outcome.outputs, outcome.spans, outcome.dead_letter_reason
 
 
-def _normalizer_offload(settings: Settings, state: WorkerState) -> Callable[[bytes], "asyncio.Future"]:
-    """Where otlp_spans records are normalised: a child process (default) or this one.
+class NormalizerDied(RuntimeError):
+    """The normaliser process died on a record even when it ran alone: the record is the suspect."""
+
+
+class NormalizerProcess:
+    """otlp_spans records normalised in a child process, surviving the child's death.
 
     Decoding and mapping are pure CPU work; in a second process they run on the other core
-    while this process does Kafka I/O, detectors and snapshots. One process only, so the
-    normaliser's memory of parent spans sees every record of this worker, in order.
+    while the worker does Kafka I/O, detectors and snapshots. One process only, so its memory of
+    parent spans sees every record of this worker, in order.
+
+    When the child dies (the OOM killer, a crash) the records it held were not acknowledged and
+    are not at fault: a new child is started and they run again, one at a time, so a record that
+    kills a child while running alone is known to be the cause. After ``max_attempts`` such
+    deaths it raises :class:`NormalizerDied` and the caller dead-letters that record. A child
+    that cannot even start raises, and the worker fails for its supervisor to see.
     """
+
+    def __init__(self, settings: Settings, partitions: dict[str, int], *, max_attempts: int = 3,
+                 on_restart: Callable[[str], None] | None = None) -> None:
+        self.initargs = (str(settings.pricing_path) if settings.pricing_path else None, settings.max_text_chars,
+                         dict(partitions))
+        self.max_attempts = max_attempts
+        self.on_restart = on_restart
+        self.restarts = 0
+        self._pool = self._start()
+        self._alone = asyncio.Lock()
+
+    def _start(self) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded process
+                                   initializer=_child_init, initargs=self.initargs)
+        pool.submit(int).result()  # start and initialise it now, not on the first record
+        return pool
+
+    def child_pid(self) -> int | None:
+        processes = getattr(self._pool, "_processes", None) or {}
+        return next(iter(processes), None)
+
+    async def __call__(self, payload: bytes) -> tuple[list[tuple[str, int, bytes]], int, str | None]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._pool
+        try:
+            return await asyncio.wrap_future(pool.submit(_child_on_traces, payload))
+        except BrokenProcessPool as exc:
+            death = str(exc)
+        for _attempt in range(1, self.max_attempts):
+            async with self._alone:
+                pool = await self._replace(pool, death)
+                try:
+                    return await asyncio.wrap_future(pool.submit(_child_on_traces, payload))
+                except BrokenProcessPool as exc:
+                    death = str(exc)
+        raise NormalizerDied(f"the normaliser process died {self.max_attempts - 1} times while it held "
+                             f"only this record ({death})")
+
+    async def _replace(self, broken: Any, reason: str) -> Any:
+        """The live pool: the one another record already started, or a new one."""
+        if self._pool is broken:
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._pool = await asyncio.get_running_loop().run_in_executor(None, self._start)
+            self.restarts += 1
+            log.warning("normaliser process died (%s); restarted it (restart %d)", reason, self.restarts)
+            if self.on_restart is not None:
+                self.on_restart(reason)
+        return self._pool
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _normalizer_offload(settings: Settings, state: WorkerState) -> Callable[[bytes], Awaitable[Any]]:
+    """Where otlp_spans records are normalised: a child process (default) or this one."""
     if settings.normalize_in_process:
         async def inline(payload: bytes):
             outcome = state.pipeline.on_traces(payload)
             return outcome.outputs, outcome.spans, outcome.dead_letter_reason
 
-        return lambda payload: asyncio.ensure_future(inline(payload))
+        return inline
 
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    def restarted(reason: str) -> None:
+        if state.metrics is not None:
+            state.metrics.observe_normalizer_restart()
 
-    pool = ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded process
-        initializer=_child_init,
-        initargs=(str(settings.pricing_path) if settings.pricing_path else None, settings.max_text_chars,
-                  dict(state.partitions)))
-    pool.submit(int).result()  # start and initialise it now, not on the first record
-    state.pool = pool
-    return lambda payload: asyncio.wrap_future(pool.submit(_child_on_traces, payload))
+    state.pool = NormalizerProcess(settings, state.partitions, on_restart=restarted)
+    return state.pool
 
 
 __all__ = ["create_app", "DriftStage", "WorkerState"]

@@ -1,0 +1,219 @@
+"""Faults injected into the real embedded stack, counted (``agentwatch bench`` section ``faults``).
+
+Every figure is a count, not an impression: OTLP requests are sent by hand so that the sender
+knows exactly which span ids got a success status; afterwards the snapshots are read and every
+acknowledged span id must be there (or on ``dead_letter`` with a reason). The tests in
+tests/integration/test_faults.py run the same scenarios and assert the counts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+SPAN_TABLES = ("llm_calls", "tool_calls", "agent_steps")
+
+
+def llm_request(n_spans: int, *, rng: random.Random, prompt_chars: int = 0, service: str = "faults",
+                tool_every: int = 0) -> tuple[bytes, list[str]]:
+    """An ExportTraceServiceRequest of ``n_spans`` model-call spans (one trace each, so no span
+    is a nested duplicate of another), and their span ids in hex. With ``tool_every`` > 0, every
+    that-many-th span is a tool call instead."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    def attr(key: str, value: Any) -> KeyValue:
+        if isinstance(value, str):
+            return KeyValue(key=key, value=AnyValue(string_value=value))
+        return KeyValue(key=key, value=AnyValue(int_value=value))
+
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.append(attr("service.name", service))
+    scope = resource_spans.scope_spans.add()
+    now = time.time_ns()
+    ids = []
+    prompt = ("x" * prompt_chars) if prompt_chars else ""
+    for i in range(n_spans):
+        span = scope.spans.add()
+        span.trace_id = rng.randbytes(16)
+        span.span_id = rng.randbytes(8)
+        span.start_time_unix_nano = now - 1_000_000_000
+        span.end_time_unix_nano = now
+        if tool_every and i % tool_every == tool_every - 1:
+            span.name = "execute_tool lookup"
+            span.attributes.extend([attr("gen_ai.operation.name", "execute_tool"),
+                                    attr("gen_ai.tool.name", "lookup")])
+        else:
+            span.name = "chat gpt-4o-mini"
+            span.attributes.extend([
+                attr("gen_ai.operation.name", "chat"), attr("gen_ai.provider.name", "openai"),
+                attr("gen_ai.request.model", "gpt-4o-mini"), attr("gen_ai.usage.input_tokens", 100 + i),
+                attr("gen_ai.usage.output_tokens", 10)])
+            if prompt:
+                span.attributes.append(attr("gen_ai.prompt.0.content", prompt))
+        ids.append(span.span_id.hex())
+    return request.SerializeToString(), ids
+
+
+def post_http(port: int, body: bytes, timeout_s: float = 10.0) -> int:
+    """POST an OTLP/HTTP protobuf body; the HTTP status, or 0 when no answer came."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/traces", data=body, method="POST",
+                                     headers={"Content-Type": "application/x-protobuf"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@dataclass
+class AckedTraffic:
+    """Requests sent at a steady rate from a thread; remembers which span ids were acknowledged."""
+
+    http_port: int
+    spans_per_request: int = 20
+    requests_per_s: float = 20.0
+    seed: int = 5
+    acknowledged: list[str] = field(default_factory=list)
+    refused: int = 0  # requests answered with an error or not at all (the sender knows)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def send_one(self, rng: random.Random) -> bool:
+        body, ids = llm_request(self.spans_per_request, rng=rng, tool_every=5)
+        if post_http(self.http_port, body) == 200:
+            self.acknowledged.extend(ids)
+            return True
+        self.refused += 1
+        return False
+
+    def start(self) -> "AckedTraffic":
+        def run() -> None:
+            rng = random.Random(self.seed)
+            interval = 1.0 / self.requests_per_s
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                self.send_one(rng)
+                next_at += interval
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+        self._thread = threading.Thread(target=run, name="acked-traffic", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+def stored_span_ids(data_dir: Path) -> tuple[set[str], int]:
+    """Distinct span ids in the span tables, and the number of rows (rows - ids = repeats)."""
+    from agentwatch.streams.snapshots import query_snapshots
+
+    ids: set[str] = set()
+    rows = 0
+    for table in SPAN_TABLES:
+        try:
+            found = query_snapshots(data_dir, f"SELECT span_id FROM {table}").column("span_id").to_pylist()
+        except Exception:  # no file written for this table yet
+            continue
+        rows += len(found)
+        ids.update(found)
+    return ids, rows
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, every_s: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every_s)
+
+
+@dataclass
+class FaultResult:
+    fault: str
+    acknowledged: int
+    stored: int
+    lost: int
+    repeated_rows: int
+    refused_requests: int
+    recover_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def child(stack: Any, name: str) -> Any:
+    return next(c for c in stack.children if c.name == name)
+
+
+def kill_child(stack: Any, name: str) -> float:
+    """SIGKILL a child, as the OOM killer does; returns when it happened (monotonic)."""
+    os.kill(child(stack, name).proc.pid, 9)
+    return time.monotonic()
+
+
+def kill_normalizer(stack: Any, worker: str = "worker-0") -> float:
+    import psutil
+
+    normalizers = psutil.Process(child(stack, worker).proc.pid).children()
+    if not normalizers:
+        raise RuntimeError(f"{worker} has no normaliser process")
+    normalizers[0].kill()
+    return time.monotonic()
+
+
+def supervise_for(stack: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        stack.poll()
+        time.sleep(0.1)
+
+
+def run_span_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, traffic_s: float = 6.0,
+                   settle_s: float = 60.0) -> FaultResult:
+    """Steady acknowledged traffic; ``inject`` the fault half-way; keep supervising; count.
+
+    Recovery is the time from the fault until a span sent after it is stored.
+    """
+    seed = zlib.crc32(fault.encode())
+    traffic = AckedTraffic(stack.settings.otlp_http_port, seed=seed).start()
+    supervise_for(stack, traffic_s / 2)
+    injected_at = inject(stack)
+    supervise_for(stack, traffic_s / 2)
+    marker_rng = random.Random(seed + 1)
+    marker_body, marker_ids = llm_request(1, rng=marker_rng)
+    while post_http(stack.settings.otlp_http_port, marker_body) != 200 and time.monotonic() - injected_at < settle_s:
+        supervise_for(stack, 0.2)
+    traffic.stop()
+    expected = set(traffic.acknowledged) | set(marker_ids)
+    recovered_at = None
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        stack.poll()
+        ids, rows = stored_span_ids(stack.settings.data_dir)
+        if recovered_at is None and set(marker_ids) <= ids:
+            recovered_at = time.monotonic()
+        if expected <= ids:
+            break
+        time.sleep(0.25)
+    ids, rows = stored_span_ids(stack.settings.data_dir)
+    return FaultResult(fault=fault, acknowledged=len(expected), stored=len(expected & ids),
+                       lost=len(expected - ids), repeated_rows=rows - len(ids),
+                       refused_requests=traffic.refused,
+                       recover_s=None if recovered_at is None else round(recovered_at - injected_at, 2))
