@@ -5,6 +5,11 @@ detectors never read a clock. Events travel between workers as JSON objects whos
 the field names (``orjson`` serialises these dataclasses natively); :func:`event_from_dict`
 turns such an object back into its event, ignoring keys a newer producer may have added.
 
+A number outside its plausibility bounds (:mod:`agentwatch.bounds`) never reaches an event as
+it came: the row carries ``null`` there and names the field in ``invalid_fields``
+(``"input_tokens:above_max,cost_usd:from_invalid_tokens"``); the event built from such a row
+holds 0, so sums and detectors stay numeric and the flagged value adds nothing.
+
 Structured payloads that vary per call (tool definitions, the tool calls a model asked for,
 finding evidence) are kept as JSON text or plain mappings so that each event maps onto one
 flat Parquet row.
@@ -53,6 +58,7 @@ class LlmCall:
     tool_definitions: str = ""
     # JSON text: [{"name": str, "arguments": str, "id": str}, ...] the model asked to call.
     requested_tool_calls: str = ""
+    invalid_fields: str = ""  # "field:reason,..." for values nulled as implausible (see above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,7 @@ class ToolCall:
     latency_ms: float = 0.0
     status: str = "ok"
     error: str = ""
+    invalid_fields: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,7 @@ class AgentStep:
     latency_ms: float = 0.0
     status: str = "ok"
     error: str = ""
+    invalid_fields: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +154,7 @@ class GpuSample:
     temperature_c: float = 0.0
     power_w: float = 0.0
     simulated: bool = False  # True when the sample came from the demo's simulated source
+    invalid_fields: str = ""
 
 
 class Severity(StrEnum):

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agentwatch.bounds import ValueBounds
 from agentwatch.broker import MAX_MESSAGE_BYTES
 
 
@@ -74,3 +75,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 1.0
     commit_interval_s: float = 1.0
     consumer_fetch_max_wait_ms: int = 100  # bounds the latency each Kafka hop adds (see streams/app.py)
+
+    # Plausibility bounds of event numbers (tokens, latency, cost, GPU readings); a value outside
+    # them is nulled, flagged, counted and dead-lettered. JSON, kinds not named keep their
+    # defaults, e.g. AGENTWATCH_VALUE_BOUNDS='{"tokens": [0, 50000000]}'. See agentwatch/bounds.py.
+    value_bounds: ValueBounds = ValueBounds()

@@ -265,6 +265,14 @@ class PipelineMetrics:
             counter("agentwatch_dead_letter_total", "Records sent to the dead-letter topic.",
                     ["topic", "reason"]),
             fixed=(False, False))
+        # Table, field and reason come from agentwatch.bounds' closed vocabularies, not from
+        # the telemetry, so they survive folding.
+        self._values_rejected = counters(
+            counter("agentwatch_values_rejected_total",
+                    "Implausible values (out of bounds, NaN, infinite, not a number) nulled in "
+                    "their rows and dead-lettered, by table, field and reason.",
+                    ["table", "field", "reason"]),
+            fixed=(True, True, True))
         self._lag = gauges(gauge("agentwatch_consumer_lag",
                                  "Records behind the partition's end offset.",
                                  ["topic", "partition"]))
@@ -443,6 +451,16 @@ class PipelineMetrics:
     def observe_dead_letter(self, *, topic: str, reason: str, n: int = 1) -> None:
         """Count ``n`` records of ``topic`` dead-lettered for ``reason`` (a short code)."""
         self._dead_letter.children((self._label(topic), self._label(reason)))[0].inc(n)
+
+    def observe_rejected_values(self, rejections: Iterable[Any]) -> None:
+        """Count rejected values (:class:`agentwatch.bounds.ValueRejection`: ``table``,
+        ``field``, ``reason``), once per batch."""
+        totals: dict[tuple[str, str, str], int] = {}
+        for rejection in rejections:
+            key = (rejection.table, rejection.field, rejection.reason)
+            totals[key] = totals.get(key, 0) + 1
+        for labels, n in totals.items():
+            self._values_rejected.children(tuple(self._label(v) for v in labels))[0].inc(n)
 
     def set_consumer_lag(self, topic: str, partition: int, lag: int) -> None:
         """Set the lag of one assigned partition."""

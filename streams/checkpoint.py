@@ -34,6 +34,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +52,7 @@ FORMAT_VERSION = 1
 # numpy scalars that slip into a snapshot are written as plain numbers. NaN/Infinity would be
 # written as null by orjson: the detector contract suite (allow_nan=False) keeps them out.
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # the integers orjson encodes
 
 
 def checkpoint_path(data_dir: Path, app_id: str, worker_index: int) -> Path:
@@ -107,6 +109,8 @@ class DetectorCheckpoint:
         Seconds the last successful restore took (read, decode, restore).
     saves, failures : int
         Saves written, and saves or restores that failed.
+    wide_int_encodes : int
+        In-process encodes that wrote an integer beyond 64 bits as a float.
 
     Examples
     --------
@@ -148,6 +152,7 @@ class DetectorCheckpoint:
         self.saves = 0
         self.forked_saves = 0
         self.failures = 0
+        self.wide_int_encodes = 0
         self._write_lock = threading.Lock()  # a shutdown save and a timer save may both write
         self._save_lock: asyncio.Lock | None = None
 
@@ -234,7 +239,15 @@ class DetectorCheckpoint:
             state = self.runner.snapshot()
         doc = {"format": FORMAT, "version": FORMAT_VERSION, "worker_id": self.worker_id,
                "saved_at": self.wall_clock(), "detectors": list(state), "state": state}
-        data = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+        try:
+            data = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+        except orjson.JSONEncodeError:
+            # One integer beyond 64 bits anywhere in any detector's state (a sum of implausible
+            # token counts) would fail every save from then on. Such an integer is written as
+            # the nearest float instead (what orjson reads back for it anyway); anything else
+            # that cannot be encoded still fails the save.
+            data = orjson.dumps(_wide_ints_as_floats(doc), option=_DUMPS_OPTIONS)
+            self.wide_int_encodes += 1
         self.last_encode_s = time.perf_counter() - started
         # Done here, this is an in-process save: all of it held the caller's thread, no child.
         self.last_blocking_s = self.last_encode_s
@@ -491,6 +504,20 @@ def _reap_child(pid: int, report_fd: int) -> dict[str, Any]:
         died = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         return {"ok": False, "error": report.get("error", died)}
     return report
+
+
+def _wide_ints_as_floats(value: Any) -> Any:
+    """``value`` with every integer orjson cannot encode (beyond int64/uint64) made a float."""
+    if isinstance(value, dict):
+        return {k: _wide_ints_as_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wide_ints_as_floats(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _UINT_MAX:
+        try:
+            return float(value)
+        except OverflowError:  # beyond 1.8e308: the largest float keeps the sign and the size
+            return sys.float_info.max if value > 0 else -sys.float_info.max
+    return value
 
 
 def _rss_bytes() -> int:

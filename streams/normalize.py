@@ -9,6 +9,10 @@ the model and even the same token counts. Only the innermost LLM span of a call 
 :class:`LlmCall`; an LLM-looking ancestor becomes an :class:`AgentStep`, and the fields the
 child lacks (request model, provider, tokens) are taken from it. Ancestors arriving in a later
 batch are recognised through a bounded memory of recent LLM spans' parents.
+
+Numbers (tokens, latency, cost) are checked against :class:`~agentwatch.bounds.ValueBounds`
+as rows are built: an implausible one is nulled in the row, named in its ``invalid_fields`` and
+reported in :attr:`NormalizedBatch.rejections`; the span still becomes its row.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from typing import Any, Iterable, Mapping
 
 import orjson
 
+from agentwatch.bounds import (DEFAULT_BOUNDS, FROM_INVALID_TOKENS, NOT_A_NUMBER, PRICED_TOKEN_FIELDS, FieldLimit,
+                               ValueBounds, ValueRejection, check_number, format_flags, keepable, typed_row)
 from agentwatch.events import AgentStep, LlmCall, LlmMessage, ToolCall
 from agentwatch.streams import semconv as sc
 from agentwatch.streams.otlp import any_value, attributes
 from agentwatch.streams.pricing import PricingTable
 
 _STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
-_MAX_TOKENS = 10**12  # anything larger is corrupt input, not usage
 
 
 @dataclass
@@ -43,18 +48,24 @@ class NormalizedBatch:
     agent_step_rows: list[dict[str, Any]] = field(default_factory=list)
     # Spans that could not be mapped: (span id, reason). The rest of the batch still counts.
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # Values nulled in the rows above because they were implausible (the rows still count).
+    rejections: list[ValueRejection] = field(default_factory=list)
 
+    # The events hold 0 where the rows hold a nulled value, as decoded events do.
     @property
     def llm_calls(self) -> list[LlmCall]:
-        return [LlmCall(**row) for row in self.llm_call_rows]
+        limits = DEFAULT_BOUNDS.limits(LlmCall.table)
+        return [LlmCall(**typed_row(limits, row)) for row in self.llm_call_rows]
 
     @property
     def tool_calls(self) -> list[ToolCall]:
-        return [ToolCall(**row) for row in self.tool_call_rows]
+        limits = DEFAULT_BOUNDS.limits(ToolCall.table)
+        return [ToolCall(**typed_row(limits, row)) for row in self.tool_call_rows]
 
     @property
     def agent_steps(self) -> list[AgentStep]:
-        return [AgentStep(**row) for row in self.agent_step_rows]
+        limits = DEFAULT_BOUNDS.limits(AgentStep.table)
+        return [AgentStep(**typed_row(limits, row)) for row in self.agent_step_rows]
 
     @property
     def events(self) -> int:
@@ -72,16 +83,28 @@ class Normalizer:
         Prompt, response, argument and result texts are cut to this many characters.
     parent_memory
         How many recent LLM spans' parents to remember to demote ancestors seen later.
+    value_bounds
+        Plausibility bounds of tokens, latency and cost (``Settings.value_bounds``); the
+        defaults when None.
     """
 
     def __init__(self, pricing: PricingTable, *, max_text_chars: int = 8192,
-                 parent_memory: int = 100_000) -> None:
+                 parent_memory: int = 100_000, value_bounds: ValueBounds | None = None) -> None:
         if max_text_chars < 0:
             raise ValueError("max_text_chars must be >= 0")
         if parent_memory < 0:
             raise ValueError("parent_memory must be >= 0")
         self.pricing = pricing
         self.max_text_chars = max_text_chars
+        self.value_bounds = value_bounds if value_bounds is not None else DEFAULT_BOUNDS
+        llm = {f.name: f for f in self.value_bounds.limits(LlmCall.table).nullable}
+        self._token_limits = tuple(llm[name] for name in (
+            "input_tokens", "output_tokens", "cache_read_tokens", "reasoning_tokens"))
+        self._cost_limit = llm["cost_usd"]
+        self._latency_limit = llm["latency_ms"]
+        self._start_ts_limit = next(f for f in self.value_bounds.limits(AgentStep.table).nullable
+                                    if f.name == "start_ts")
+        self._ts_low, self._ts_high = self.value_bounds.timestamp_s
         self.parent_memory = parent_memory
         self._llm_parents: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.unpriced_models: collections.Counter[str] = collections.Counter()
@@ -131,6 +154,7 @@ class Normalizer:
         remembered = self._llm_parents
 
         for role, span, attrs, resource, trace_id, span_id, parent_id in staged:
+            rejected: list[ValueRejection] = []  # the span's own: kept only if its row is
             try:
                 if role == "llm" and ((trace_id, span_id) in llm_parent_ids or (trace_id, span_id) in remembered):
                     role = "agent"  # an outer wrapper of a model call: counted once, in the child
@@ -142,53 +166,89 @@ class Normalizer:
                     parent_key = (trace_id, parent_id)
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
                     batch.llm_call_rows.append(
-                        self._llm_call(span, merged, header, span_id, parent_id))
+                        self._llm_call(span, merged, header, span_id, parent_id, rejected))
                     if self.parent_memory:
                         remembered[parent_key] = None
                         if len(remembered) > self.parent_memory:
                             remembered.popitem(last=False)
                 elif role == "tool":
                     batch.tool_call_rows.append(
-                        self._tool_call(span, attrs, header, span_id, parent_id))
+                        self._tool_call(span, attrs, header, span_id, parent_id, rejected))
                 else:
                     batch.agent_step_rows.append(
-                        self._agent_step(span, attrs, header, span_id, parent_id))
+                        self._agent_step(span, attrs, header, span_id, parent_id, rejected))
             except Exception as exc:
                 batch.failures.append((span_id, f"{type(exc).__name__}: {exc}"))
+                continue
+            if rejected:
+                batch.rejections += rejected
         return batch
 
     def _llm_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
-                  parent_id: str) -> dict[str, Any]:
+                  parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """An :class:`LlmCall` row."""
         clip = self.max_text_chars
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, provider,
          operation, host) = _LLM_FIELDS.values(attrs)
         request_model = _str(request_model)
         model = _str(model) or request_model
-        input_tokens, output_tokens = _int(input_tokens), _int(output_tokens)
-        cache_read = _int(cache_read)
-        cost, priced = self.pricing.cost_usd(model, input_tokens, output_tokens, cache_read)
+        flags: dict[str, str] = {}
+        tokens = [input_tokens, output_tokens, cache_read, reasoning]
+        for i, limit in enumerate(self._token_limits):
+            raw = tokens[i]
+            if type(raw) is int and limit.low <= raw <= limit.high:
+                continue  # the common case, checked inline
+            tokens[i] = _attr_count(raw, limit, flags, LlmCall.table, header["trace_id"], span_id, rejections)
+        input_tokens, output_tokens, cache_read, reasoning = tokens
+        if flags.keys().isdisjoint(PRICED_TOKEN_FIELDS):
+            cost, priced = self.pricing.cost_usd(model, input_tokens, output_tokens, cache_read)
+            limit = self._cost_limit
+            if not limit.low <= cost <= limit.high:
+                cost = _rejected(cost, limit, flags, LlmCall.table, header["trace_id"], span_id, rejections)
+        else:  # a price times an implausible count is not a cost
+            cost, priced = None, self.pricing.cost_usd(model, 0, 0)[1]
+            flags["cost_usd"] = FROM_INVALID_TOKENS
         if not priced and model and len(self.unpriced_models) < 1000:
             self.unpriced_models[model] += 1
         prompt = self._prompt(attrs, span)
         response, requested = _response(attrs, span)
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        latency = self._latency(start, end, flags, LlmCall.table, header["trace_id"], span_id, rejections)
         return {
-            **header, "ts": end / 1e9, "span_id": span_id, "parent_span_id": parent_id,
+            **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "host": _str(host) or header["host"],
             "provider": _str(provider), "model": model,
             "request_model": request_model,
             "operation": _str(operation) or "chat",
             "input_tokens": input_tokens, "output_tokens": output_tokens,
             "cache_read_tokens": cache_read,
-            "reasoning_tokens": _int(reasoning),
+            "reasoning_tokens": reasoning,
             "cost_usd": cost, "priced": priced,
-            "latency_ms": max(end - start, 0) / 1e6, "status": status, "error": error[:clip],
+            "latency_ms": latency, "status": status, "error": error[:clip],
             "prompt": prompt[:clip], "response": response[:clip],
             "tool_definitions": self._tool_definitions_json(attrs),
             "requested_tool_calls": _dump(requested),
+            "invalid_fields": format_flags(flags) if flags else "",
         }
+
+    def _ts(self, end: int) -> float:
+        # ts identifies the row (its hour partition, every detector's clock): nothing to null it
+        # to, so a span whose end lies outside the bounds is unmappable (the default bounds hold
+        # every uint64 nanosecond time; narrower ones can refuse clock-skewed spans).
+        ts = end / 1e9
+        if not self._ts_low <= ts <= self._ts_high:
+            raise ValueError(f"span end {ts} s outside the timestamp bounds {self.value_bounds.timestamp_s}")
+        return ts
+
+    def _latency(self, start: int, end: int, flags: dict[str, str], table: str, trace_id: str,
+                 span_id: str, rejections: list[ValueRejection]) -> float | None:
+        latency = (end - start) / 1e6
+        limit = self._latency_limit
+        if limit.low <= latency <= limit.high:
+            return latency
+        # end before start (a skewed clock) or an unset start time: not a duration to average.
+        return _rejected(latency, limit, flags, table, trace_id, span_id, rejections)
 
     def _prompt(self, attrs: dict[str, Any], span: Any) -> str:
         # Agents re-send the conversation at every step, so most input-message texts of a trace
@@ -221,7 +281,7 @@ class Normalizer:
         return normalized
 
     def _tool_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
-                   parent_id: str) -> dict[str, Any]:
+                   parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """A :class:`ToolCall` row."""
         clip = self.max_text_chars
         name, host, call_id, arguments, result = _TOOL_FIELDS.values(attrs)
@@ -231,29 +291,40 @@ class Normalizer:
             name = span.name.removeprefix("execute_tool").strip() or span.name
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        flags: dict[str, str] = {}
+        latency = self._latency(start, end, flags, ToolCall.table, header["trace_id"], span_id, rejections)
         return {
-            **header, "ts": end / 1e9, "span_id": span_id, "parent_span_id": parent_id,
+            **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "host": _str(host) or header["host"], "tool_name": name,
             "call_id": _str(call_id), "arguments": _str(arguments)[:clip],
             "result": _str(result)[:clip],
-            "latency_ms": max(end - start, 0) / 1e6, "status": status, "error": error[:clip],
+            "latency_ms": latency, "status": status, "error": error[:clip],
+            "invalid_fields": format_flags(flags) if flags else "",
         }
 
     def _agent_step(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
-                    parent_id: str) -> dict[str, Any]:
+                    parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """An :class:`AgentStep` row."""
         agent, host = _STEP_FIELDS.values(attrs)
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        flags: dict[str, str] = {}
+        trace_id = header["trace_id"]
+        latency = self._latency(start, end, flags, AgentStep.table, trace_id, span_id, rejections)
+        start_ts = start / 1e9
+        limit = self._start_ts_limit
+        if not limit.low <= start_ts <= limit.high:
+            start_ts = _rejected(start_ts, limit, flags, AgentStep.table, trace_id, span_id, rejections)
         operation = (_str(attrs.get("gen_ai.operation.name")) or _str(attrs.get(sc.OPENINFERENCE_KIND)).lower()
                      or _str(attrs.get(sc.TRACELOOP_KIND)) or "step")
         return {
-            **header, "ts": end / 1e9, "span_id": span_id, "parent_span_id": parent_id,
+            **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "agent": _str(agent) or header["agent"] or _str(attrs.get(sc.TRACELOOP_ENTITY)),
             "host": _str(host) or header["host"], "operation": operation,
-            "name": span.name, "start_ts": start / 1e9,
-            "latency_ms": max(end - start, 0) / 1e6, "status": status,
+            "name": span.name, "start_ts": start_ts,
+            "latency_ms": latency, "status": status,
             "error": error[: self.max_text_chars],
+            "invalid_fields": format_flags(flags) if flags else "",
         }
 
     # -- logs ---------------------------------------------------------------------------------
@@ -575,7 +646,7 @@ class _FieldPlans:
     a layout holds is worked out once per layout (bounded cache). A span then reads one key per
     field in a single C-level pass; only a field with several aliases present in the layout
     needs the empty-value fall-through. (For a field with one alias present, an empty value and
-    an absent one read the same to every caller: ``_str`` and ``_int`` map both alike.)
+    an absent one read the same to every caller: ``_str`` and ``_attr_count`` map both alike.)
     """
 
     _ABSENT = "\x00absent"  # a key no attribute has: reads as None
@@ -640,21 +711,36 @@ def _str(value: Any) -> str:
     return str(value)
 
 
-def _int(value: Any) -> int:
-    if value is None or isinstance(value, bool):
+def _attr_count(value: Any, limit: FieldLimit, flags: dict[str, str], table: str, trace_id: str,
+                span_id: str, rejections: list[ValueRejection]) -> int | None:
+    """A count from an attribute: absent or empty reads 0, numeric text counts, the rest is checked.
+
+    Attributes arrive as ints, floats or text depending on the SDK ("120", 120.0); anything
+    else, or a number outside the bounds, is rejected: nulled, flagged and reported.
+    """
+    if value is None or value == "" or value == b"":
         return 0
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        number = int(value) if value == value and abs(value) < 1e15 else 0  # NaN / inf
-    elif isinstance(value, (str, bytes)):
+    number = value
+    if isinstance(value, (str, bytes)):
         try:
-            number = int(float(value))
-        except (ValueError, OverflowError):
-            return 0
-    else:
-        return 0
-    return number if 0 <= number <= _MAX_TOKENS else 0
+            number = float(value)
+        except ValueError:
+            number = value  # not numeric text: check_number names it
+    checked, reason = check_number(number, limit.low, limit.high, limit.integral)
+    if reason is None:
+        return checked
+    flags[limit.name] = reason
+    rejections.append(ValueRejection(table, limit.name, reason, keepable(value), trace_id, span_id))
+    return None
+
+
+def _rejected(value: Any, limit: FieldLimit, flags: dict[str, str], table: str, trace_id: str,
+              span_id: str, rejections: list[ValueRejection]) -> None:
+    """Report a computed number outside its bounds; its row gets None."""
+    reason = check_number(value, limit.low, limit.high, limit.integral)[1] or NOT_A_NUMBER
+    flags[limit.name] = reason
+    rejections.append(ValueRejection(table, limit.name, reason, keepable(value), trace_id, span_id))
+    return None
 
 
 def _json_value(value: Any) -> Any:

@@ -8,12 +8,19 @@ Layout under the data dir::
 Files are written under a dot-name and renamed into place, so readers (``agentwatch query``,
 the catalog views) only ever see whole files while the pipeline is writing. Each writer (worker)
 names its own files, so several workers share a data dir without coordination.
+
+A row that does not fit its table's schema (a count beyond BIGINT, text where a number belongs,
+a timestamp out of range) is quarantined alone: when a buffer fails to write, the rows that
+certainly cannot be cast are set aside, the rest are bisected with trial writes until only the
+rows that fail alone remain, and every other row is written. The bad ones go to
+``_rejected/<table>-<writer>-<ms>-<seq>.json`` with a ``.reasons.json`` beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import threading
@@ -105,6 +112,9 @@ class SnapshotSink:
         self._duck = None
         self.rows_written: dict[str, int] = {}
         self.rows_rejected = 0
+        # Trial writes one failed buffer may cost to isolate its bad rows (~3 ms each); past it,
+        # the rows not yet isolated are quarantined together rather than stall the worker.
+        self.max_trial_writes = 512
         self._known_tables: set[str] = set()
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -158,10 +168,10 @@ class SnapshotSink:
         files = 0
         with self._write_lock:
             for table, buffer in batches.items():
-                written = self._write_table(table, buffer)
+                written, rows = self._write_table(table, buffer)
                 files += written
                 if written:
-                    self.rows_written[table] = self.rows_written.get(table, 0) + buffer.rows
+                    self.rows_written[table] = self.rows_written.get(table, 0) + rows
                 if written and table not in self._known_tables:
                     self._known_tables.add(table)
                     refresh_catalog(self.data_dir)
@@ -175,7 +185,8 @@ class SnapshotSink:
             self._seq += 1
             return self._seq
 
-    def _write_table(self, table: str, buffer: _Buffer) -> int:
+    def _write_table(self, table: str, buffer: _Buffer) -> tuple[int, int]:
+        """(files, rows) written for one taken buffer."""
         import duckdb
 
         seq = self._next_seq()
@@ -183,40 +194,103 @@ class SnapshotSink:
         staging.mkdir(parents=True, exist_ok=True)
         try:
             if table not in SCHEMAS:
-                return self._write_free_form(table, buffer, staging, seq)
+                return self._write_free_form(table, buffer, staging, seq), buffer.rows
             source = staging / "rows.json"
             source.write_bytes(join_json_arrays(buffer.payloads))
             out = staging / "out"
-            name = f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}-{{i}}"
             try:
-                self._duckdb().execute(
-                    f"COPY (SELECT *, strftime(make_timestamp(CAST(ts * 1000000 AS BIGINT)), '%Y-%m-%dT%H') AS hour "
-                    f"FROM read_json('{_sql_path(source)}', format = 'array', columns = {_duck_columns(table)})) "
-                    f"TO '{_sql_path(out)}' (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (hour), "
-                    f"FILENAME_PATTERN '{name}')")
+                self._copy(table, source, out, seq)
             except duckdb.Error as exc:
-                # Rows that do not fit the table's schema are kept, not dropped, and never stop the worker.
-                self._quarantine(table, buffer, exc)
-                return 0
-            return _publish(out, self.data_dir / table)
+                _raise_if_storage(exc)
+                # Rows that do not fit the table's schema are kept, not dropped, and never stop
+                # the worker; nor do they take the rows that fit with them.
+                return self._write_salvaging(table, buffer, staging, seq, exc)
+            return _publish(out, self.data_dir / table), buffer.rows
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def _copy(self, table: str, source: Path, out: Path, seq: int) -> None:
+        name = f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}-{{i}}"
+        self._duckdb().execute(
+            f"COPY (SELECT *, strftime(make_timestamp(CAST(ts * 1000000 AS BIGINT)), '%Y-%m-%dT%H') AS hour "
+            f"FROM read_json('{_sql_path(source)}', format = 'array', columns = {_duck_columns(table)})) "
+            f"TO '{_sql_path(out)}' (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (hour), "
+            f"FILENAME_PATTERN '{name}')")
+
+    def _write_salvaging(self, table: str, buffer: _Buffer, staging: Path, seq: int,
+                         first_error: Exception) -> tuple[int, int]:
+        """Write every row of a failed buffer that can be written; quarantine the others alone."""
+        import duckdb
+
+        rows, bad = _parse_rows(buffer.payloads)
+        candidates = []
+        for row in rows:
+            reason = _certain_cast_failure(table, row)
+            if reason is None:
+                candidates.append(row)
+            else:
+                bad.append((row, reason))
+        trial = 0
+
+        def failure(chunk: list[Any]) -> str | None:
+            nonlocal trial
+            trial += 1
+            probe = staging / f"probe-{trial}"
+            try:
+                (staging / "probe.json").write_bytes(_dump_rows(chunk))
+                self._copy(table, staging / "probe.json", probe, seq)
+                return None
+            except duckdb.Error as exc:
+                _raise_if_storage(exc)
+                return _first_line(exc)
+            finally:
+                shutil.rmtree(probe, ignore_errors=True)
+
+        # With no certain failure set aside, the whole buffer is known to fail: no need to try it again.
+        good, isolated = _isolate(candidates, failure, self.max_trial_writes,
+                                  known_failure=None if bad else _first_line(first_error))
+        bad += isolated
+        files = 0
+        if good:
+            source = staging / "good.json"
+            source.write_bytes(_dump_rows(good))
+            out = staging / "out"
+            try:
+                self._copy(table, source, out, seq)
+            except duckdb.Error as exc:  # every part fitted alone: not expected, but kept either way
+                _raise_if_storage(exc)
+                bad += [(row, f"fitted alone, not together: {_first_line(exc)}") for row in good]
+                good = []
+            else:
+                files = _publish(out, self.data_dir / table)
+        self._quarantine_rows(table, bad, seq)
+        return files, len(good)
+
     def _write_free_form(self, table: str, buffer: _Buffer, staging: Path, seq: int) -> int:
-        rows = []
-        for payload in buffer.payloads:
-            doc = orjson.loads(payload)
-            rows.extend(doc if isinstance(doc, list) else [doc])
+        rows, bad = _parse_rows(buffer.payloads)
         by_hour: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            by_hour.setdefault(_hour(float(row.get("ts") or 0.0)), []).append(
-                {k: _jsonable(v) for k, v in row.items()})
+            try:
+                hour = _hour(float(row.get("ts") or 0.0))
+            except (AttributeError, TypeError, ValueError, OverflowError, OSError) as exc:
+                bad.append((row, f"no usable ts: {type(exc).__name__}: {exc}"))
+                continue
+            by_hour.setdefault(hour, []).append({k: _jsonable(v) for k, v in row.items()})
         out = staging / "out"
         for hour, hour_rows in by_hour.items():
+            try:
+                arrow = pa.Table.from_pylist(hour_rows)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                hour_rows, isolated = _isolate(hour_rows, _arrow_failure, self.max_trial_writes)
+                bad += isolated
+                if not hour_rows:
+                    continue
+                arrow = pa.Table.from_pylist(hour_rows)
             folder = out / f"hour={hour}"
             folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(hour_rows), folder / f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}.parquet",
+            pq.write_table(arrow, folder / f"part-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}.parquet",
                            compression="zstd")
+        self._quarantine_rows(table, bad, seq)
         return _publish(out, self.data_dir / table)
 
     def _duckdb(self):
@@ -227,13 +301,128 @@ class SnapshotSink:
             self._duck.execute("SET threads = 1")  # leave the other core to the consumer loop
         return self._duck
 
-    def _quarantine(self, table: str, buffer: _Buffer, exc: Exception) -> None:
+    def _quarantine_rows(self, table: str, bad: list[tuple[Any, str]], seq: int) -> None:
+        """Keep the rows that cannot be written, each with its reason, in ``_rejected/``."""
+        if not bad:
+            return
         folder = self.data_dir / "_rejected"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{table}-{self.writer_id}-{int(time.time() * 1000)}.json"
-        path.write_bytes(join_json_arrays(buffer.payloads))
-        self.rows_rejected += buffer.rows
-        log.error("%d %s rows did not fit the snapshot schema (%s); kept in %s", buffer.rows, table, exc, path)
+        stem = f"{table}-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}"
+        (folder / f"{stem}.json").write_bytes(_dump_rows([row for row, _ in bad]))
+        (folder / f"{stem}.reasons.json").write_bytes(orjson.dumps(
+            [{"index": i, "reason": reason} for i, (_, reason) in enumerate(bad)], option=orjson.OPT_INDENT_2))
+        self.rows_rejected += len(bad)
+        log.error("%d %s rows did not fit the snapshot schema (first: %s); kept in %s/%s.json, the "
+                  "other rows of their buffer were written", len(bad), table, bad[0][1], folder, stem)
+
+
+_BIGINT_LIMIT = 2**63
+_NUMBER_TYPES = {"BIGINT", "DOUBLE"}
+
+
+def _parse_rows(payloads: Sequence[bytes]) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(rows, payloads that are not JSON with their reason) of a buffer."""
+    rows: list[Any] = []
+    bad: list[tuple[Any, str]] = []
+    for payload in payloads:
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:  # not rows at all: kept whole, as text
+            bad.append((payload.decode("utf-8", "replace"), f"not JSON: {exc}"))
+            continue
+        rows.extend(doc if isinstance(doc, list) else [doc])
+    return rows, bad
+
+
+def _isolate(rows: list[Any], failure: Callable[[list[Any]], str | None], max_trials: int,
+             known_failure: str | None = None) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(rows that fit, [(row, reason)] that fail alone), by bisection with trial writes.
+
+    ``failure(chunk)`` tries a chunk: None when it fits, else why not. ``known_failure`` says the
+    whole of ``rows`` is already known to fail (so it is not tried again). k bad rows among n
+    cost about 2k*log2(n) trials; past ``max_trials`` the rows not yet placed are set aside
+    together, so a buffer of nothing but bad rows cannot hold the worker for minutes.
+    Order is kept among the rows that fit.
+    """
+    good: list[Any] = []
+    bad: list[tuple[Any, str]] = []
+    trials = 0
+    pending: list[tuple[list[Any], str | None]] = [(rows, known_failure)] if rows else []
+    while pending:
+        chunk, why = pending.pop()
+        if why is None:
+            if trials >= max_trials:
+                bad += [(row, f"not isolated within {max_trials} trial writes") for row in chunk]
+                continue
+            trials += 1
+            why = failure(chunk)
+            if why is None:
+                good += chunk
+                continue
+        if len(chunk) == 1:
+            bad.append((chunk[0], why))
+        else:
+            half = len(chunk) // 2
+            pending += [(chunk[half:], None), (chunk[:half], None)]  # the first half goes first
+    return good, bad
+
+
+def _arrow_failure(chunk: list[Any]) -> str | None:
+    try:
+        pa.Table.from_pylist(chunk)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return None
+
+
+def _certain_cast_failure(table: str, row: Any) -> str | None:
+    """Why DuckDB cannot cast ``row`` into ``table``'s columns, for what fails for certain.
+
+    Cheap and one-sided: what it names always fails the write (an integer beyond BIGINT, an
+    object where a number belongs, a ``ts`` beyond the timestamp range); anything else is
+    left to trial writes, which follow DuckDB's own casting rules.
+    """
+    if not isinstance(row, dict):
+        return f"not a JSON object: {type(row).__name__}"
+    for column in SCHEMAS[table]:
+        value = row.get(column.name)
+        duck = _DUCK_TYPES.get(column.type, "VARCHAR")
+        if value is None or isinstance(value, bool) or duck not in _NUMBER_TYPES:
+            continue
+        if isinstance(value, (list, dict)):
+            return f"{column.name}: a JSON {type(value).__name__} where {duck} belongs"
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                return f"{column.name}: text {value[:40]!r} where {duck} belongs"
+            continue
+        if duck == "BIGINT" and not -_BIGINT_LIMIT <= value < _BIGINT_LIMIT:
+            return f"{column.name}: {value} is beyond BIGINT"
+        if column.name == "ts" and not (math.isfinite(value) and abs(value) * 1e6 < _BIGINT_LIMIT):
+            return f"ts: {value} is beyond the timestamp range"
+    return None
+
+
+def _dump_rows(rows: list[Any]) -> bytes:
+    try:
+        return orjson.dumps(rows)
+    except (TypeError, orjson.JSONEncodeError):  # an integer beyond 64 bits: Python's json keeps it
+        import json
+
+        return json.dumps(rows, default=str).encode()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+
+
+def _raise_if_storage(exc: Exception) -> None:
+    """A write that failed for the disk, not the rows: the caller keeps the rows and retries."""
+    import duckdb
+
+    if isinstance(exc, (duckdb.IOException, duckdb.OutOfMemoryException)):
+        raise OSError(f"snapshot write failed: {exc}") from exc
 
 
 def _publish(staged: Path, table_dir: Path) -> int:
