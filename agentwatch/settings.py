@@ -22,12 +22,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = MAX_MESSAGE_BYTES
     app_id: str = "agentwatch"
 
-    # Collector (rotel) ports.
+    # Collector (rotel) ports. Its receive limits follow from max_message_bytes (collectors/rotel.py).
     otlp_grpc_port: int = 4317
     otlp_http_port: int = 4318
-    # Largest span the collector's Kafka batches must hold without overflowing a record;
-    # a 32 KiB prompt plus attributes fits. Batches are sized as max_message_bytes / this.
-    collector_max_span_bytes: int = 40 * 1024
 
     # Workers.
     workers: int = 1

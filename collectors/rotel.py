@@ -1,17 +1,47 @@
 """The embedded collector: rotel (PyPI ``rotel``, binary ``rotel-agent``) with its Kafka exporter.
 
-rotel batches by span count, not bytes, and with its defaults (8,192 spans per record) a batch
-of ordinary GenAI spans is ~5.5 MB: over the message limit, so the exporter logs
-``MessageSizeTooLarge`` and drops the batch while still answering HTTP 200 to the app.
-The batch size is therefore derived from the message limit and the largest span we promise to
-carry (a 32 KiB prompt plus attributes), and the exporter's own limit is raised to match.
+The invariant (DESIGN.md, "Reliability rules"): every request a receiver answers with success
+becomes one record on ``otlp_spans``/``otlp_logs``; a request that cannot be stored gets an error.
+
+rotel's batcher counts spans, never bytes, and answers the sender before the Kafka write: a batch
+over the record limit is logged (``MessageSizeTooLarge``) and dropped after the sender heard
+success, and no span count is safe once prompts are large (a count sized for 40 KiB spans lost
+~99% of 64 KB-prompt traffic). So batching is off (``--disable-batching``): measured on rotel
+0.0.1-alpha10, every accepted request is exported as exactly one record (concurrent requests are
+not merged, a 512-span or multi-resource request is not split) whose size equals the request's
+protobuf size (smaller for OTLP/JSON). The receive limits are then what bounds a record, and
+both sit below the record limit:
+
+- gRPC: ``--otlp-grpc-max-recv-msg-size-mib`` = :func:`receive_limit_mib`; larger messages are
+  answered ``OUT_OF_RANGE`` ("decoded message length too large").
+- HTTP: fixed by rotel at 20 MiB (:data:`HTTP_MAX_BODY_BYTES`, not configurable), applied to
+  the body after gzip decompression too; larger bodies are answered 413 (or the connection is
+  closed while the client is still sending), so a record limit under 21 MiB is refused.
+
+Known gap (rotel's tonic 0.12 server): the gRPC limit is checked on the *compressed* message, so
+a ``grpc-encoding: gzip`` request whose decompressed size exceeds the record limit is accepted
+and then dropped. :class:`CollectorLogWatch` makes every such drop visible.
+
+Throughput: requests of SDK size (512 spans) go through rotel as fast as with batching; a sender
+of 1-span requests now makes one record per span instead of ~500, which costs the workers their
+per-record overhead (see the issue report for figures).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+MIB = 1024 * 1024
+# rotel's HTTP receiver (axum, tower-http RequestBodyLimit): 20 MiB, decompressed size, fixed.
+# Measured: a 20,971,520-byte body is accepted, 20,971,521 bytes is refused.
+HTTP_MAX_BODY_BYTES = 20 * MIB
+# What a record may add to the request it carries: rotel re-encodes the request (measured: the
+# same size for protobuf, smaller for JSON) and Kafka frames it (key, headers, batch header,
+# ~100 bytes). A whole MiB because the gRPC limit is set in whole MiB anyway.
+RECORD_SLACK_BYTES = 1 * MIB
 
 
 def rotel_binary() -> str:
@@ -25,14 +55,30 @@ def rotel_binary() -> str:
     return str(path)
 
 
-def traces_batch_max_spans(max_message_bytes: int, max_span_bytes: int) -> int:
-    """Spans per Kafka record such that a batch of maximum-size spans still fits one record.
+def receive_limit_mib(max_message_bytes: int) -> int:
+    """The largest gRPC receive limit (whole MiB) whose requests still fit one record.
 
-    10% of the record is kept for the OTLP envelope (resource and scope repeated per batch).
+    >>> receive_limit_mib(32 * 1024 * 1024)
+    31
     """
-    if max_span_bytes <= 0 or max_message_bytes <= max_span_bytes:
-        raise ValueError("max_message_bytes must exceed max_span_bytes")
-    return max(1, int(max_message_bytes * 0.9) // max_span_bytes)
+    mib = (max_message_bytes - RECORD_SLACK_BYTES) // MIB
+    if mib < 1:
+        raise ValueError(f"max_message_bytes={max_message_bytes} leaves no room for a request "
+                         f"(needs at least {MIB + RECORD_SLACK_BYTES})")
+    return mib
+
+
+def check_receive_limits(max_message_bytes: int, grpc_max_recv_mib: int,
+                         http_max_body_bytes: int = HTTP_MAX_BODY_BYTES) -> None:
+    """Raise ``ValueError`` unless every request either receiver accepts fits one record."""
+    for name, limit in (("gRPC receive limit", grpc_max_recv_mib * MIB), ("HTTP body limit", http_max_body_bytes)):
+        if limit + RECORD_SLACK_BYTES > max_message_bytes:
+            raise ValueError(
+                f"rotel's {name} ({limit:,} bytes) plus {RECORD_SLACK_BYTES:,} bytes of record "
+                f"overhead exceeds the Kafka record limit max_message_bytes={max_message_bytes:,}: "
+                "requests the collector accepts could not be stored; raise the broker's and "
+                "AGENTWATCH_MAX_MESSAGE_BYTES to at least "
+                f"{http_max_body_bytes + RECORD_SLACK_BYTES:,}")
 
 
 @dataclass(frozen=True)
@@ -40,24 +86,27 @@ class RotelConfig:
     brokers: str
     grpc_port: int = 4317
     http_port: int = 4318
-    max_message_bytes: int = 32 * 1024 * 1024
-    max_span_bytes: int = 40 * 1024
-    batch_timeout_ms: int = 100
-    # An SDK exports up to 512 spans per request; with 32 KiB prompts that is ~17 MB, far over
-    # the 4 MiB gRPC default, and the SDK drops the whole export after its retries.
-    grpc_max_recv_mib: int = 64
+    max_message_bytes: int = 32 * MIB
     traces_topic: str = "otlp_spans"
     logs_topic: str = "otlp_logs"
     pid_file: str = "/tmp/agentwatch-rotel.pid"
 
+    def __post_init__(self) -> None:
+        check_receive_limits(self.max_message_bytes, self.grpc_max_recv_mib)
+
+    @property
+    def grpc_max_recv_mib(self) -> int:
+        return receive_limit_mib(self.max_message_bytes)
+
     def command(self) -> list[str]:
-        batch = traces_batch_max_spans(self.max_message_bytes, self.max_span_bytes)
         return [
             rotel_binary(), "start",
             "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
             "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
             "--otlp-grpc-max-recv-msg-size-mib", str(self.grpc_max_recv_mib),
             "--otlp-receiver-metrics-disabled",
+            # One accepted request = one record: the receive limits above then bound every record.
+            "--disable-batching",
             "--exporter", "kafka",
             "--kafka-exporter-brokers", self.brokers,
             "--kafka-exporter-traces-topic", self.traces_topic,
@@ -65,8 +114,48 @@ class RotelConfig:
             "--kafka-exporter-format", "protobuf",
             "--kafka-exporter-acks", "all",
             "--kafka-exporter-max-message-bytes", str(self.max_message_bytes),
-            "--traces-batch-max-size", str(batch),
-            "--logs-batch-max-size", str(batch),
-            "--batch-timeout", f"{self.batch_timeout_ms}ms",
             "--pid-file", self.pid_file,
         ]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# rotel's exporters log a lost batch at ERROR: "Failed to send traces: Message production error:
+# MessageSizeTooLarge (...)", "... KafkaError (Message production error: MessageTimedOut ...)",
+# "Exporting failed, dropping data.", "Failed to encode request, dropping." (captured lines in
+# tests/collectors/test_rotel_log_watch.py).
+_EXPORT_FAILURE = re.compile(r"\bERROR\b.*(Failed to send|dropping|Exporting failed|Message production error"
+                             r"|Kafka producer error|MessageSizeTooLarge)")
+
+
+def export_failures(log_text: str) -> list[str]:
+    """The lines of rotel's log that report telemetry lost on the way to Kafka, colour codes removed."""
+    lines = (_ANSI.sub("", line).strip() for line in log_text.splitlines())
+    return [line for line in lines if _EXPORT_FAILURE.search(line)]
+
+
+class CollectorLogWatch:
+    """Reads rotel's log file incrementally; :meth:`new_failures` returns the failures since the last call.
+
+    Only whole lines are read (a line still being written waits for the next call), and a file
+    that shrank (truncated or replaced) is read again from its start.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self.total = 0
+
+    def new_failures(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as log:
+                if os.fstat(log.fileno()).st_size < self.offset:
+                    self.offset = 0
+                log.seek(self.offset)
+                chunk = log.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        failures = export_failures(chunk[:end].decode("utf-8", errors="replace"))
+        self.total += len(failures)
+        return failures
