@@ -64,6 +64,37 @@ def llm_request(n_spans: int, *, rng: random.Random, prompt_chars: int = 0, serv
     return request.SerializeToString(), ids
 
 
+def loop_request(*, rng: random.Random, service: str = "faults-loop", project: str = "faults") -> tuple[bytes, list[str]]:
+    """One agent trace that calls the same tool with the same arguments three times: an
+    ``agent_loop`` finding, so an alert, per request. Returns the request and its span ids."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    def attr(key: str, value: str) -> KeyValue:
+        return KeyValue(key=key, value=AnyValue(string_value=value))
+
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.extend([attr("service.name", service), attr("agentwatch.project", project)])
+    scope = resource_spans.scope_spans.add()
+    now = time.time_ns()
+    trace_id, root_id = rng.randbytes(16), rng.randbytes(8)
+    question = rng.randbytes(6).hex()
+    for i in range(3):
+        span = scope.spans.add()
+        span.trace_id, span.span_id, span.parent_span_id = trace_id, rng.randbytes(8), root_id
+        span.name = "execute_tool search"
+        span.start_time_unix_nano = now - 900_000_000 + i * 100_000_000
+        span.end_time_unix_nano = span.start_time_unix_nano + 50_000_000
+        span.attributes.extend([attr("gen_ai.operation.name", "execute_tool"), attr("gen_ai.tool.name", "search"),
+                                attr("gen_ai.tool.call.arguments", f'{{"q": "{question}"}}')])
+    root = scope.spans.add()
+    root.trace_id, root.span_id, root.name = trace_id, root_id, "invoke_agent looper"
+    root.start_time_unix_nano, root.end_time_unix_nano = now - 1_000_000_000, now
+    root.attributes.extend([attr("gen_ai.operation.name", "invoke_agent"), attr("gen_ai.agent.name", "looper")])
+    return request.SerializeToString(), [span.span_id.hex() for span in scope.spans]
+
+
 def post_http(port: int, body: bytes, timeout_s: float = 10.0) -> int:
     """POST an OTLP/HTTP protobuf body; the HTTP status, or 0 when no answer came."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/traces", data=body, method="POST",
@@ -86,13 +117,19 @@ class AckedTraffic:
     spans_per_request: int = 20
     requests_per_s: float = 20.0
     seed: int = 5
+    loop_every: int = 0  # every that-many-th request is an agent loop (an alert); 0 = none
     acknowledged: list[str] = field(default_factory=list)
     refused: int = 0  # requests answered with an error or not at all (the sender knows)
+    sent: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def send_one(self, rng: random.Random) -> bool:
-        body, ids = llm_request(self.spans_per_request, rng=rng, tool_every=5)
+        self.sent += 1
+        if self.loop_every and self.sent % self.loop_every == 0:
+            body, ids = loop_request(rng=rng)
+        else:
+            body, ids = llm_request(self.spans_per_request, rng=rng, tool_every=5)
         if post_http(self.http_port, body) == 200:
             self.acknowledged.extend(ids)
             return True
@@ -144,6 +181,32 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, every_s: float = 0.
         time.sleep(every_s)
 
 
+def produced_alert_keys(bootstrap_servers: str, topic: str = "alerts", timeout_s: float = 10.0) -> set[str]:
+    """Dedup keys of the firing alerts on the ``alerts`` topic (read whole, outside any group)."""
+    import orjson
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=1000)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        keys: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=500)
+            if not batch:
+                break
+            for records in batch.values():
+                for record in records:
+                    alert = orjson.loads(record.value)
+                    if alert.get("status") == "firing":
+                        keys.add(alert["dedup_key"])
+        return keys
+    finally:
+        consumer.close()
+
+
 @dataclass
 class FaultResult:
     fault: str
@@ -153,6 +216,10 @@ class FaultResult:
     repeated_rows: int
     refused_requests: int
     recover_s: float | None
+    alerts_produced: int | None = None
+    alerts_delivered: int | None = None
+    max_pagerduty_incidents_per_key: int | None = None
+    pagerduty_trigger_requests: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -185,19 +252,19 @@ def supervise_for(stack: Any, seconds: float) -> None:
         time.sleep(0.1)
 
 
-def run_span_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, traffic_s: float = 6.0,
-                   settle_s: float = 60.0) -> FaultResult:
-    """Steady acknowledged traffic; ``inject`` the fault half-way; keep supervising; count.
+def run_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, pagerduty: Any = None,
+              traffic_s: float = 6.0, settle_s: float = 60.0) -> FaultResult:
+    """Steady acknowledged traffic (with agent loops, so alerts, when ``pagerduty`` receives
+    them); ``inject`` the fault half-way; keep supervising; count.
 
     Recovery is the time from the fault until a span sent after it is stored.
     """
     seed = zlib.crc32(fault.encode())
-    traffic = AckedTraffic(stack.settings.otlp_http_port, seed=seed).start()
+    traffic = AckedTraffic(stack.settings.otlp_http_port, seed=seed, loop_every=10 if pagerduty else 0).start()
     supervise_for(stack, traffic_s / 2)
     injected_at = inject(stack)
     supervise_for(stack, traffic_s / 2)
-    marker_rng = random.Random(seed + 1)
-    marker_body, marker_ids = llm_request(1, rng=marker_rng)
+    marker_body, marker_ids = llm_request(1, rng=random.Random(seed + 1))
     while post_http(stack.settings.otlp_http_port, marker_body) != 200 and time.monotonic() - injected_at < settle_s:
         supervise_for(stack, 0.2)
     traffic.stop()
@@ -213,7 +280,21 @@ def run_span_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, tr
             break
         time.sleep(0.25)
     ids, rows = stored_span_ids(stack.settings.data_dir)
-    return FaultResult(fault=fault, acknowledged=len(expected), stored=len(expected & ids),
-                       lost=len(expected - ids), repeated_rows=rows - len(ids),
-                       refused_requests=traffic.refused,
-                       recover_s=None if recovered_at is None else round(recovered_at - injected_at, 2))
+    result = FaultResult(fault=fault, acknowledged=len(expected), stored=len(expected & ids),
+                         lost=len(expected - ids), repeated_rows=rows - len(ids),
+                         refused_requests=traffic.refused,
+                         recover_s=None if recovered_at is None else round(recovered_at - injected_at, 2))
+    if pagerduty is not None:
+        def delivered() -> set[str]:
+            return {e["dedup_key"] for e in pagerduty.events("trigger")}
+
+        produced = produced_alert_keys(stack.bootstrap_servers)
+        while time.monotonic() < deadline and not produced <= delivered():
+            supervise_for(stack, 0.25)
+        triggered = [e["dedup_key"] for e in pagerduty.events("trigger") if e["dedup_key"] in produced]
+        result.alerts_produced = len(produced)
+        result.alerts_delivered = len(produced & delivered())
+        result.pagerduty_trigger_requests = len(triggered)
+        result.max_pagerduty_incidents_per_key = max(
+            (len(pagerduty.incidents.get(key, [])) for key in produced), default=0)
+    return result

@@ -114,27 +114,6 @@ class SupervisorMetrics:
                                        registry=self.registry)
 
 
-class LogTail:
-    """The lines appended to a log file since the last call (a restarted child appends)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def new_lines(self) -> list[str]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read(1 << 20)
-        except OSError:
-            return []
-        self._offset += len(chunk)
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        return [line.decode(errors="replace") for line in lines]
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as AGENTWATCH_* variables, so child processes read the same config."""
     env = {}
@@ -159,7 +138,7 @@ class Stack:
     drain_timeout_s: float = 30.0
     # Children that had to be killed by the last stop (a clean stop needs none).
     forced_stops: list[str] = field(default_factory=list)
-    _collector_log: LogTail | None = None
+    _collector_log: Any = None  # a CollectorLogWatch on the collector's log
     _metrics_server: Any = None
 
     @property
@@ -220,14 +199,14 @@ class Stack:
         return child
 
     def _start_collector(self) -> None:
-        from agentwatch.collectors.rotel import RotelConfig
+        from agentwatch.collectors.rotel import CollectorLogWatch, RotelConfig
 
         s = self.settings
         config = RotelConfig(brokers=self.bootstrap_servers, grpc_port=s.otlp_grpc_port, http_port=s.otlp_http_port,
                              max_message_bytes=s.max_message_bytes,
                              pid_file=str(self.run_dir / "rotel.pid"))
         child = self._spawn("collector", config.command(), {"RUST_LOG": "warn"})
-        self._collector_log = LogTail(child.log_path)
+        self._collector_log = CollectorLogWatch(child.log_path)
         try:
             wait_for_port(s.otlp_grpc_port, 10, child.proc)
             wait_for_port(s.otlp_http_port, 10, child.proc)
@@ -342,9 +321,7 @@ class Stack:
     def _report_export_failures(self) -> None:
         if self._collector_log is None:
             return
-        from agentwatch.collectors.rotel import export_failures
-
-        failures = export_failures("\n".join(self._collector_log.new_lines()))
+        failures = self._collector_log.new_failures()
         if failures:
             self.metrics.export_failures.inc(len(failures))
             self.say(f"collector: {len(failures)} export(s) to Kafka failed; first: {failures[0]}")

@@ -273,6 +273,10 @@ class PipelineMetrics:
                     "their rows and dead-lettered, by table, field and reason.",
                     ["table", "field", "reason"]),
             fixed=(True, True, True))
+        # A plain counter: no labels, so nothing to cap.
+        self._normalizer_restarts = counter("agentwatch_normalizer_restarts_total",
+                                            "Normaliser processes started again after the previous "
+                                            "one died.", [])
         self._lag = gauges(gauge("agentwatch_consumer_lag",
                                  "Records behind the partition's end offset.",
                                  ["topic", "partition"]))
@@ -451,6 +455,9 @@ class PipelineMetrics:
     def observe_dead_letter(self, *, topic: str, reason: str, n: int = 1) -> None:
         """Count ``n`` records of ``topic`` dead-lettered for ``reason`` (a short code)."""
         self._dead_letter.children((self._label(topic), self._label(reason)))[0].inc(n)
+
+    def observe_normalizer_restart(self) -> None:
+        self._normalizer_restarts.inc()
 
     def observe_rejected_values(self, rejections: Iterable[Any]) -> None:
         """Count rejected values (:class:`agentwatch.bounds.ValueRejection`: ``table``,

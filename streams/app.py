@@ -25,8 +25,9 @@ from agentwatch.broker import DEFAULT_TOPICS
 from agentwatch.events import Finding
 from agentwatch.settings import Settings
 from agentwatch.streams.normalize import Normalizer
-from agentwatch.streams.pipeline import (SpanPipeline, decode_event_rows, decode_events, encode_by_partition,
-                                         merge_event_records)
+from agentwatch.streams.pipeline import (VALUE_REJECTED_REASON, RecordOutcome, SpanPipeline, decode_event_rows,
+                                         decode_events_checked, encode_by_partition, merge_event_records,
+                                         value_rejection_dead_letters)
 from agentwatch.streams.otlp import UndecodableRecord
 from agentwatch.streams.pricing import PricingTable
 from agentwatch.streams.snapshots import SnapshotSink
@@ -128,7 +129,8 @@ class WorkerState:
         self.settings = settings
         self.partitions = dict(DEFAULT_TOPICS)
         pricing = PricingTable.load(settings.pricing_path)
-        self.pipeline = SpanPipeline(Normalizer(pricing, max_text_chars=settings.max_text_chars), self.partitions)
+        self.pipeline = SpanPipeline(Normalizer(pricing, max_text_chars=settings.max_text_chars,
+                                                value_bounds=settings.value_bounds), self.partitions)
         self.sink = SnapshotSink(settings.data_dir, writer_id=f"{settings.app_id}-w{worker_index}",
                                  flush_rows=settings.snapshot_flush_rows,
                                  flush_seconds=settings.snapshot_flush_seconds)
@@ -253,12 +255,23 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         if state.metrics is not None:
             state.metrics.observe_dead_letter(topic=message.topic, reason=reason.split(":")[0])
         log.warning("dead-lettered %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
-        await out_topics["dead_letter"].send(
-            key=message.key, value=message.value or b"",
-            headers=[(DLQ_REASON_HEADER, reason.encode()[:4000]),
-                     ("agentwatch.dlq.topic", message.topic.encode()),
-                     ("agentwatch.dlq.partition", str(message.partition).encode()),
-                     ("agentwatch.dlq.offset", str(message.offset).encode())])
+        await out_topics["dead_letter"].send(key=message.key, value=message.value or b"",
+                                             headers=dead_letter_headers(message, reason))
+
+    async def dead_letter_values(event: Any, rejections: Sequence[Any]) -> None:
+        """Count the implausible values nulled in this record's rows and dead-letter the originals."""
+        if not rejections:
+            return
+        message = event.message
+        if state.metrics is not None:
+            state.metrics.observe_rejected_values(rejections)
+        for letter in value_rejection_dead_letters(rejections, source_topic=message.topic,
+                                                   max_bytes=int(settings.max_message_bytes * 0.9)):
+            state.counts["dead_letter"] += 1
+            if state.metrics is not None:
+                state.metrics.observe_dead_letter(topic=message.topic, reason=VALUE_REJECTED_REASON)
+            await out_topics["dead_letter"].send(key=letter.key, value=letter.value,
+                                                 headers=dead_letter_headers(message, letter.reason))
 
     normalize = _normalizer_offload(settings, state)
 
@@ -268,11 +281,15 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         # decodes, this loop sends the previous group's events and runs the detect stage.
         async for events in stream.take_events(16, within=0.005):
             started = time.perf_counter()
-            pending = [asyncio.ensure_future(normalize(event.value or b"")) for event in events]
+            pending = [None if empty_record_reason(event.value) else asyncio.ensure_future(normalize(event.value))
+                       for event in events]
             group_outputs: list[tuple[str, int, bytes]] = []
             for event, future in zip(events, pending):
+                if future is None:
+                    await dead_letter(event, empty_record_reason(event.value))
+                    continue
                 try:
-                    outputs, spans, reason = await future
+                    outcome = await future
                 except NormalizerDied as exc:
                     await dead_letter(event, f"normaliser died: {exc}")
                     continue
@@ -280,13 +297,14 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                     log.exception("normaliser failed on a record")
                     await dead_letter(event, f"normaliser error: {type(exc).__name__}: {exc}")
                     continue
-                group_outputs += outputs
-                state.counts["spans"] += spans
+                group_outputs += outcome.outputs
+                state.counts["spans"] += outcome.spans
                 state.counts["records"] += 1
-                if reason:
-                    await dead_letter(event, reason)
+                if outcome.dead_letter_reason:
+                    await dead_letter(event, outcome.dead_letter_reason)
+                await dead_letter_values(event, outcome.rejections)
                 if state.metrics is not None:
-                    state.metrics.observe_batch(topic="otlp_spans", spans=spans,
+                    state.metrics.observe_batch(topic="otlp_spans", spans=outcome.spans,
                                                 seconds=time.perf_counter() - started)
             # One record per (topic, partition) for the whole group, not per input record:
             # every record costs the producer, the broker and each consumer the same overhead
@@ -296,8 +314,11 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     @app.agent(topic("otlp_logs"), name="agentwatch.normalize_logs")
     async def normalize_logs(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            if reason := empty_record_reason(event.value):
+                await dead_letter(event, reason)
+                continue
             try:
-                outcome = state.pipeline.on_logs(event.value or b"")
+                outcome = state.pipeline.on_logs(event.value)
             except Exception as exc:
                 await dead_letter(event, f"normaliser error: {type(exc).__name__}: {exc}")
                 continue
@@ -312,20 +333,27 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         stream = stream.noack()
         async for event in stream.events():
             table = event.message.topic
+            if reason := empty_record_reason(event.value):
+                await dead_letter(event, reason)
+                await stream.ack(event)
+                continue
             try:
                 # Typed events only where something reads them (detectors, metrics); the
                 # snapshot sink takes the record's bytes as they are and needs only the count.
+                payload = event.value
                 if table in DETECTED_TOPICS:
-                    events = decode_events(table, event.value or b"")
+                    decoded = decode_events_checked(table, payload, settings.value_bounds)
+                    events, payload = decoded.events, decoded.payload
                     rows = len(events)
+                    await dead_letter_values(event, decoded.rejections)
                 else:
-                    events, rows = [], len(decode_event_rows(event.value or b""))
+                    events, rows = [], len(decode_event_rows(payload))
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {table} record: {exc}")
                 await stream.ack(event)
                 continue
             if rows:
-                state.sink.add_payload(table, event.value, rows, token=(stream, event))
+                state.sink.add_payload(table, payload, rows, token=(stream, event))
             else:
                 await stream.ack(event)
             if state.metrics is not None:
@@ -397,8 +425,12 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     async def snapshot_outputs(stream: faust.StreamT) -> None:
         stream = stream.noack()
         async for event in stream.events():
+            if reason := empty_record_reason(event.value):
+                await dead_letter(event, reason)
+                await stream.ack(event)
+                continue
             try:
-                rows = decode_event_rows(event.value or b"")
+                rows = decode_event_rows(event.value)
             except UndecodableRecord as exc:
                 await dead_letter(event, f"undecodable {event.message.topic} record: {exc}")
                 await stream.ack(event)
@@ -470,6 +502,24 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     return app, state
 
 
+def dead_letter_headers(message: Any, reason: str) -> list[tuple[str, bytes]]:
+    """The reason and the source record's position, on every dead letter."""
+    return [(DLQ_REASON_HEADER, reason.encode()[:4000]),
+            ("agentwatch.dlq.topic", message.topic.encode()),
+            ("agentwatch.dlq.partition", str(message.partition).encode()),
+            ("agentwatch.dlq.offset", str(message.offset).encode())]
+
+
+def empty_record_reason(value: bytes | None) -> str | None:
+    """Why a record holds nothing to decode, or None: a tombstone (null value) or zero bytes.
+    Both go to dead_letter with this reason instead of vanishing as "no rows"."""
+    if value is None:
+        return "tombstone (record with a null value)"
+    if not value:
+        return "empty record (0 bytes)"
+    return None
+
+
 def _dedup_key(finding: Finding) -> str:
     return finding.dedup_key
 
@@ -479,7 +529,8 @@ def _dedup_key(finding: Finding) -> str:
 _CHILD_PIPELINE: SpanPipeline | None = None
 
 
-def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[str, int]) -> None:
+def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[str, int],
+                value_bounds: Any = None) -> None:
     global _CHILD_PIPELINE
     from agentwatch.stack import _die_with_parent
 
@@ -491,12 +542,18 @@ def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[
     gc.freeze()
     gc.set_threshold(10_000, 20, 100)
     pricing = PricingTable.load(pricing_path)
-    _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars), partitions)
+    _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars, value_bounds=value_bounds),
+                                   partitions)
 
 
-def _child_on_traces(payload: bytes) -> tuple[list[tuple[str, int, bytes]], int, str | None]:
-    outcome = _CHILD_PIPELINE.on_traces(payload)
-    return outcome.outputs, outcome.spans, outcome.dead_letter_reason
+def _child_on_traces(payload: bytes) -> RecordOutcome:
+    return _without_batch(_CHILD_PIPELINE.on_traces(payload))
+
+
+def _without_batch(outcome: RecordOutcome) -> RecordOutcome:
+    """The outcome the agent uses; the typed batch stays behind (it would cost a pickle)."""
+    return RecordOutcome(outputs=outcome.outputs, dead_letter_reason=outcome.dead_letter_reason,
+                         spans=outcome.spans, rejections=outcome.rejections)
 
 
 class NormalizerDied(RuntimeError):
@@ -520,7 +577,7 @@ class NormalizerProcess:
     def __init__(self, settings: Settings, partitions: dict[str, int], *, max_attempts: int = 3,
                  on_restart: Callable[[str], None] | None = None) -> None:
         self.initargs = (str(settings.pricing_path) if settings.pricing_path else None, settings.max_text_chars,
-                         dict(partitions))
+                         dict(partitions), settings.value_bounds)
         self.max_attempts = max_attempts
         self.on_restart = on_restart
         self.restarts = 0
@@ -540,7 +597,7 @@ class NormalizerProcess:
         processes = getattr(self._pool, "_processes", None) or {}
         return next(iter(processes), None)
 
-    async def __call__(self, payload: bytes) -> tuple[list[tuple[str, int, bytes]], int, str | None]:
+    async def __call__(self, payload: bytes) -> RecordOutcome:
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._pool
@@ -576,9 +633,8 @@ class NormalizerProcess:
 def _normalizer_offload(settings: Settings, state: WorkerState) -> Callable[[bytes], Awaitable[Any]]:
     """Where otlp_spans records are normalised: a child process (default) or this one."""
     if settings.normalize_in_process:
-        async def inline(payload: bytes):
-            outcome = state.pipeline.on_traces(payload)
-            return outcome.outputs, outcome.spans, outcome.dead_letter_reason
+        async def inline(payload: bytes) -> RecordOutcome:
+            return state.pipeline.on_traces(payload)
 
         return inline
 

@@ -103,6 +103,11 @@ def test_malformed_records_go_to_dead_letter_and_processing_continues(running_st
     mistyped = b'[{"ts": 1.0, "trace_id": "t", "span_id": "s", "input_tokens": "many"}]'
     for payload in (b"[1, 2, 3]", mistyped):
         producer.send("llm_calls", payload)
+    # Nothing to decode: zero bytes and a tombstone (null value), on every kind of consumed topic.
+    empties = ("otlp_spans", "otlp_logs", "llm_calls", "findings")
+    for topic in empties:
+        producer.send(topic, b"", key=b"empty")
+        producer.send(topic, None, key=b"tombstone")
     producer.flush()
     # A valid batch after the bad ones still arrives.
     provider = _provider(running_stack, "after-garbage")
@@ -116,14 +121,25 @@ def test_malformed_records_go_to_dead_letter_and_processing_continues(running_st
     consumer.assign([TopicPartition("dead_letter", 0)])
     letters = list(consumer)
     consumer.close()
-    assert sorted(m.value for m in letters) == sorted(garbage + [b"[1, 2, 3]", mistyped])  # nothing lost, bytes intact
+    blanks = [m for m in letters if m.key in (b"empty", b"tombstone")]
+    # A number field holding text is nulled in its row (which lands) and the value dead-lettered.
+    values = [m for m in letters if dict(m.headers)[DLQ_REASON_HEADER].startswith(b"implausible values")]
+    letters = [m for m in letters if m not in blanks and m not in values]
+    assert [json.loads(m.value)["rejections"][0]["value"] for m in values] == ["many"]
+    assert _rows(running_stack, "SELECT input_tokens, invalid_fields FROM llm_calls WHERE trace_id = 't'") == [
+        {"input_tokens": None, "invalid_fields": "input_tokens:not_a_number"}]
+    blank_reasons = {(dict(m.headers)["agentwatch.dlq.topic"].decode(), m.key): dict(m.headers)[DLQ_REASON_HEADER]
+                     for m in blanks}
+    assert blank_reasons == {**{(t, b"empty"): b"empty record (0 bytes)" for t in empties},
+                             **{(t, b"tombstone"): b"tombstone (record with a null value)" for t in empties}}
+    assert sorted(m.value for m in letters) == sorted(garbage + [b"[1, 2, 3]"])  # nothing lost, bytes intact
     reasons = {m.value: dict(m.headers)[DLQ_REASON_HEADER].decode() for m in letters}
     assert reasons[garbage[0]].startswith("undecodable otlp_spans record")
     assert "llm_calls" in reasons[b"[1, 2, 3]"]
-    assert "$[0].input_tokens" in reasons[mistyped]  # a wrong type is named before a detector trips on it
     assert all(dict(m.headers)["agentwatch.dlq.topic"] in (b"otlp_spans", b"llm_calls") for m in letters)
     assert running_stack.dead_child() is None  # the worker survived all of it
-    assert scrape_counter(running_stack.worker_metrics_ports(), "agentwatch_dead_letter_total") == 5
+    assert scrape_counter(running_stack.worker_metrics_ports(), "agentwatch_dead_letter_total") == 5 + 2 * len(empties)
+    assert scrape_counter(running_stack.worker_metrics_ports(), "agentwatch_values_rejected_total") == 1
 
 
 def test_openai_v2_instrumentation_log_records_arrive_via_otlp_logs(running_stack, tmp_path, monkeypatch):
@@ -194,20 +210,23 @@ def test_port_in_use_gives_a_clear_error_naming_port_and_flag(tmp_path):
     assert f"port {port} is already in use" in result.stderr and "--otlp-grpc-port" in result.stderr
 
 
-def test_a_dying_worker_stops_the_stack_with_its_log_tail_and_leaves_no_orphans(tmp_path):
-    from agentwatch.stack import Stack, StackError
+def test_a_killed_worker_is_restarted_and_the_stop_leaves_no_orphans(tmp_path):
+    from agentwatch.stack import Stack
 
     import psutil
 
     stack = Stack(stack_settings(tmp_path / "data"), say=lambda _m: None).start()
+    worker = next(c for c in stack.children if c.name == "worker-0")
+    assert psutil.Process(worker.proc.pid).children(), "expected the worker's normaliser process"
+    first_pid = worker.proc.pid
+    os.kill(first_pid, 9)
+    wait_until(lambda: stack.poll() or (worker.restarts == 1 and worker.restart_at is None), timeout_s=30, every_s=0.1)
+    assert worker.proc.pid != first_pid and worker.proc.poll() is None
+    # The restarted worker starts its own normaliser process.
+    wait_until(lambda: psutil.Process(worker.proc.pid).children(), timeout_s=30)
     # Every process of the stack, grandchildren included (the worker's normaliser process).
     pids = [p.pid for c in stack.children for p in [psutil.Process(c.proc.pid)] + psutil.Process(c.proc.pid).children(recursive=True)]
     pids.append(stack.broker.proc.pid)
-    worker = next(c for c in stack.children if c.name == "worker-0")
-    assert psutil.Process(worker.proc.pid).children(), "expected the worker's normaliser process"
-    os.kill(worker.proc.pid, 9)
-    with pytest.raises(StackError, match="worker-0 died"):
-        stack.supervise(lambda: False)
     stack.stop()
     time.sleep(0.5)  # a parent-death signal is delivered asynchronously
     for pid in pids:
