@@ -569,29 +569,38 @@ class NormalizerProcess:
 
     When the child dies (the OOM killer, a crash) the records it held were not acknowledged and
     are not at fault: a new child is started and they run again, one at a time, so a record that
-    kills a child while running alone is known to be the cause. After ``max_attempts`` such
+    kills a child while running alone is known to be the cause. After ``max_deaths_alone`` such
     deaths it raises :class:`NormalizerDied` and the caller dead-letters that record. A child
     that cannot even start raises, and the worker fails for its supervisor to see.
     """
 
-    def __init__(self, settings: Settings, partitions: dict[str, int], *, max_attempts: int = 3,
-                 on_restart: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: Settings, partitions: dict[str, int], *, max_deaths_alone: int = 2,
+                 on_restart: Callable[[str], None] | None = None,
+                 work: Callable[[bytes], RecordOutcome] | None = None) -> None:
         self.initargs = (str(settings.pricing_path) if settings.pricing_path else None, settings.max_text_chars,
                          dict(partitions), settings.value_bounds)
-        self.max_attempts = max_attempts
+        self.max_deaths_alone = max_deaths_alone
         self.on_restart = on_restart
+        self.work = work or _child_on_traces  # a module-level function: the child imports it by name
         self.restarts = 0
         self._pool = self._start()
         self._alone = asyncio.Lock()
 
     def _start(self) -> Any:
+        pool, started = self._spawn()
+        started.result()
+        return pool
+
+    def _spawn(self) -> tuple[Any, Any]:
+        """A new pool, its process started now (not on the first record), and the future of its
+        warm-up. Call it from the thread that lives as long as the worker: the child's
+        parent-death signal follows the thread that started it, not the process."""
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded process
                                    initializer=_child_init, initargs=self.initargs)
-        pool.submit(int).result()  # start and initialise it now, not on the first record
-        return pool
+        return pool, pool.submit(int)
 
     def child_pid(self) -> int | None:
         processes = getattr(self._pool, "_processes", None) or {}
@@ -602,24 +611,37 @@ class NormalizerProcess:
 
         pool = self._pool
         try:
-            return await asyncio.wrap_future(pool.submit(_child_on_traces, payload))
-        except BrokenProcessPool as exc:
+            return await asyncio.wrap_future(pool.submit(self.work, payload))
+        except BrokenProcessPool as exc:  # died while it held this record and others
             death = str(exc)
-        for _attempt in range(1, self.max_attempts):
-            async with self._alone:
+        deaths_alone = 0
+        async with self._alone:
+            while True:
                 pool = await self._replace(pool, death)
                 try:
-                    return await asyncio.wrap_future(pool.submit(_child_on_traces, payload))
+                    future = pool.submit(self.work, payload)
+                except BrokenProcessPool as exc:  # broken by another record before this one got in
+                    death = str(exc)
+                    continue
+                try:
+                    return await asyncio.wrap_future(future)
                 except BrokenProcessPool as exc:
                     death = str(exc)
-        raise NormalizerDied(f"the normaliser process died {self.max_attempts - 1} times while it held "
-                             f"only this record ({death})")
+                    deaths_alone += 1
+                    if deaths_alone >= self.max_deaths_alone:
+                        # A working process for the next record before the lock is let go: the
+                        # pool notices its death asynchronously, and a record handed to it now
+                        # would be charged with a death it did not cause.
+                        await self._replace(pool, death)
+                        raise NormalizerDied(f"the normaliser process died {deaths_alone} times while it held "
+                                             f"only this record ({death})") from None
 
     async def _replace(self, broken: Any, reason: str) -> Any:
         """The live pool: the one another record already started, or a new one."""
         if self._pool is broken:
             broken.shutdown(wait=False, cancel_futures=True)
-            self._pool = await asyncio.get_running_loop().run_in_executor(None, self._start)
+            self._pool, started = self._spawn()
+            await asyncio.wrap_future(started)  # the child initialises while the loop goes on
             self.restarts += 1
             log.warning("normaliser process died (%s); restarted it (restart %d)", reason, self.restarts)
             if self.on_restart is not None:
