@@ -133,3 +133,94 @@ def test_a_crash_loop_gives_up_loudly_and_a_dead_broker_stops_the_collector(tmp_
         assert post_http(settings.otlp_http_port, body) != 200
     finally:
         stack.stop()
+
+
+HOSTILE_TOKENS = {"int64 max": {"int_value": 2**63 - 1}, "a trillion": {"int_value": 10**12},
+                  "negative": {"int_value": -5}, "NaN": {"double_value": float("nan")},
+                  "infinite": {"double_value": float("inf")}, "text": {"string_value": "many"}}
+
+
+def test_absurd_values_are_nulled_flagged_and_dead_lettered_and_their_neighbours_land(alerting_stack):
+    """Each hostile token count sits in a request among valid spans: every span lands, the bad
+    field reads NULL and is flagged, nothing is priced from it, and the original value is on
+    dead_letter with its reason."""
+    import json
+
+    from kafka import KafkaConsumer, TopicPartition
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    from agentwatch.demo import scrape_counter
+    from agentwatch.streams.app import DLQ_REASON_HEADER
+    from agentwatch.streams.snapshots import query_snapshots
+
+    stack = alerting_stack
+    rng = random.Random(77)
+    sent, hostile = [], {}
+    for label, value in HOSTILE_TOKENS.items():
+        body, ids = llm_request(20, rng=rng)
+        request = ExportTraceServiceRequest.FromString(body)
+        span = request.resource_spans[0].scope_spans[0].spans[7]
+        attribute = next(a for a in span.attributes if a.key == "gen_ai.usage.input_tokens")
+        attribute.value.CopyFrom(AnyValue(**value))
+        hostile[span.span_id.hex()] = label
+        assert post_http(stack.settings.otlp_http_port, request.SerializeToString()) == 200
+        sent += ids
+    placeholders = ",".join(f"'{i}'" for i in sent)
+
+    def rows():
+        return query_snapshots(stack.settings.data_dir, f"SELECT span_id, input_tokens, cost_usd, invalid_fields "
+                                                        f"FROM llm_calls WHERE span_id IN ({placeholders})").to_pylist()
+
+    stored = wait_for(lambda: (r := rows()) and len(r) >= len(sent) and r, 60)
+    assert sorted(r["span_id"] for r in stored) == sorted(sent)  # no neighbour lost, no repeat
+    for row in stored:
+        if row["span_id"] in hostile:
+            assert row["input_tokens"] is None and row["cost_usd"] is None, (hostile[row["span_id"]], row)
+            assert row["invalid_fields"].startswith("input_tokens:"), row
+        else:
+            assert row["input_tokens"] is not None and row["invalid_fields"] in (None, ""), row
+            assert 0 < row["cost_usd"] < 0.01
+
+    consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap_servers, consumer_timeout_ms=3000,
+                             auto_offset_reset="earliest")
+    consumer.assign([TopicPartition("dead_letter", 0)])
+    rejected = {}
+    for message in consumer:
+        if dict(message.headers)[DLQ_REASON_HEADER].startswith(b"implausible values"):
+            for item in json.loads(message.value)["rejections"]:
+                rejected[item["span_id"]] = item
+    consumer.close()
+    assert set(rejected) == set(hostile)
+    assert {rejected[s]["reason"] for s in hostile} >= {"above_max", "below_min", "nan", "infinite", "not_a_number"}
+    assert rejected[next(s for s, label in hostile.items() if label == "int64 max")]["value"] in (2**63 - 1, str(2**63 - 1))
+    assert scrape_counter(stack.worker_metrics_ports(), "agentwatch_values_rejected_total") == len(hostile)
+    assert stack.dead_child() is None
+
+
+def test_a_second_up_on_the_same_directories_delivers_every_new_alert(tmp_path, receivers):
+    """The embedded broker starts again at offset 0; nothing the notifier remembers from the
+    first run may make it skip the second run's alerts."""
+    from agentwatch.bench_faults import loop_request, produced_alert_keys
+
+    pagerduty, slack = receivers
+    routes = write_routes(tmp_path / "routes.yaml", pagerduty, slack)
+    delivered_keys = []
+    for run in range(2):
+        settings = stack_settings(tmp_path / "data").model_copy(update={
+            "alert_routes": routes, "alerts_state_dir": tmp_path / "alerts", "gpu_exporter": "off"})
+        stack = Stack(settings, say=lambda _m: None).start()
+        try:
+            rng = random.Random(100 + run)
+            for _ in range(5):
+                body, _ids = loop_request(rng=rng)
+                assert post_http(settings.otlp_http_port, body) == 200
+            produced = wait_for(lambda: (keys := produced_alert_keys(stack.bootstrap_servers)) and len(keys) >= 5 and keys, 60)
+            assert len(produced) == 5
+            assert wait_for(lambda: produced <= {e["dedup_key"] for e in pagerduty.events("trigger")}, 60), \
+                f"run {run}: not delivered: {produced - {e['dedup_key'] for e in pagerduty.events('trigger')}}"
+            delivered_keys += sorted(produced)
+        finally:
+            stack.stop()
+    assert len(set(delivered_keys)) == 10
+    assert all(len(pagerduty.incidents[key]) == 1 for key in delivered_keys)
