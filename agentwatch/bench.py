@@ -193,6 +193,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def run_section(output: Path, name: str, *, quick: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """One extra section alone, merged into an existing results file (the other figures stay)."""
+    sections = dict(_extra_sections(quick))
+    if name not in sections:
+        raise ValueError(f"no bench section {name!r}; sections: {', '.join(sections)}")
+    results = json.loads(output.read_text()) if output.exists() else {}
+    say(f"running {name} ...")
+    results[name] = sections[name]()
+    say(f"{name}: {json.dumps(results[name], default=str)[:2000]}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, default=str))
+    say(f"wrote {output}")
+    return results
+
+
 def run_bench(output: Path, *, quick: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
     n_records = 40 if quick else 200
     say(f"building {n_records} records x 1000 spans of demo agent traffic ...")
@@ -337,6 +352,7 @@ def _matched(trace_ids: list[str], received: dict[str, float]) -> dict[str, floa
 
 def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
     """Figures owned by the detector, alerting and dashboard packages, measured in the same run."""
+    from agentwatch.bench_faults import bench_faults
     from agentwatch.collectors.gpu_sim import bench_vram
     from agentwatch.dashboards.bench_metrics import bench_metrics
     from agentwatch.detectors.bench_state import bench_detectors, bench_trace_state
@@ -355,6 +371,7 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
         ("vram_detector", lambda: bench_vram(hosts=10 if quick else 50)),
         ("metrics_overhead", bench_metrics),
         ("detector_checkpoint", lambda: bench_checkpoint(n_traces=20_000 if quick else 60_000)),
+        ("faults", lambda: bench_faults(rounds=1 if quick else 2)),
     ]
 
 

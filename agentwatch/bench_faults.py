@@ -260,6 +260,7 @@ def run_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, pagerdu
     Recovery is the time from the fault until a span sent after it is stored.
     """
     seed = zlib.crc32(fault.encode())
+    produced_before = produced_alert_keys(stack.bootstrap_servers) if pagerduty is not None else set()
     traffic = AckedTraffic(stack.settings.otlp_http_port, seed=seed, loop_every=10 if pagerduty else 0).start()
     supervise_for(stack, traffic_s / 2)
     injected_at = inject(stack)
@@ -288,7 +289,7 @@ def run_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, pagerdu
         def delivered() -> set[str]:
             return {e["dedup_key"] for e in pagerduty.events("trigger")}
 
-        produced = produced_alert_keys(stack.bootstrap_servers)
+        produced = produced_alert_keys(stack.bootstrap_servers) - produced_before
         while time.monotonic() < deadline and not produced <= delivered():
             supervise_for(stack, 0.25)
         triggered = [e["dedup_key"] for e in pagerduty.events("trigger") if e["dedup_key"] in produced]
@@ -298,3 +299,92 @@ def run_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, pagerdu
         result.max_pagerduty_incidents_per_key = max(
             (len(pagerduty.incidents.get(key, [])) for key in produced), default=0)
     return result
+
+
+def bench_faults(rounds: int = 2) -> dict[str, Any]:
+    """Each fault ``rounds`` times on one alerting stack (local Slack and PagerDuty receivers),
+    then a burst followed at once by a clean stop. Counts per run; recovery in seconds."""
+    import tempfile
+
+    from agentwatch.alerts.testing import PagerDutyReceiver, SlackReceiver
+    from agentwatch.broker import free_port
+    from agentwatch.settings import Settings
+    from agentwatch.stack import Stack
+
+    work = Path(tempfile.mkdtemp(prefix="agentwatch-fault-bench-"))
+    pagerduty, slack = PagerDutyReceiver().up(), SlackReceiver().up()
+    routes = work / "routes.yaml"
+    routes.write_text(
+        "destinations:\n"
+        f"  pd:\n    type: pagerduty\n    routing_key: bench-key\n    base_url: {pagerduty.url}\n"
+        f"    ca_bundle: {pagerduty.ca_path}\n"
+        f"  slack:\n    type: slack\n    webhook_url: {slack.url}/hook\n"
+        "routes:\n  - name: loops\n    match: {detector: agent_loop}\n    destinations: [pd, slack]\n"
+        "    group_wait_s: 0\n")
+
+    def settings(data: str, **extra: Any) -> Settings:
+        return Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
+                        metrics_port=free_port(), data_dir=work / data, gpu_exporter="off",
+                        snapshot_flush_seconds=2.0, **extra)
+
+    faults = {"worker_sigkill": lambda stack: kill_child(stack, "worker-0"),
+              "normaliser_sigkill": kill_normalizer,
+              "notifier_sigkill": lambda stack: kill_child(stack, "notifier"),
+              "collector_sigkill": lambda stack: kill_child(stack, "collector")}
+    runs: list[dict[str, Any]] = []
+    try:
+        stack = Stack(settings("alerting", alert_routes=routes, alerts_state_dir=work / "alerts"),
+                      say=lambda _m: None).start()
+        try:
+            supervise_for(stack, 10.0)  # past the start-up work (model preload, group joins)
+            for round_ in range(rounds):
+                for name, inject in faults.items():
+                    result = run_fault(stack, f"{name}-{round_}", inject, pagerduty=pagerduty)
+                    runs.append({**result.as_dict(), "fault": name})
+        finally:
+            stack.stop()
+        for round_ in range(rounds):
+            runs.append(burst_then_stop(settings(f"burst-{round_}")))
+    finally:
+        pagerduty.down()
+        slack.down()
+    summary: dict[str, Any] = {}
+    for run in runs:
+        entry = summary.setdefault(run["fault"], {"runs": 0, "acknowledged": 0, "lost": 0})
+        entry["runs"] += 1
+        entry["acknowledged"] += run["acknowledged"]
+        entry["lost"] += run["lost"]
+        for key in ("recover_s", "stop_s"):
+            if run.get(key) is not None:
+                entry.setdefault(f"{key}_range", [run[key], run[key]])
+                entry[f"{key}_range"] = [min(entry[f"{key}_range"][0], run[key]), max(entry[f"{key}_range"][1], run[key])]
+        if run.get("alerts_produced") is not None:
+            entry["alerts_produced"] = entry.get("alerts_produced", 0) + run["alerts_produced"]
+            entry["alerts_delivered"] = entry.get("alerts_delivered", 0) + run["alerts_delivered"]
+            entry["max_pagerduty_incidents_per_key"] = max(entry.get("max_pagerduty_incidents_per_key", 0),
+                                                           run["max_pagerduty_incidents_per_key"])
+    return {"summary": summary, "runs": runs}
+
+
+def burst_then_stop(settings: Any, requests: int = 30, spans_per_request: int = 100) -> dict[str, Any]:
+    """A running stack takes a burst; the stop comes 0.3 s after the last success."""
+    from agentwatch.stack import Stack
+
+    stack = Stack(settings, say=lambda _m: None).start()
+    traffic = AckedTraffic(settings.otlp_http_port, spans_per_request=spans_per_request)
+    rng = random.Random(17)
+    try:
+        traffic.send_one(rng)
+        wait_for(lambda: len(stored_span_ids(settings.data_dir)[0]) >= spans_per_request, 60)
+        for _ in range(requests):
+            traffic.send_one(rng)
+        time.sleep(0.3)
+    finally:
+        started = time.monotonic()
+        stack.stop()
+        stop_s = round(time.monotonic() - started, 2)
+    ids, rows = stored_span_ids(settings.data_dir)
+    acknowledged = set(traffic.acknowledged)
+    return {"fault": "burst_then_stop", "acknowledged": len(acknowledged), "stored": len(acknowledged & ids),
+            "lost": len(acknowledged - ids), "repeated_rows": rows - len(ids), "refused_requests": traffic.refused,
+            "stop_s": stop_s, "forced_stops": stack.forced_stops}

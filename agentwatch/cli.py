@@ -145,10 +145,19 @@ def query(sql: str, fmt: str, data_dir: Path | None, max_rows: int) -> None:
 @main.command()
 @click.option("--output", type=click.Path(path_type=Path), default=Path("bench/results.json"), show_default=True)
 @click.option("--quick", is_flag=True, help="Smaller runs (for a smoke check, not for figures).")
-def bench(output: Path, quick: bool) -> None:
-    """Measure throughput (decode, normalise, end to end) and write bench/results.json."""
-    from agentwatch.bench import run_bench
+@click.option("--section", help="Run one extra section only (e.g. faults, alert_latency_span_to_webhook) "
+                                "and merge it into the output file.")
+def bench(output: Path, quick: bool, section: str | None) -> None:
+    """Measure throughput (decode, normalise, end to end), latency, memory and fault recovery;
+    write bench/results.json."""
+    from agentwatch.bench import run_bench, run_section
 
+    if section:
+        try:
+            run_section(output, section, quick=quick, say=click.echo)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--section") from exc
+        return
     run_bench(output, quick=quick, say=click.echo)
 
 

@@ -63,12 +63,15 @@ def run_demo(settings: Settings, *, duration_s: float = 60.0, rate: float = 20.0
             gpu_thread = _start_simulated_gpu(stack, duration_s, say)
         say(f"demo traffic: {rate:g} agent runs/s for {duration_s:g}s"
             + (f", incidents from half-way: {', '.join(incidents)}" if incidents else ""))
-        started = time.monotonic()
+        started = polled = time.monotonic()
         runs = 0
         while (elapsed := time.monotonic() - started) < duration_s:
             while runs < int(elapsed * rate):
                 traffic.run(time.time_ns(), progress=elapsed / duration_s)
                 runs += 1
+            if time.monotonic() - polled >= 0.25:  # supervise: restart a child that died
+                stack.poll()
+                polled = time.monotonic()
             time.sleep(0.02)
         traffic.shutdown()
         ingested = wait_for_spans(stack, traffic.stats.spans, timeout_s=30)

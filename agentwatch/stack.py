@@ -339,20 +339,26 @@ class Stack:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop in data-flow order; on the in-memory broker, drain it before it goes."""
-        by_role = {"collector": [], "gpu": [], "worker": [], "notifier": []}
+        by_role: dict[str, list[Child]] = {"collector": [], "gpu": [], "worker": [], "notifier": []}
         for child in self.children:
             role = "worker" if child.name.startswith("worker") else "gpu" if child.name.startswith("gpu") else child.name
             by_role.setdefault(role, []).append(child)
-        for child in by_role["collector"] + by_role["gpu"]:
-            terminate_group(child.proc, timeout_s)
+        phases: list[str] = []
+        started = time.monotonic()
+        terminate_all([c.proc for c in by_role["collector"] + by_role["gpu"]], timeout_s)
+        phases.append(f"receivers {time.monotonic() - started:.1f}s")
         if self.broker is not None and not self.broker_died() and self.children:
+            mark = time.monotonic()
             self._drain(by_role)
-        self.forced_stops = []
-        for child in by_role["worker"] + [c for role, cs in by_role.items()
-                                          if role not in ("collector", "gpu", "worker") for c in cs]:
-            if terminate_group(child.proc, timeout_s):
-                self.forced_stops.append(child.name)
-                self.say(f"stop: {child.name} did not stop within {timeout_s:g}s and was killed")
+            phases.append(f"drain {time.monotonic() - mark:.1f}s")
+        mark = time.monotonic()
+        consumers = by_role["worker"] + [c for role, cs in by_role.items()
+                                         if role not in ("collector", "gpu", "worker") for c in cs]
+        forced = terminate_all([c.proc for c in consumers], timeout_s)
+        self.forced_stops = [c.name for c in consumers if c.proc in forced]
+        for name in self.forced_stops:
+            self.say(f"stop: {name} did not stop within {timeout_s:g}s and was killed")
+        phases.append(f"workers and notifier {time.monotonic() - mark:.1f}s")
         self.children.clear()
         if self.broker is not None:
             self.broker.stop()
@@ -360,6 +366,8 @@ class Stack:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        if consumers:
+            self.say(f"stopped in {time.monotonic() - started:.1f}s ({', '.join(phases)})")
 
     def _drain(self, by_role: dict[str, list[Child]]) -> None:
         """Wait until the worker and notifier groups have committed everything on the broker."""
@@ -405,6 +413,15 @@ def _popen(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
     with open(log_path, "ab") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env}, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def terminate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[subprocess.Popen]:
+    """Stop children side by side (each flushes on its own, so N workers take as long as one);
+    returns those that had to be killed."""
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    return [proc for proc in procs if terminate_group(proc, max(0.1, deadline - time.monotonic()))]
 
 
 def terminate_group(proc: subprocess.Popen, timeout_s: float) -> bool:
