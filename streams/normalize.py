@@ -10,6 +10,10 @@ the model and even the same token counts. Only the innermost LLM span of a call 
 child lacks (request model, provider, tokens) are taken from it. Ancestors arriving in a later
 batch are recognised through a bounded memory of recent LLM spans' parents.
 
+Everything kept across batches (that memory, the memos of parsed prompts and tool definitions,
+the attribute-layout plans) is capped in approximate bytes as well as entries, and a value too
+large to be worth keeping (a multi-megabyte prompt) is not memoised at all.
+
 Numbers (tokens, latency, cost) are checked against :class:`~agentwatch.bounds.ValueBounds`
 as rows are built: an implausible one is nulled in the row, named in its ``invalid_fields`` and
 reported in :attr:`NormalizedBatch.rejections`; the span still becomes its row.
@@ -25,12 +29,26 @@ import orjson
 
 from agentwatch.bounds import (DEFAULT_BOUNDS, FROM_INVALID_TOKENS, NOT_A_NUMBER, PRICED_TOKEN_FIELDS, FieldLimit,
                                ValueBounds, ValueRejection, check_number, format_flags, keepable, typed_row)
+from agentwatch.detectors.bounded import BoundedMemo, approx_size
 from agentwatch.events import AgentStep, LlmCall, LlmMessage, ToolCall
 from agentwatch.streams import semconv as sc
 from agentwatch.streams.otlp import any_value, attributes
 from agentwatch.streams.pricing import PricingTable
 
 _STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+
+_MIB = 1 << 20
+# Entry caps of the memos; their byte budgets are Normalizer arguments. Typical traffic fills the
+# entry caps long before the byte budgets (the bench's prompts are ~100 characters, its tool
+# definitions ~340); large or hostile payloads meet the byte budgets instead.
+_PROMPT_MEMO_ENTRIES = 4096
+_TOOL_DEFINITIONS_MEMO_ENTRIES = 1024
+_LAYOUT_MEMO_ENTRIES = 4096  # per span role
+# OTLP ids are 16 and 8 bytes, a 48-character key; a parent key far longer than that comes from a
+# malformed id and is not remembered.
+_MAX_PARENT_KEY_BYTES = 4096
+# Unpriced models are counted by name; a "name" longer than this is not one, and is cut.
+_UNPRICED_NAME_CHARS = 256
 
 
 @dataclass
@@ -86,14 +104,36 @@ class Normalizer:
     value_bounds
         Plausibility bounds of tokens, latency and cost (``Settings.value_bounds``); the
         defaults when None.
+    parent_memory_bytes
+        Byte budget of that memory. 100 000 well-formed parent keys take ~30 MB (measured), so
+        the default 32 MiB lets the entry count bind for real ids and the bytes for malformed
+        long ones.
+    prompt_memo_bytes
+        Byte budget of the memo of parsed input messages (keyed by their JSON text). 32 MiB
+        holds all 4096 entries while one (the text and the prompt kept from it) averages under
+        8 KiB; with the tool definitions' 16 MiB the text memos stay below what the worker
+        process takes by itself (~80 MB RSS). A text over 1/8 of the budget (4 MiB) is parsed every time:
+        it would evict an eighth of the memo, and parsing it again costs about what decoding
+        it did.
+    tool_definitions_memo_bytes
+        Byte budget of the memo of normalised tool definitions. An app declares one tool set
+        on every call, so few distinct texts recur: 16 MiB (over 2 MiB, not memoised).
+    layout_memo_bytes
+        Byte budget of the attribute-layout plans, split evenly over LLM, tool and agent spans.
+        An instrumentation emits a handful of layouts of a few hundred bytes of names each;
+        8 MiB holds thousands, and a span with hostile random attribute names cannot grow it.
     """
 
     def __init__(self, pricing: PricingTable, *, max_text_chars: int = 8192,
-                 parent_memory: int = 100_000, value_bounds: ValueBounds | None = None) -> None:
-        if max_text_chars < 0:
-            raise ValueError("max_text_chars must be >= 0")
-        if parent_memory < 0:
-            raise ValueError("parent_memory must be >= 0")
+                 parent_memory: int = 100_000, value_bounds: ValueBounds | None = None,
+                 parent_memory_bytes: int = 32 * _MIB, prompt_memo_bytes: int = 32 * _MIB,
+                 tool_definitions_memo_bytes: int = 16 * _MIB, layout_memo_bytes: int = 8 * _MIB) -> None:
+        for name, value in (("max_text_chars", max_text_chars), ("parent_memory", parent_memory),
+                            ("parent_memory_bytes", parent_memory_bytes), ("prompt_memo_bytes", prompt_memo_bytes),
+                            ("tool_definitions_memo_bytes", tool_definitions_memo_bytes),
+                            ("layout_memo_bytes", layout_memo_bytes)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0")
         self.pricing = pricing
         self.max_text_chars = max_text_chars
         self.value_bounds = value_bounds if value_bounds is not None else DEFAULT_BOUNDS
@@ -106,10 +146,28 @@ class Normalizer:
                                     if f.name == "start_ts")
         self._ts_low, self._ts_high = self.value_bounds.timestamp_s
         self.parent_memory = parent_memory
-        self._llm_parents: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.parent_memory_bytes = parent_memory_bytes
+        self.prompt_memo_bytes = prompt_memo_bytes
+        self.tool_definitions_memo_bytes = tool_definitions_memo_bytes
+        self.layout_memo_bytes = layout_memo_bytes
+        # The value is always None, a shared singleton: an entry holds its key only.
+        self._llm_parents: BoundedMemo[tuple[str, str], None] = BoundedMemo(
+            parent_memory, parent_memory_bytes, max_entry_bytes=min(_MAX_PARENT_KEY_BYTES, parent_memory_bytes),
+            size=_parent_key_size)
         self.unpriced_models: collections.Counter[str] = collections.Counter()
-        self._tool_definitions_memo: dict[str, str] = {}
-        self._prompt_memo: dict[str, str] = {}
+        self._tool_definitions_memo: BoundedMemo[str, str] = BoundedMemo(
+            _TOOL_DEFINITIONS_MEMO_ENTRIES, tool_definitions_memo_bytes)
+        self._prompt_memo: BoundedMemo[str, str] = BoundedMemo(_PROMPT_MEMO_ENTRIES, prompt_memo_bytes)
+        layout_bytes = layout_memo_bytes // 3
+        self._llm_fields = _FieldPlans(*_LLM_FIELDS, memo=BoundedMemo(_LAYOUT_MEMO_ENTRIES, layout_bytes))
+        self._tool_fields = _FieldPlans(*_TOOL_FIELDS, memo=BoundedMemo(_LAYOUT_MEMO_ENTRIES, layout_bytes))
+        self._step_fields = _FieldPlans(*_STEP_FIELDS, memo=BoundedMemo(_LAYOUT_MEMO_ENTRIES, layout_bytes))
+
+    def memos(self) -> dict[str, BoundedMemo[Any, Any]]:
+        """Everything this normaliser keeps across batches, by name (for tests and diagnostics)."""
+        return {"llm_parents": self._llm_parents, "prompts": self._prompt_memo,
+                "tool_definitions": self._tool_definitions_memo, "llm_layouts": self._llm_fields.memo,
+                "tool_layouts": self._tool_fields.memo, "step_layouts": self._step_fields.memo}
 
     # -- traces -------------------------------------------------------------------------------
 
@@ -167,10 +225,8 @@ class Normalizer:
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
                     batch.llm_call_rows.append(
                         self._llm_call(span, merged, header, span_id, parent_id, rejected))
-                    if self.parent_memory:
-                        remembered[parent_key] = None
-                        if len(remembered) > self.parent_memory:
-                            remembered.popitem(last=False)
+                    if self.parent_memory and parent_key not in remembered:  # first come, first forgotten
+                        remembered.put(parent_key, None)
                 elif role == "tool":
                     batch.tool_call_rows.append(
                         self._tool_call(span, attrs, header, span_id, parent_id, rejected))
@@ -189,7 +245,7 @@ class Normalizer:
         """An :class:`LlmCall` row."""
         clip = self.max_text_chars
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, provider,
-         operation, host) = _LLM_FIELDS.values(attrs)
+         operation, host) = self._llm_fields.values(attrs)
         request_model = _str(request_model)
         model = _str(model) or request_model
         flags: dict[str, str] = {}
@@ -209,7 +265,7 @@ class Normalizer:
             cost, priced = None, self.pricing.cost_usd(model, 0, 0)[1]
             flags["cost_usd"] = FROM_INVALID_TOKENS
         if not priced and model and len(self.unpriced_models) < 1000:
-            self.unpriced_models[model] += 1
+            self.unpriced_models[model[:_UNPRICED_NAME_CHARS]] += 1
         prompt = self._prompt(attrs, span)
         response, requested = _response(attrs, span)
         status, error = _status(span, attrs)
@@ -252,7 +308,8 @@ class Normalizer:
 
     def _prompt(self, attrs: dict[str, Any], span: Any) -> str:
         # Agents re-send the conversation at every step, so most input-message texts of a trace
-        # were seen a moment ago: parse each distinct one once.
+        # were seen a moment ago: parse each distinct one once. The row keeps only max_text_chars
+        # of the prompt, so that is all the memo keeps.
         raw = attrs.get(sc.INPUT_MESSAGES)
         if not isinstance(raw, str) or not raw:
             return _prompt_text(attrs, span)
@@ -261,10 +318,8 @@ class Normalizer:
             messages = _json_value(raw)
             if not isinstance(messages, list) or not messages:
                 return _prompt_text(attrs, span)  # unusable here: the other conventions decide
-            prompt = _last_message_text(messages, "user")
-            if len(self._prompt_memo) >= 4096:
-                self._prompt_memo.clear()
-            self._prompt_memo[raw] = prompt
+            prompt = _last_message_text(messages, "user")[: self.max_text_chars]
+            self._prompt_memo.put(raw, prompt)
         return prompt
 
     def _tool_definitions_json(self, attrs: dict[str, Any]) -> str:
@@ -275,16 +330,14 @@ class Normalizer:
         normalized = self._tool_definitions_memo.get(raw)
         if normalized is None:
             normalized = _dump(_tool_definitions(attrs))
-            if len(self._tool_definitions_memo) >= 1024:
-                self._tool_definitions_memo.clear()
-            self._tool_definitions_memo[raw] = normalized
+            self._tool_definitions_memo.put(raw, normalized)
         return normalized
 
     def _tool_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                    parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """A :class:`ToolCall` row."""
         clip = self.max_text_chars
-        name, host, call_id, arguments, result = _TOOL_FIELDS.values(attrs)
+        name, host, call_id, arguments, result = self._tool_fields.values(attrs)
         name = _str(name) or _str(attrs.get(sc.TRACELOOP_ENTITY))
         if not name:
             # "execute_tool get_weather" is the span-name convention when the attribute is absent.
@@ -305,7 +358,7 @@ class Normalizer:
     def _agent_step(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                     parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """An :class:`AgentStep` row."""
-        agent, host = _STEP_FIELDS.values(attrs)
+        agent, host = self._step_fields.values(attrs)
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         flags: dict[str, str] = {}
@@ -643,7 +696,7 @@ class _FieldPlans:
     """The first present, non-empty value of each field among its convention aliases.
 
     Spans of one instrumentation share their attribute layout, so which aliases of each field
-    a layout holds is worked out once per layout (bounded cache). A span then reads one key per
+    a layout holds is worked out once per layout (a :class:`BoundedMemo`). A span then reads one key per
     field in a single C-level pass; only a field with several aliases present in the layout
     needs the empty-value fall-through. (For a field with one alias present, an empty value and
     an absent one read the same to every caller: ``_str`` and ``_attr_count`` map both alike.)
@@ -651,19 +704,18 @@ class _FieldPlans:
 
     _ABSENT = "\x00absent"  # a key no attribute has: reads as None
 
-    def __init__(self, *fields: tuple[str, ...], max_layouts: int = 4096) -> None:
+    def __init__(self, *fields: tuple[str, ...], memo: BoundedMemo[Any, Any]) -> None:
         self.fields = fields
-        self.max_layouts = max_layouts
-        self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[tuple[int, tuple[str, ...]], ...]]] = {}
+        # layout -> plan. A plan's names are the layout's own str objects, counted twice by the
+        # memo's sizing: a conservative figure for a few hundred bytes.
+        self.memo = memo
 
     def values(self, attrs: dict[str, Any]) -> list[Any]:
         layout = tuple(attrs)
-        plan = self._plans.get(layout)
+        plan = self.memo.get(layout)
         if plan is None:
             plan = self._plan(attrs)
-            if len(self._plans) >= self.max_layouts:
-                self._plans.clear()
-            self._plans[layout] = plan
+            self.memo.put(layout, plan)
         keys, several = plan
         out = list(map(attrs.get, keys))
         for index, present in several:
@@ -681,12 +733,21 @@ class _FieldPlans:
         return keys, several
 
 
-_LLM_FIELDS = _FieldPlans(sc.REQUEST_MODEL, sc.RESPONSE_MODEL, sc.INPUT_TOKENS, sc.OUTPUT_TOKENS,
-                          sc.CACHE_READ_TOKENS, sc.REASONING_TOKENS, sc.PROVIDER, sc.OPERATION,
-                          sc.HOST)
-_TOOL_FIELDS = _FieldPlans(sc.TOOL_NAME, sc.HOST, sc.TOOL_CALL_ID, sc.TOOL_ARGUMENTS,
-                           sc.TOOL_RESULT)
-_STEP_FIELDS = _FieldPlans(sc.AGENT, sc.HOST)
+# The fields each span role reads through its _FieldPlans, in the order values() returns them.
+_LLM_FIELDS = (sc.REQUEST_MODEL, sc.RESPONSE_MODEL, sc.INPUT_TOKENS, sc.OUTPUT_TOKENS, sc.CACHE_READ_TOKENS,
+               sc.REASONING_TOKENS, sc.PROVIDER, sc.OPERATION, sc.HOST)
+_TOOL_FIELDS = (sc.TOOL_NAME, sc.HOST, sc.TOOL_CALL_ID, sc.TOOL_ARGUMENTS, sc.TOOL_RESULT)
+_STEP_FIELDS = (sc.AGENT, sc.HOST)
+
+
+def _parent_key_size(key: tuple[str, str], _value: None) -> int:
+    # approx_size(key) unrolled for the hot path: a pair of hex (ASCII) strings; the value is the
+    # None singleton, which an entry does not hold.
+    trace_id, span_id = key
+    return _PAIR_OF_ASCII_BYTES + len(trace_id) + len(span_id)
+
+
+_PAIR_OF_ASCII_BYTES = approx_size(("", ""))
 
 
 # -- scalar coercion (attributes can be empty, odd-typed or hostile) --------------------------
