@@ -60,10 +60,14 @@ class DriftStage:
         self.references_loaded_at = float("-inf")
 
     def preload(self) -> None:
-        """Load torch and the model in the embedding thread now: a few CPU-seconds, paid once at
-        start-up instead of inside the first traffic burst that closes a window. ``dimension`` is a
-        property, read inside the lambda so that the load runs in the executor, not on the loop."""
-        self.executor.submit(lambda: self.embedder.dimension)
+        """Load torch and the model now, in a thread of its own: a few CPU-seconds, paid once at
+        start-up instead of inside the first traffic burst that closes a window. Not in the
+        embedding thread: the drift detector is snapshotted there, and a checkpoint (a clean stop
+        right after a start) would wait for the whole load. The embedder's load lock makes a first
+        window that comes early wait for this load instead of starting a second one."""
+        import threading
+
+        threading.Thread(target=lambda: self.embedder.dimension, name="embed-preload", daemon=True).start()
 
     def refresh_references(self, now: float, every_s: float = 30.0) -> None:
         """Pick up reference sets added or re-bound while running (``agentwatch reference add``)."""

@@ -20,6 +20,9 @@ class ModelPrice:
     cache_read: float
 
 
+MAX_MEMO_NAME_CHARS = 256
+
+
 class PricingTable:
     """Looks up a model's price (exact name, then longest known prefix), memoised per name."""
 
@@ -65,7 +68,8 @@ class PricingTable:
             bare = name.rsplit("/", 1)[-1]
             found = self._prices.get(bare) or next(
                 (self._prices[p] for p in self._prefixes if bare.startswith(p)), None)
-        if len(self._memo) < 10_000:
+        # Bounded in bytes too: the name comes from the telemetry, and a real one is far shorter.
+        if len(self._memo) < 10_000 and len(model) <= MAX_MEMO_NAME_CHARS:
             self._memo[model] = found
         return found
 

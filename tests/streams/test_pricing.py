@@ -143,3 +143,14 @@ def test_invalid_pricing_file_is_a_value_error(tmp_path, content):
 def test_missing_pricing_file_is_an_os_error(tmp_path):
     with pytest.raises(OSError):
         PricingTable.load(tmp_path / "absent.json")
+
+
+def test_the_price_memo_keeps_no_huge_model_names():
+    from agentwatch.streams.pricing import MAX_MEMO_NAME_CHARS, PricingTable
+
+    table = PricingTable.load()
+    for i in range(20):
+        assert table.price(f"{i}" + "m" * 1_000_000) is None  # hostile names: looked up, not remembered
+    assert table.price("gpt-4o-mini") is not None
+    assert all(len(name) <= MAX_MEMO_NAME_CHARS for name in table._memo)
+    assert len(table._memo) == 1
