@@ -155,7 +155,7 @@ def bench_end_to_end(records: list[bytes], expected_events: int, say: Callable[[
 
     data_dir = Path(tempfile.mkdtemp(prefix="agentwatch-bench-"))
     settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
-                        metrics_port=free_port(), data_dir=data_dir)
+                        metrics_port=free_port(4), data_dir=data_dir)
     with Stack(settings, say=lambda _m: None) as stack:
         consumer, producer = bench_clients(stack.bootstrap_servers, OUTPUT_TOPICS, settings.max_message_bytes)
         # Steady state: one-time costs (the worker's model preload, first-record code paths, the
@@ -282,7 +282,7 @@ def bench_alert_latency(n_traces: int = 120, rate_per_s: float = 10.0) -> dict[s
                       "routes:\n  - name: loops\n    match: {detector: agent_loop, kind: repeated_tool_call}\n"
                       "    destinations: [slack]\n    group_wait_s: 0\n")
     settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
-                        metrics_port=free_port(), data_dir=work / "data", alert_routes=routes,
+                        metrics_port=free_port(4), data_dir=work / "data", alert_routes=routes,
                         alerts_state_dir=work / "alerts", gpu_exporter="off")
 
     exported: dict[str, float] = {}
@@ -387,7 +387,7 @@ def bench_stack_ready() -> dict[str, Any]:
     from agentwatch.stack import Stack
 
     settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
-                        metrics_port=free_port(), data_dir=Path(tempfile.mkdtemp()), gpu_exporter="off")
+                        metrics_port=free_port(4), data_dir=Path(tempfile.mkdtemp()), gpu_exporter="off")
     runs = []
     for _ in range(3):
         started = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 import threading
 import time
 import urllib.error
@@ -220,6 +221,7 @@ class FaultResult:
     alerts_delivered: int | None = None
     max_pagerduty_incidents_per_key: int | None = None
     pagerduty_trigger_requests: int | None = None
+    max_pagerduty_triggers_per_key: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -296,6 +298,7 @@ def run_fault(stack: Any, fault: str, inject: Callable[[Any], float], *, pagerdu
         result.alerts_produced = len(produced)
         result.alerts_delivered = len(produced & delivered())
         result.pagerduty_trigger_requests = len(triggered)
+        result.max_pagerduty_triggers_per_key = max(Counter(triggered).values(), default=0)
         result.max_pagerduty_incidents_per_key = max(
             (len(pagerduty.incidents.get(key, [])) for key in produced), default=0)
     return result
@@ -324,7 +327,7 @@ def bench_faults(rounds: int = 2) -> dict[str, Any]:
 
     def settings(data: str, **extra: Any) -> Settings:
         return Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
-                        metrics_port=free_port(), data_dir=work / data, gpu_exporter="off",
+                        metrics_port=free_port(4), data_dir=work / data, gpu_exporter="off",
                         snapshot_flush_seconds=2.0, **extra)
 
     faults = {"worker_sigkill": lambda stack: kill_child(stack, "worker-0"),
@@ -361,8 +364,8 @@ def bench_faults(rounds: int = 2) -> dict[str, Any]:
         if run.get("alerts_produced") is not None:
             entry["alerts_produced"] = entry.get("alerts_produced", 0) + run["alerts_produced"]
             entry["alerts_delivered"] = entry.get("alerts_delivered", 0) + run["alerts_delivered"]
-            entry["max_pagerduty_incidents_per_key"] = max(entry.get("max_pagerduty_incidents_per_key", 0),
-                                                           run["max_pagerduty_incidents_per_key"])
+            for key in ("max_pagerduty_incidents_per_key", "max_pagerduty_triggers_per_key"):
+                entry[key] = max(entry.get(key, 0), run[key])
     return {"summary": summary, "runs": runs}
 
 

@@ -30,8 +30,8 @@ DEFAULT_TOPICS: Mapping[str, int] = {
 }
 
 # Large prompts travel inside OTLP batches; the broker and every client agree on this limit.
-# rotel drops an export it would have to split into many Kafka records, so one record must hold
-# a whole SDK export (512 spans by default) even when every span carries a 32 KiB prompt.
+# One accepted collector request becomes one record, so this limit also sets the largest request
+# the collector may accept (collectors/rotel.py derives its receive limits from it).
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
@@ -42,10 +42,24 @@ class PortInUseError(RuntimeError):
         self.flag = flag
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(count: int = 1) -> int:
+    """A free port, or the first of ``count`` consecutive free ones (the stack numbers its
+    /metrics ports from --metrics-port: workers, notifier, supervisor)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if all(_port_free(p) for p in range(port + 1, port + count)):
+            return port
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def _port_free(port: int) -> bool:
+    try:
+        ensure_port_free(port, "")
+        return True
+    except PortInUseError:
+        return False
 
 
 def ensure_port_free(port: int, flag: str, host: str = "127.0.0.1") -> None:

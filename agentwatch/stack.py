@@ -38,9 +38,9 @@ from agentwatch.settings import Settings
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:  # runs in the child between fork and exec
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     except OSError:
         pass
 
@@ -346,6 +346,12 @@ class Stack:
         phases: list[str] = []
         started = time.monotonic()
         terminate_all([c.proc for c in by_role["collector"] + by_role["gpu"]], timeout_s)
+        if self.broker is not None and not self.broker_died():
+            # A consumer waiting out its backoff starts now: what is on the in-memory broker is
+            # lost unless someone consumes it before the broker stops.
+            for child in by_role["worker"] + by_role["notifier"]:
+                if child.restart_at is not None:
+                    self._restart(child)
         phases.append(f"receivers {time.monotonic() - started:.1f}s")
         if self.broker is not None and not self.broker_died() and self.children:
             mark = time.monotonic()
@@ -370,14 +376,15 @@ class Stack:
             self.say(f"stopped in {time.monotonic() - started:.1f}s ({', '.join(phases)})")
 
     def _drain(self, by_role: dict[str, list[Child]]) -> None:
-        """Wait until the worker and notifier groups have committed everything on the broker."""
+        """Wait until the worker and notifier groups have committed everything on the broker; say
+        what is left when they cannot (no live consumer, or no progress for drain_stall_s)."""
         from agentwatch.alerts.service import ALERTS_TOPIC, GROUP_ID as NOTIFIER_GROUP
 
-        groups = {}
-        if any(c.proc.poll() is None for c in by_role["worker"]):
-            groups[self.settings.app_id] = WORKER_INPUT_TOPICS
-        if any(c.proc.poll() is None for c in by_role["notifier"]):
-            groups[NOTIFIER_GROUP] = (ALERTS_TOPIC,)
+        groups = {}  # group -> (topics, its consumers)
+        if by_role["worker"]:
+            groups[self.settings.app_id] = (WORKER_INPUT_TOPICS, by_role["worker"])
+        if by_role["notifier"]:
+            groups[NOTIFIER_GROUP] = ((ALERTS_TOPIC,), by_role["notifier"])
         for child in by_role["worker"]:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGUSR1)  # write buffered rows at every tick now
@@ -386,7 +393,7 @@ class Stack:
         remaining = None
         while groups:
             try:
-                left = {g: r for g, topics in groups.items()
+                left = {g: r for g, (topics, _) in groups.items()
                         if (r := unconsumed_records(self.bootstrap_servers, g, topics))}
             except Exception as exc:  # a broken broker: nothing more to wait for
                 self.say(f"stop: could not read the consumer groups' progress ({exc})")
@@ -395,7 +402,8 @@ class Stack:
             now = time.monotonic()
             if remaining is None or total < remaining:
                 remaining, last_progress = total, now
-            if not left or now - last_progress > self.drain_stall_s or now - started > self.drain_timeout_s:
+            consuming = [g for g in left if any(c.proc.poll() is None for c in groups[g][1])]
+            if not consuming or now - last_progress > self.drain_stall_s or now - started > self.drain_timeout_s:
                 break
             time.sleep(0.25)
         for group, records in left.items():
@@ -421,17 +429,19 @@ def terminate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[subpr
     for proc in procs:
         _signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    return [proc for proc in procs if terminate_group(proc, max(0.1, deadline - time.monotonic()))]
+    return [proc for proc in procs
+            if terminate_group(proc, max(0.1, deadline - time.monotonic()), signalled=True)]
 
 
-def terminate_group(proc: subprocess.Popen, timeout_s: float) -> bool:
+def terminate_group(proc: subprocess.Popen, timeout_s: float, signalled: bool = False) -> bool:
     """Stop a child and everything it started (its process group, even when the leader is gone:
     a worker killed with SIGKILL leaves its normaliser process behind otherwise).
 
     Returns True when the child had to be killed because it did not stop within ``timeout_s``.
     """
     forced = False
-    _signal_group(proc.pid, signal.SIGTERM)
+    if not signalled:
+        _signal_group(proc.pid, signal.SIGTERM)
     if proc.poll() is None:
         try:
             proc.wait(timeout_s)

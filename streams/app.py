@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
@@ -172,9 +173,8 @@ class WorkerApp(faust.App):
 
     Before a worker gives its partitions up (a stop, a rebalance), Faust waits, with no timeout,
     until every event it handed out is acknowledged. Event records are acknowledged only once
-    their rows are in Parquet, and the timers that flush them are already stopped by then: the
-    wait never ended, a clean stop ended in SIGKILL and the buffered rows were lost. So the wait
-    runs with a flush loop beside it.
+    their rows are in Parquet, and the timers that flush them are already stopped by then, so
+    the wait runs with a flush loop beside it: without it, it would never end.
     """
 
     flush_buffered: Callable[[], Awaitable[None]] | None = None
@@ -237,7 +237,8 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                detect: Callable[[Sequence[Any]], list[Finding]] | None = None,
                metrics: Any | None = None,
                alert_record: Callable[[Finding], bytes] | None = None,
-               drift: DriftStage | None = None) -> tuple[faust.App, WorkerState]:
+               drift: DriftStage | None = None,
+               drain_requested: threading.Event | None = None) -> tuple[faust.App, WorkerState]:
     if not settings.bootstrap_servers:
         raise ValueError("create_app needs settings.bootstrap_servers")
     state = WorkerState(settings, worker_index=worker_index, detect=detect, metrics=metrics,
@@ -456,20 +457,22 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         # Parquet encoding runs in a thread so the consumer loop keeps heartbeating.
         try:
             await asyncio.get_running_loop().run_in_executor(None, state.sink.write, due)
-        except OSError:  # disk full / permissions: keep the rows and their offsets; retry later
+        except Exception:  # disk full, permissions, a bug: keep the rows and their offsets; retry later
             log.exception("snapshot write failed; will retry")
             state.sink.requeue(due)
             return
         await ack_written(due)
 
     app.flush_buffered = lambda: flush(force=True)
-    draining = asyncio.Event()
+    # The supervisor sends SIGUSR1 before a stop, while it waits for the consumers to commit
+    # everything on the in-memory broker: from then on rows are written at every tick, so their
+    # records commit within a second instead of after the flush interval. run_worker catches the
+    # signal from the process's first instant; the loop's handler, set once the app runs, takes
+    # over from the one Faust's worker installs for SIGUSR1.
+    draining = drain_requested if drain_requested is not None else threading.Event()
 
     @app.task
     async def drain_on_sigusr1() -> None:
-        # The supervisor sends SIGUSR1 before a stop, while it waits for the consumers to commit
-        # everything on the in-memory broker: from then on rows are written at every tick, so
-        # their records commit within a second instead of after the flush interval.
         import signal
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, draining.set)
@@ -538,7 +541,14 @@ def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[
     global _CHILD_PIPELINE
     from agentwatch.stack import _die_with_parent
 
-    _die_with_parent()  # a worker killed with SIGKILL takes its normaliser with it
+    import signal
+
+    # The stop signal reaches the worker's whole process group. The normaliser must outlive it
+    # until the worker has drained its records (a dead child mid-stop would be restarted and the
+    # record charged with its death); it goes when the worker goes, by the parent-death signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(signal.SIGKILL)  # a worker killed with SIGKILL takes its normaliser with it
     import gc
 
     # Each record allocates thousands of short-lived dicts; the default thresholds run a young

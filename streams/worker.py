@@ -12,6 +12,13 @@ from agentwatch.settings import Settings
 
 def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int = 0,
                ready_file: Path | None = None, loglevel: str = "warning") -> None:
+    import signal
+    import threading
+
+    # From the first instant: the supervisor may ask a worker that is still starting to drain.
+    drain_requested = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: drain_requested.set())
+
     import faust
     from prometheus_client import CollectorRegistry
 
@@ -37,7 +44,7 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
                                            embedder=drift.embedder if drift else None,
                                            checkpoint=checkpoint))
     app, _ = create_app(settings, worker_index=worker_index, ready_file=ready_file, detect=runner.process, drift=drift,
-                        metrics=metrics, alert_record=alert_record_from_finding)
+                        metrics=metrics, alert_record=alert_record_from_finding, drain_requested=drain_requested)
     if checkpoint is not None:
         _save_checkpoints(app, checkpoint)
     logging.getLogger("faust").setLevel(loglevel.upper())

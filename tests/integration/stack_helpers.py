@@ -12,7 +12,7 @@ from agentwatch.settings import Settings
 
 def stack_settings(data_dir: Path, **overrides) -> Settings:
     return Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
-                    metrics_port=free_port(), data_dir=data_dir, snapshot_flush_seconds=0.5, **overrides)
+                    metrics_port=free_port(4), data_dir=data_dir, snapshot_flush_seconds=0.5, **overrides)
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, every_s: float = 0.25) -> object:

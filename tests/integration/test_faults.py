@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,12 @@ def test_sigkill_of_a_child_loses_no_acknowledged_span_and_no_alert(alerting_sta
     assert result.recover_s is not None, "no span sent after the fault was stored"
     assert result.alerts_produced and result.alerts_delivered == result.alerts_produced, result
     assert result.max_pagerduty_incidents_per_key == 1, result
+    # A notifier killed between sending a trigger and recording it sends that one again (no HTTP
+    # call can be exactly-once across a SIGKILL; PagerDuty folds it by dedup_key). Nothing else may.
+    assert result.max_pagerduty_triggers_per_key <= (2 if victim == "notifier" else 1), result
     if victim != "normaliser":  # the worker restarts its own normaliser; the supervisor the rest
         assert {c.name: c.restarts for c in alerting_stack.children}[victim] == restarts_before[victim] + 1
-    assert alerting_stack.dead_child() is None
+    assert all(c.proc.poll() is None for c in alerting_stack.children)
 
 
 def test_stop_right_after_a_burst_writes_every_acknowledged_span(tmp_path):
@@ -195,7 +199,7 @@ def test_absurd_values_are_nulled_flagged_and_dead_lettered_and_their_neighbours
     assert {rejected[s]["reason"] for s in hostile} >= {"above_max", "below_min", "nan", "infinite", "not_a_number"}
     assert rejected[next(s for s, label in hostile.items() if label == "int64 max")]["value"] in (2**63 - 1, str(2**63 - 1))
     assert scrape_counter(stack.worker_metrics_ports(), "agentwatch_values_rejected_total") == len(hostile)
-    assert stack.dead_child() is None
+    assert all(c.proc.poll() is None for c in stack.children)
 
 
 def test_a_second_up_on_the_same_directories_delivers_every_new_alert(tmp_path, receivers):
@@ -223,4 +227,18 @@ def test_a_second_up_on_the_same_directories_delivers_every_new_alert(tmp_path, 
         finally:
             stack.stop()
     assert len(set(delivered_keys)) == 10
-    assert all(len(pagerduty.incidents[key]) == 1 for key in delivered_keys)
+    triggers = Counter(e["dedup_key"] for e in pagerduty.events("trigger"))
+    assert all(triggers[key] == 1 for key in delivered_keys), triggers
+
+
+def test_a_killed_collector_is_restarted_and_accepts_again(alerting_stack, receivers):
+    """rotel answers before it exports, so what it held at a SIGKILL is not covered by the
+    zero-loss guarantee (README, "Known gap"); what must hold is the restart and the recovery."""
+    pagerduty, _slack = receivers
+    collector = next(c for c in alerting_stack.children if c.name == "collector")
+    restarts = collector.restarts
+    result = run_fault(alerting_stack, "collector", lambda stack: kill_child(stack, "collector"), pagerduty=pagerduty)
+    assert collector.restarts == restarts + 1
+    assert result.recover_s is not None, "no span sent after the restart was stored"
+    assert result.alerts_delivered == result.alerts_produced
+    print(f"collector SIGKILL: {result.lost} of {result.acknowledged} acknowledged spans lost")

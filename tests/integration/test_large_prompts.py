@@ -222,9 +222,9 @@ def test_acknowledged_spans_are_stored_and_the_rest_get_an_error(stack):
 
 
 def test_concurrent_exports_of_64k_prompts_are_all_stored(stack):
-    """The traffic that lost ~99% before: many SDK exports of 64 KiB prompts at once. rotel's
-    span-count batches merged concurrent requests into records over the limit; now each request
-    is its own record."""
+    """Many SDK exports of 64 KiB prompts at once: a collector that merged concurrent requests
+    into span-counted batches would build records over the limit; each request must be its own
+    record."""
     watch = CollectorLogWatch(stack.run_dir / "collector.log")
     watch.new_failures()
     cases = [Case(f"burst-{t}-{i}", t, 256, 64 * 1024) for i in range(10) for t in ("grpc", "http")]

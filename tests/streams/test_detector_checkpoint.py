@@ -443,7 +443,7 @@ def _stack_settings(data_dir: Path):
     from agentwatch.settings import Settings
 
     return Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
-                    metrics_port=free_port(), data_dir=data_dir, snapshot_flush_seconds=0.5,
+                    metrics_port=free_port(4), data_dir=data_dir, snapshot_flush_seconds=0.5,
                     gpu_exporter="off")
 
 
