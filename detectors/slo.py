@@ -21,8 +21,8 @@ _OVERRIDABLE = frozenset({"error_rate_threshold", "latency_threshold_ms"})
 
 
 class _SloWindow:
-    __slots__ = ("service", "model", "head", "ring_calls", "ring_errors", "ring_slow", "calls",
-                 "errors", "slow", "error_firing", "latency_firing", "last_ts", "recent",
+    __slots__ = ("service", "model", "head", "ring_calls", "ring_errors", "ring_slow", "ring_untimed",
+                 "calls", "errors", "slow", "untimed", "error_firing", "latency_firing", "last_ts", "recent",
                  "error_rate_threshold", "latency_threshold_ms")
 
     def __init__(self, service: str, model: str, n_buckets: int, recent_maxlen: int,
@@ -33,7 +33,10 @@ class _SloWindow:
         self.ring_calls = [0] * n_buckets
         self.ring_errors = [0] * n_buckets
         self.ring_slow = [0] * n_buckets
-        self.calls = self.errors = self.slow = 0
+        # Calls whose latency was implausible (nulled upstream): they count for the error rate,
+        # not for the latency quantile, where their placeholder 0 would read as fast calls.
+        self.ring_untimed = [0] * n_buckets
+        self.calls = self.errors = self.slow = self.untimed = 0
         self.error_firing = False
         self.latency_firing = False
         self.last_ts = float("-inf")
@@ -49,16 +52,17 @@ class _SloWindow:
         """Slide the window so ``bucket`` is the newest sub-bucket, dropping expired ones."""
         n = len(self.ring_calls)
         if bucket - self.head >= n:
-            for ring in (self.ring_calls, self.ring_errors, self.ring_slow):
+            for ring in (self.ring_calls, self.ring_errors, self.ring_slow, self.ring_untimed):
                 ring[:] = [0] * n
-            self.calls = self.errors = self.slow = 0
+            self.calls = self.errors = self.slow = self.untimed = 0
         else:
             for b in range(self.head + 1, bucket + 1):
                 slot = b % n
                 self.calls -= self.ring_calls[slot]
                 self.errors -= self.ring_errors[slot]
                 self.slow -= self.ring_slow[slot]
-                self.ring_calls[slot] = self.ring_errors[slot] = self.ring_slow[slot] = 0
+                self.untimed -= self.ring_untimed[slot]
+                self.ring_calls[slot] = self.ring_errors[slot] = self.ring_slow[slot] = self.ring_untimed[slot] = 0
         self.head = bucket
 
 
@@ -192,11 +196,15 @@ class SloDetector:
         if event.status == "error":
             w.ring_errors[slot] += 1
             w.errors += 1
-        latency_ms = event.latency_ms
-        if latency_ms > w.latency_threshold_ms:
-            w.ring_slow[slot] += 1
-            w.slow += 1
-        w.recent.append((ts, latency_ms))
+        if event.invalid_fields and "latency_ms:" in event.invalid_fields:
+            w.ring_untimed[slot] += 1
+            w.untimed += 1
+        else:
+            latency_ms = event.latency_ms
+            if latency_ms > w.latency_threshold_ms:
+                w.ring_slow[slot] += 1
+                w.slow += 1
+            w.recent.append((ts, latency_ms))
         if w.calls >= self.min_calls:
             self._judge(w, ts, findings)
         return tuple(findings) if findings else ()
@@ -210,7 +218,8 @@ class SloDetector:
         elif error_rate > w.error_rate_threshold:
             w.error_firing = True
             findings.append(self._error_finding(w, ts, error_rate, resolved=False))
-        slow_fraction = w.slow / w.calls
+        timed = w.calls - w.untimed
+        slow_fraction = w.slow / timed if timed else 0.0
         if w.latency_firing:
             if slow_fraction <= self._slow_fraction_limit * self.resolve_ratio:
                 w.latency_firing = False
@@ -223,7 +232,8 @@ class SloDetector:
         return {"service": w.service, "model": w.model, "window_s": self.window_s,
                 "calls": w.calls, "errors": w.errors, "slow_calls": w.slow,
                 "error_rate": w.errors / w.calls if w.calls else 0.0,
-                "slow_fraction": w.slow / w.calls if w.calls else 0.0}
+                "slow_fraction": w.slow / (w.calls - w.untimed) if w.calls > w.untimed else 0.0,
+                "calls_without_latency": w.untimed}
 
     def _error_finding(self, w: _SloWindow, ts: float, error_rate: float, *,
                        resolved: bool) -> Finding:
@@ -261,19 +271,22 @@ class SloDetector:
             "lru": self._windows.snapshot_meta(),
             "windows": [[w.service, w.model, w.head, w.ring_calls, w.ring_errors, w.ring_slow,
                          w.error_firing, w.latency_firing, w.last_ts,
-                         [list(p) for p in w.recent]] for _, w in self._windows.items()],
+                         [list(p) for p in w.recent], w.ring_untimed] for _, w in self._windows.items()],
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
         self._windows.clear()
         self._windows.restore_meta(snap.get("lru", {}))
         for (service, model, head, calls, errors, slow, err_f, lat_f, last_ts,
-             recent) in snap.get("windows", []):
+             recent, *untimed) in snap.get("windows", []):  # checkpoints before untimed calls lack it
             w = self._new_window(service, model)
             if len(calls) == self.n_buckets:
                 w.head = head
                 w.ring_calls, w.ring_errors, w.ring_slow = list(calls), list(errors), list(slow)
                 w.calls, w.errors, w.slow = sum(calls), sum(errors), sum(slow)
+                if untimed and len(untimed[0]) == self.n_buckets:
+                    w.ring_untimed = list(untimed[0])
+                    w.untimed = sum(w.ring_untimed)
             # else: n_buckets changed since the checkpoint; the window refills from new calls.
             w.error_firing, w.latency_firing = bool(err_f), bool(lat_f)
             w.last_ts = float(last_ts)

@@ -49,6 +49,33 @@ def test_latency_quantile() -> None:
     assert found[0][1].threshold == 1000.0 and found[0][1].evidence["slow_calls"] == 2
 
 
+def test_calls_whose_latency_was_rejected_do_not_dilute_the_latency_slo() -> None:
+    # 30 fast calls, then 2 slow ones among 60 calls whose latency was implausible (nulled
+    # upstream, read as 0). Counted as fast they would make 2/92 = 2.2% slow: no alarm. Left
+    # out, the second slow call makes 2 of 32 timed calls slow (6.25% > 5%).
+    untimed = [LlmCall(ts=T0 + 30 + i / 100, trace_id=f"u{i}", span_id="s", service="api", model="gpt-4o",
+                       latency_ms=0.0, invalid_fields="latency_ms:above_max") for i in range(60)]
+    events = [call(k) for k in range(30)] + untimed + [call(31, latency_ms=2000.0), call(32, latency_ms=2000.0)]
+    found = run(slo(latency_threshold_ms=1000.0), events)
+    assert [(i, f.kind) for i, f in found] == [(91, "latency")]
+    evidence = found[0][1].evidence
+    assert evidence["calls"] == 92 and evidence["calls_without_latency"] == 60
+    assert evidence["slow_fraction"] == pytest.approx(2 / 32)
+    assert found[0][1].value == 2000.0  # the quantile is over the timed calls only
+
+    restored = slo(latency_threshold_ms=1000.0)
+    restored.restore(slo_snapshot := _detector_after(events[:-1]).snapshot())
+    assert slo_snapshot["windows"][0][10] == restored.snapshot()["windows"][0][10]
+    assert [f.kind for f in restored.update(events[-1])] == ["latency"]
+
+
+def _detector_after(events) -> SloDetector:
+    det = slo(latency_threshold_ms=1000.0)
+    for event in events:
+        det.update(event)
+    return det
+
+
 def test_no_judgement_below_min_calls() -> None:
     events = [call(k, error=True, latency_ms=60_000) for k in range(19)]
     assert run(slo(), events) == []
