@@ -341,9 +341,11 @@ def _check_row(table: str, row: dict[str, Any], limits: TableLimits, rejections:
         new[name] = reason
         typed[name] = limit.placeholder
         rejections.append(ValueRejection(table, name, reason, keepable(value), trace_id, span_id))
-    if table == "llm_calls" and row.get("cost_usd") is not None and (
+    if table == "llm_calls" and row.get("cost_usd") is not None and "cost_usd" not in new and (
             not new.keys().isdisjoint(PRICED_TOKEN_FIELDS) or not earlier.keys().isdisjoint(PRICED_TOKEN_FIELDS)):
-        new["cost_usd"] = FROM_INVALID_TOKENS  # priced from a count that is not one
+        # Priced from a count that is not one. A cost already rejected on its own keeps that
+        # reason: it was counted and dead-lettered as such.
+        new["cost_usd"] = FROM_INVALID_TOKENS
         typed["cost_usd"] = 0.0
     if not new:
         return row, typed, False

@@ -280,6 +280,16 @@ def test_decode_events_bounds_latency_and_cost(field, text, reason):
     assert event.input_tokens == 10  # a cost out of bounds does not make the counts wrong
 
 
+def test_a_cost_rejected_on_its_own_keeps_its_reason_when_the_counts_are_rejected_too():
+    hostile = orjson.dumps(_row("bad")).decode()
+    hostile = hostile.replace('"cost_usd":', '"cost_usd":60000000,"_was":').replace('"input_tokens":', '"input_tokens":-3,"_was2":')
+    decoded = decode_events_checked("llm_calls", hostile.encode())
+    assert sorted((r.field, r.reason) for r in decoded.rejections) == [("cost_usd", "above_max"), ("input_tokens", "below_min")]
+    (event,) = decoded.events
+    # The flag says what was counted and dead-lettered, not the relabel for a cost priced from bad counts.
+    assert sorted(event.invalid_fields.split(",")) == ["cost_usd:above_max", "input_tokens:below_min"]
+
+
 @pytest.mark.parametrize("ts", ["-1", "1e300", "1.7e12", '"soon"', "NaN"])
 def test_a_row_with_an_implausible_ts_is_dropped_alone(ts):
     neighbour = orjson.dumps(_row("ok")).decode()
