@@ -187,6 +187,10 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        if self.supervisor_metrics_port():
+            self.say(f"supervise restarts a child that dies (backoff {self.restart_policy.initial_backoff_s:g}s up to "
+                     f"{self.restart_policy.max_backoff_s:g}s), /metrics on {self.supervisor_metrics_port()}; "
+                     f"logs in {self.run_dir}")
         self.say(f"ready in {time.monotonic() - started:.1f}s: OTLP gRPC 127.0.0.1:{s.otlp_grpc_port}, "
                  f"HTTP 127.0.0.1:{s.otlp_http_port}; snapshots in {s.data_dir}")
         return self
