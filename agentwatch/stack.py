@@ -267,15 +267,6 @@ class Stack:
                                      self.bootstrap_servers, "--interval", str(s.gpu_interval_s)])
         self.say(f"gpu       NVML exporter sampling every {s.gpu_interval_s:g}s -> gpu_samples")
 
-    def dead_child(self) -> Child | None:
-        """A child that is dead and not scheduled for a restart, or the dead broker."""
-        for child in self.children:
-            if child.restart_at is None and child.proc.poll() is not None:
-                return child
-        if self.broker_died():
-            return Child("broker", self.broker.proc, self.run_dir / "broker.log")
-        return None
-
     def broker_died(self) -> bool:
         return self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None
 

@@ -263,6 +263,16 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         await out_topics["dead_letter"].send(key=message.key, value=message.value or b"",
                                              headers=dead_letter_headers(message, reason))
 
+    async def dead_letter_if_empty(event: Any, stream: Any = None) -> bool:
+        """Dead-letter a record with nothing to decode; ``stream``: acknowledge it there too."""
+        reason = empty_record_reason(event.value)
+        if reason is None:
+            return False
+        await dead_letter(event, reason)
+        if stream is not None:
+            await stream.ack(event)
+        return True
+
     async def dead_letter_values(event: Any, rejections: Sequence[Any]) -> None:
         """Count the implausible values nulled in this record's rows and dead-letter the originals."""
         if not rejections:
@@ -290,8 +300,8 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
                        for event in events]
             group_outputs: list[tuple[str, int, bytes]] = []
             for event, future in zip(events, pending):
-                if future is None:
-                    await dead_letter(event, empty_record_reason(event.value))
+                if future is None:  # nothing to decode
+                    await dead_letter_if_empty(event)
                     continue
                 try:
                     outcome = await future
@@ -319,8 +329,7 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     @app.agent(topic("otlp_logs"), name="agentwatch.normalize_logs")
     async def normalize_logs(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            if reason := empty_record_reason(event.value):
-                await dead_letter(event, reason)
+            if await dead_letter_if_empty(event):
                 continue
             try:
                 outcome = state.pipeline.on_logs(event.value)
@@ -338,9 +347,7 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
         stream = stream.noack()
         async for event in stream.events():
             table = event.message.topic
-            if reason := empty_record_reason(event.value):
-                await dead_letter(event, reason)
-                await stream.ack(event)
+            if await dead_letter_if_empty(event, stream):
                 continue
             try:
                 # Typed events only where something reads them (detectors, metrics); the
@@ -430,9 +437,7 @@ def create_app(settings: Settings, *, worker_index: int = 0, ready_file: Path | 
     async def snapshot_outputs(stream: faust.StreamT) -> None:
         stream = stream.noack()
         async for event in stream.events():
-            if reason := empty_record_reason(event.value):
-                await dead_letter(event, reason)
-                await stream.ack(event)
+            if await dead_letter_if_empty(event, stream):
                 continue
             try:
                 rows = decode_event_rows(event.value)

@@ -84,7 +84,7 @@ def value_rejection_dead_letters(rejections: Sequence[ValueRejection], *, source
                               f"{VALUE_REJECTED_REASON}: {len(items)} from {source_topic} ({shown}{more})"))
 
     for rejection in rejections:
-        item = _dumps(_rejection_doc(rejection))
+        item = dumps_lenient(_rejection_doc(rejection))
         if items and size + len(item) > max_bytes:
             flush()
             items, reasons, size = [], Counter(), 0
@@ -304,7 +304,7 @@ def _decode_checking_rows(table: str, payload: bytes, limits: TableLimits,
         if names is None:
             names = _FIELD_NAMES[table] = tuple(f.name for f in fields(cls))
         # Known fields only: every number among them is bounded now.
-        payload = _dumps([{k: row[k] for k in names if k in row} for row in kept])
+        payload = dumps_lenient([{k: row[k] for k in names if k in row} for row in kept])
     return DecodedEvents(events, rejections, payload)
 
 
@@ -321,7 +321,7 @@ def _check_row(table: str, row: dict[str, Any], limits: TableLimits, rejections:
         if reason is not None:
             # Nothing to null an identifier to: the row goes to the dead letters whole.
             rejections.append(ValueRejection(table, limit.name, reason, keepable(value), trace_id, span_id,
-                                             row=_row_text(row)))
+                                             row=dumps_lenient(row).decode()))
             return None
         typed[limit.name] = number
     earlier = parse_flags(row.get("invalid_fields"))
@@ -360,20 +360,12 @@ def _id_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _row_text(row: Mapping[str, Any]) -> str:
-    """A dropped row as JSON text for its dead letter, whatever it holds (as Python's json
-    writes what orjson refuses: integers beyond 64 bits, NaN, lone surrogates)."""
-    try:
-        return orjson.dumps(row).decode()
-    except TypeError:  # orjson.JSONEncodeError included
-        return json.dumps(row, default=repr)
-
-
-def _dumps(value: Any) -> bytes:
-    """orjson, or Python's json where orjson refuses text (a lone surrogate a lenient parse let in)."""
+def dumps_lenient(value: Any) -> bytes:
+    """JSON for whatever a record held: orjson, or Python's json where orjson refuses (integers
+    beyond 64 bits, NaN, a lone surrogate a lenient parse let in)."""
     try:
         return orjson.dumps(value)
-    except TypeError:
+    except TypeError:  # orjson.JSONEncodeError included
         return json.dumps(value, default=repr).encode()
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agentwatch.events import EVENT_TYPES, LlmCall
-from agentwatch.streams.pipeline import join_json_arrays
+from agentwatch.streams.pipeline import dumps_lenient, join_json_arrays
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class SnapshotSink:
             trial += 1
             probe = staging / f"probe-{trial}"
             try:
-                (staging / "probe.json").write_bytes(_dump_rows(chunk))
+                (staging / "probe.json").write_bytes(dumps_lenient(chunk))
                 self._copy(table, staging / "probe.json", probe, seq)
                 return None
             except duckdb.Error as exc:
@@ -253,7 +253,7 @@ class SnapshotSink:
         files = 0
         if good:
             source = staging / "good.json"
-            source.write_bytes(_dump_rows(good))
+            source.write_bytes(dumps_lenient(good))
             out = staging / "out"
             try:
                 self._copy(table, source, out, seq)
@@ -308,7 +308,7 @@ class SnapshotSink:
         folder = self.data_dir / "_rejected"
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{table}-{self.writer_id}-{int(time.time() * 1000)}-{seq:06d}"
-        (folder / f"{stem}.json").write_bytes(_dump_rows([row for row, _ in bad]))
+        (folder / f"{stem}.json").write_bytes(dumps_lenient([row for row, _ in bad]))
         (folder / f"{stem}.reasons.json").write_bytes(orjson.dumps(
             [{"index": i, "reason": reason} for i, (_, reason) in enumerate(bad)], option=orjson.OPT_INDENT_2))
         self.rows_rejected += len(bad)
@@ -402,15 +402,6 @@ def _certain_cast_failure(table: str, row: Any) -> str | None:
         if column.name == "ts" and not (math.isfinite(value) and abs(value) * 1e6 < _BIGINT_LIMIT):
             return f"ts: {value} is beyond the timestamp range"
     return None
-
-
-def _dump_rows(rows: list[Any]) -> bytes:
-    try:
-        return orjson.dumps(rows)
-    except (TypeError, orjson.JSONEncodeError):  # an integer beyond 64 bits: Python's json keeps it
-        import json
-
-        return json.dumps(rows, default=str).encode()
 
 
 def _first_line(exc: Exception) -> str:

@@ -62,7 +62,7 @@ def test_a_dead_child_is_restarted_counted_and_reported(tmp_path):
         assert any(m.startswith("worker-0 restarted (pid") for m in said)
         assert metric(stack, 'agentwatch_supervisor_restarts_total{child="worker-0"}') == 1
         assert metric(stack, 'agentwatch_supervisor_child_up{child="worker-0"}') == 1
-        assert stack.dead_child() is None
+        assert all(c.proc.poll() is None for c in stack.children)
     finally:
         stack.stop(timeout_s=2)
 
