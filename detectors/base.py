@@ -20,6 +20,10 @@ class Detector(Protocol[E_contra]):
     name: ClassVar[str]
     # The event classes this detector consumes; the stream runner routes by them.
     accepts: ClassVar[tuple[type, ...]]
+    # The event field every piece of one key's state depends on (``trace_id``, ``project``,
+    # ``service``, ``host``): the stream routes events to the detector by it, so one key's events
+    # meet in one partition's detector whatever the worker count. A class or instance attribute.
+    partition_by: str
 
     def update(self, event: E_contra) -> Sequence[Finding]: ...
 

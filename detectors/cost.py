@@ -90,7 +90,9 @@ class CostAnomalyDetector:
     group_by : Sequence[Sequence[str]]
         The keys: each entry lists LlmCall fields whose values form one key
         (``("project", "model")`` -> ``project=shop/model=gpt-4o``). Calls with an empty value
-        for a field of a key are not counted under it.
+        for a field of a key are not counted under it. The entries must share a field
+        (``partition_by``, the first shared one): workers split calls by it, so each key's calls
+        meet in one worker whatever the worker count.
     interval_s : float
         Interval length (event time) of the cost and token totals.
     alpha : float
@@ -126,7 +128,7 @@ class CostAnomalyDetector:
 
     def __init__(self, *,
                  group_by: Sequence[Sequence[str]] = (("project",), ("project", "model"),
-                                                      ("service",), ("user",)),
+                                                      ("project", "service"), ("project", "user")),
                  interval_s: float = 60.0, alpha: float = 0.1, threshold_sigmas: float = 6.0,
                  min_history: int = 10, min_rel_scale: float = 0.05, min_excess_usd: float = 0.5,
                  min_excess_tokens: float = 50_000, max_keys: int = 20_000,
@@ -138,6 +140,10 @@ class CostAnomalyDetector:
             unknown = set(fields) - set(_GROUPABLE)
             if unknown:
                 raise ValueError(f"group_by fields {sorted(unknown)} unknown; use {_GROUPABLE}")
+        shared = [f for f in group_by[0] if all(f in fields for fields in group_by)]
+        if not shared:
+            raise ValueError(f"group_by entries {[list(g) for g in group_by]} share no field: every key's calls "
+                             "must meet on one partition, so every entry needs a common field (e.g. project)")
         check_positive("interval_s", interval_s)
         check_positive("threshold_sigmas", threshold_sigmas)
         check_positive("min_rel_scale", min_rel_scale, allow_zero=True)
@@ -149,6 +155,8 @@ class CostAnomalyDetector:
         check_at_least("min_history", min_history, 1)
         check_at_least("max_keys", max_keys, 1)
         self.group_by = group_by
+        # The field every key includes: the stream partitions this detector's calls by it.
+        self.partition_by = shared[0]
         self.interval_s = float(interval_s)
         self.alpha = float(alpha)
         self.threshold_sigmas = float(threshold_sigmas)
@@ -306,7 +314,7 @@ class CostAnomalyDetector:
         from agentwatch.detectors.synthetic import START_TS
 
         rng = random.Random(seed)
-        params = {"group_by": [["project"], ["user"]], "min_history": 5, "max_keys": 40}
+        params = {"group_by": [["project"], ["project", "user"]], "min_history": 5, "max_keys": 40}
 
         def call(ts: float, cost: float, project: str = "shop", user: str = "u1") -> LlmCall:
             return LlmCall(ts=ts, trace_id=f"t{ts:.3f}", span_id="s", project=project, user=user,
@@ -394,6 +402,7 @@ class BudgetDetector:
     """
 
     name: ClassVar[str] = "budget"
+    partition_by: ClassVar[str] = "project"
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
 
     def __init__(self, *, budgets: Mapping[str, Mapping[str, float]] | None = None,
@@ -602,6 +611,7 @@ class RetryStormDetector:
     """
 
     name: ClassVar[str] = "retry_storm"
+    partition_by: ClassVar[str] = "project"
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
     _MAX_TRACE_IDS: ClassVar[int] = 5
 

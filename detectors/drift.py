@@ -480,6 +480,8 @@ class DriftDetector:
     """
 
     name: ClassVar[str] = "drift"
+    # Windows are keyed by the sampler's key fields; the stream partitions prompts by the first.
+    partition_by: ClassVar[str] = "service"
     accepts: ClassVar[tuple[type, ...]] = (EmbeddedWindow,)
 
     def __init__(self, *, alpha: float = 0.005, permutations: int = 200,

@@ -189,6 +189,7 @@ class LoopDetector:
     """
 
     name: ClassVar[str] = "agent_loop"
+    partition_by: ClassVar[str] = "trace_id"
     accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall, AgentStep)
 
     def __init__(self, *, max_same_tool_calls: int = 3, max_cycle_period: int = 4,

@@ -113,6 +113,7 @@ class SloDetector:
     """
 
     name: ClassVar[str] = "slo"
+    partition_by: ClassVar[str] = "service"
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
 
     def __init__(self, *, window_s: float = 300.0, n_buckets: int = 10, min_calls: int = 100,

@@ -290,6 +290,7 @@ class HallucinatedToolDetector:
     """
 
     name: ClassVar[str] = "hallucinated_tool"
+    partition_by: ClassVar[str] = "trace_id"
     accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall)
     _MAX_FIRED_PER_TRACE: ClassVar[int] = 16
 

@@ -308,6 +308,7 @@ class VramLeakDetector:
     """
 
     name: ClassVar[str] = "vram_leak"
+    partition_by: ClassVar[str] = "host"
     accepts: ClassVar[tuple[type, ...]] = (GpuSample, LlmCall)
     kind: ClassVar[str] = "vram_leak"
 
