@@ -21,7 +21,6 @@ from operator import attrgetter
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
-from agentwatch.detectors.contract import ContractStream
 from agentwatch.events import Finding, LlmCall, Severity
 
 # Mean absolute deviation of a normal variable is sigma * sqrt(2/pi): scale it back to sigma so
@@ -307,29 +306,6 @@ class CostAnomalyDetector:
             self._set_thresholds(s)
             self._series.insert((group, s.values), s)
 
-    @classmethod
-    def contract_stream(cls, seed: int) -> ContractStream:
-        import random
-
-        from agentwatch.detectors.synthetic import START_TS
-
-        rng = random.Random(seed)
-        params = {"group_by": [["project"], ["project", "user"]], "min_history": 5, "max_keys": 40}
-
-        def call(ts: float, cost: float, project: str = "shop", user: str = "u1") -> LlmCall:
-            return LlmCall(ts=ts, trace_id=f"t{ts:.3f}", span_id="s", project=project, user=user,
-                           model="gpt-4o", cost_usd=cost, input_tokens=int(cost * 4e5),
-                           output_tokens=100)
-
-        warmup = [call(START_TS + 60 * m + 6 * i, rng.uniform(0.05, 0.15))
-                  for m in range(6) for i in range(10)]
-        events = [call(START_TS + 360 + 6 * i, rng.uniform(0.05, 0.15)) for i in range(10)]
-        events += [call(START_TS + 420 + 2 * i, rng.uniform(0.4, 0.6)) for i in range(30)]  # spike
-        events += [call(START_TS + 480 + 6 * i, rng.uniform(0.05, 0.15)) for i in range(20)]
-        flood = [call(START_TS + i, 0.01, project=f"p{i}", user=f"u{i}") for i in range(1_000)]
-        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
-                              state_cap=params["max_keys"])
-
 
 def _single_getter(field_name: str) -> Callable[[Any], tuple[str, ...]]:
     get = attrgetter(field_name)
@@ -535,27 +511,6 @@ class BudgetDetector:
             p.spent, p.levels_fired, p.burn_firing = float(spent), int(fired), bool(burn)
             p.last_ts = -_INF if last_ts is None else float(last_ts)  # -inf: no spend yet
 
-    @classmethod
-    def contract_stream(cls, seed: int) -> ContractStream:
-        import random
-
-        from agentwatch.detectors.synthetic import START_TS
-
-        rng = random.Random(seed)
-        day0 = math.floor(START_TS / 86_400.0) * 86_400.0
-        params = {"budgets": {"shop": {"daily_usd": 100.0, "monthly_usd": 2_000.0}}}
-
-        def call(ts: float, cost: float, project: str = "shop") -> LlmCall:
-            return LlmCall(ts=ts, trace_id=f"t{ts}", span_id="s", project=project, cost_usd=cost)
-
-        # 2 h of quiet spend (~$0.4/h) then a burst that crosses every level, then the next day.
-        warmup = [call(day0 + 60.0 * i, rng.uniform(0.0, 0.013)) for i in range(120)]
-        events = [call(day0 + 7_200 + 60.0 * i, rng.uniform(0.5, 1.5)) for i in range(150)]
-        events += [call(day0 + 86_400 + 60.0 * i, rng.uniform(0.0, 0.01)) for i in range(20)]
-        flood = [call(START_TS + i, 1.0, project=f"p{i}") for i in range(500)]
-        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
-                              state_cap=2)
-
 
 def _json_float(x: float) -> float | None:
     return None if math.isinf(x) else x
@@ -691,28 +646,3 @@ class RetryStormDetector:
             r.last_ts, r.count, r.wasted_usd = float(last_ts), int(count), float(wasted)
             r.firing, r.trace_ids = bool(firing), list(traces)
             self._repeats.insert((client, int(tokens), digest), r)
-
-    @classmethod
-    def contract_stream(cls, seed: int) -> ContractStream:
-        import random
-
-        from agentwatch.detectors.synthetic import START_TS, agent_traffic
-
-        rng = random.Random(seed)
-        params = {"max_entries": 200, "min_repeats": 3}
-        warmup = [e for e in agent_traffic(seed, 40, traces_per_s=2.0) if isinstance(e, LlmCall)]
-        t0 = warmup[-1].ts + 1.0
-        storm = LlmCall(ts=t0, trace_id="x", span_id="s", project="shop", service="checkout-agent",
-                        user="u7", session="s7", prompt="where is my order 1234?",
-                        input_tokens=900, cost_usd=0.02)
-        events = []
-        for i in range(8):  # a client retrying every ~3 s, then normal traffic after a pause
-            events.append(LlmCall(**{**{f: getattr(storm, f) for f in storm.__slots__},
-                                     "ts": t0 + 3.0 * i + rng.uniform(0, 0.5),
-                                     "trace_id": f"x{i}"}))
-        events += [LlmCall(ts=t0 + 60 + i, trace_id=f"n{i}", span_id="s", user="u7",
-                           prompt=f"question {i} {rng.random()}") for i in range(10)]
-        flood = [LlmCall(ts=START_TS + i * 0.01, trace_id=f"f{i}", span_id="s", user=f"u{i}",
-                         prompt=f"p{i}") for i in range(2_000)]
-        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
-                              state_cap=params["max_entries"])

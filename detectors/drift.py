@@ -663,30 +663,6 @@ class DriftDetector:
         """Keys with history held (capped by ``max_keys``; references are config, not state)."""
         return len(self._keys)
 
-    @classmethod
-    def contract_stream(cls, seed: int) -> Any:
-        """Seeded windows for the detector contract suite: calm windows of one key (drift has
-        no reference there, so only drift over time is exercised), then moved windows."""
-        from agentwatch.detectors.contract import ContractStream
-
-        rng = np.random.default_rng(seed)
-        params = {"permutations": 50, "min_window_size": 20, "history_windows": 2,
-                  "max_keys": 4, "seed": seed}
-
-        def window(ts: float, key: str = "service=shop", shift: float = 0.0,
-                   rows: int = 40) -> EmbeddedWindow:
-            vectors = rng.normal(size=(rows, 8))
-            vectors[:, 0] += shift
-            word = "moved" if shift else "calm"
-            return EmbeddedWindow(key, ts, tuple(f"{word} prompt {i}" for i in range(rows)),
-                                  vectors, start_ts=ts - 60.0, seen=rows)
-
-        warmup = [window(60.0 * (i + 1)) for i in range(3)]
-        events = [window(60.0 * (i + 4), shift=4.0) for i in range(3)]
-        flood = [window(60.0 * (i + 1), key=f"service=s{i}", rows=20) for i in range(24)]
-        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
-                              state_cap=params["max_keys"])
-
     # -- internals ------------------------------------------------------------------------------
 
     def _rng(self, key: str, kind: str, ts: float) -> np.random.Generator:
@@ -889,49 +865,3 @@ def _jsonable(value: Any) -> Any:
         v = float(value)
         return v if math.isfinite(v) else None
     return value
-
-
-def bench_drift(*, window_rows: int = 500, reference_rows: int = 2000, dim: int = 384,
-                repeats: int = 5, seed: int = 0, **detector_kwargs: Any) -> dict[str, Any]:
-    """Milliseconds per drift check, excluding embedding (medians over ``repeats``).
-
-    ``skew_check_ms``: one window against its reference (target: <= 50 ms for 500 x 384
-    against 2,000 rows); ``skew_and_drift_check_ms``: against the reference and the previous
-    window, which is what ``update`` does in steady state. The clock is read here, in the
-    benchmark, never in the detector. Embeddings/s: ``agentwatch.streams.drift_sampler``.
-    """
-    import time
-
-    rng = np.random.default_rng(seed)
-
-    def unit(rows: int) -> np.ndarray:
-        x = rng.normal(size=(rows, dim))
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-    texts = tuple(f"prompt {i % 97} about topic {i % 13}" for i in range(window_rows))
-    ref_texts = [f"prompt {i % 89} about topic {i % 11}" for i in range(reference_rows)]
-    config = {"min_history_windows": 1, "history_windows": 1, **detector_kwargs}
-    skew_only, both = DriftDetector(**config), DriftDetector(**config)
-    reference = unit(reference_rows)
-    started = time.perf_counter()
-    skew_only.set_reference("bench", reference, ref_texts)
-    set_reference_ms = (time.perf_counter() - started) * 1000
-    both.set_reference("bench", reference, ref_texts)
-    skew_ms, both_ms = [], []
-    for i in range(repeats + 1):
-        event = EmbeddedWindow("bench", 60.0 * (i + 1), texts, unit(window_rows))
-        skew_only.restore({"keys": {}})  # no history: only the skew comparison runs
-        started = time.perf_counter()
-        skew_only.update(event)
-        skew_ms.append((time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        both.update(event)
-        both_ms.append((time.perf_counter() - started) * 1000)
-    return {
-        "window_rows": window_rows, "reference_rows": reference_rows, "dim": dim,
-        "comparison_rows": min(reference_rows, skew_only.reference_sample_size),
-        "permutations": skew_only.permutations,
-        "set_reference_ms": round(set_reference_ms, 1),
-        "skew_check_ms": round(float(np.median(skew_ms[1:])), 1),
-        "skew_and_drift_check_ms": round(float(np.median(both_ms[2:] or both_ms[1:])), 1),
-    }

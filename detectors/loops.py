@@ -35,7 +35,6 @@ from collections import deque
 from typing import Any, ClassVar, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_positive, stable_hash
-from agentwatch.detectors.contract import ContractStream
 from agentwatch.events import AgentStep, Finding, LlmCall, Severity, ToolCall
 
 KINDS = ("repeated_tool_call", "step_cycle", "too_many_steps", "runaway_tokens",
@@ -426,32 +425,6 @@ class LoopDetector:
         self._traces.restore_meta(snap.get("lru", {}))
         for trace_id, row in snap.get("traces", []):
             self._traces.insert(trace_id, _Trace.from_json(row, self._labels_maxlen))
-
-    @classmethod
-    def contract_stream(cls, seed: int) -> ContractStream:
-        import random
-
-        from agentwatch.detectors.synthetic import START_TS, agent_traffic
-
-        rng = random.Random(seed)
-        params = {"max_traces": 100, "trace_ttl_s": 120.0}
-        warmup = agent_traffic(seed, 30, traces_per_s=1.0)
-        t0 = warmup[-1].ts + 1.0
-        events: list[Any] = []
-        query = json.dumps({"query": f"refund status {rng.randrange(1000)}"})
-        for i in range(5):  # the same search over and over, each after a model turn
-            events.append(LlmCall(ts=t0 + 4 * i, trace_id="loop", span_id=f"l{i}",
-                                  service="helpdesk", model="gpt-4o", input_tokens=1000 + 300 * i,
-                                  output_tokens=50, cost_usd=0.01, prompt=f"turn {i} {query}",
-                                  requested_tool_calls=json.dumps(
-                                      [{"name": "search", "arguments": query, "id": f"c{i}"}])))
-            events.append(ToolCall(ts=t0 + 4 * i + 1, trace_id="loop", span_id=f"t{i}",
-                                   service="helpdesk", tool_name="search", arguments=query))
-        events += agent_traffic(seed + 1, 10, start_ts=t0 + 30, traces_per_s=1.0)
-        flood = [LlmCall(ts=START_TS + i * 0.1, trace_id=f"flood{i}", span_id="s",
-                         prompt=f"hello {i}") for i in range(3_000)]
-        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
-                              state_cap=params["max_traces"])
 
 
 @functools.lru_cache(maxsize=2_048)

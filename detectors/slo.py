@@ -14,7 +14,6 @@ from collections import deque
 from typing import Any, ClassVar, Mapping, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive
-from agentwatch.detectors.contract import ContractStream
 from agentwatch.events import Finding, LlmCall, Severity
 
 _OVERRIDABLE = frozenset({"error_rate_threshold", "latency_threshold_ms"})
@@ -293,29 +292,6 @@ class SloDetector:
             w.last_ts = float(last_ts)
             w.recent.extend((float(t), float(lat)) for t, lat in recent)
             self._windows.insert((service, model), w)
-
-    @classmethod
-    def contract_stream(cls, seed: int) -> ContractStream:
-        import random
-
-        from agentwatch.detectors.synthetic import START_TS, agent_traffic
-
-        rng = random.Random(seed)
-        params = {"min_calls": 20, "window_s": 60.0, "max_keys": 50}
-        warmup = [e for e in agent_traffic(seed, 60, traces_per_s=2.0, error_rate=0.0)
-                  if isinstance(e, LlmCall)]
-        t0 = warmup[-1].ts + 1.0
-        events = []
-        for i in range(120):  # an outage (errors) then a slow spell, then recovery
-            phase = i // 40
-            events.append(LlmCall(
-                ts=t0 + i * 0.5, trace_id=f"c{seed}-{i}", span_id="s", service="helpdesk",
-                model="gpt-4o", status="error" if phase == 0 and rng.random() < 0.6 else "ok",
-                latency_ms=rng.uniform(25_000, 40_000) if phase == 1 else rng.uniform(500, 900)))
-        flood = [LlmCall(ts=START_TS + i, trace_id=f"f{i}", span_id="s", service=f"svc{i % 400}",
-                         model=f"m{i % 7}") for i in range(2_000)]
-        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
-                              state_cap=params["max_keys"])
 
 
 def _with_reason(finding: Finding, reason: str) -> Finding:

@@ -20,7 +20,6 @@ from collections import OrderedDict
 from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
-from agentwatch.detectors.contract import ContractStream
 from agentwatch.detectors.loops import NOT_JSON, parsed_json, requested_calls
 from agentwatch.events import Finding, LlmCall, Severity, ToolCall
 
@@ -475,31 +474,3 @@ class HallucinatedToolDetector:
             t.declared = {str(k): str(v) for k, v in declared.items()}
             t.fired = list(fired)
             self._traces.insert(trace_id, t)
-
-    @classmethod
-    def contract_stream(cls, seed: int) -> ContractStream:
-        import random
-
-        from agentwatch.detectors.synthetic import START_TS, agent_traffic, tool_definitions_json
-
-        rng = random.Random(seed)
-        params = {"max_traces": 100, "trace_ttl_s": 120.0}
-        warmup = agent_traffic(seed, 30, traces_per_s=1.0)
-        t0 = warmup[-1].ts + 1.0
-        defs = tool_definitions_json(("search", "lookup_order"))
-        bad_args = json.dumps({"query": "x", "top_k": rng.randint(50, 99)})  # maximum is 20
-        events: list[Any] = [
-            LlmCall(ts=t0, trace_id="h1", span_id="a", tool_definitions=defs,
-                    requested_tool_calls=json.dumps([{"name": "issue_refund", "id": "1",
-                                                      "arguments": '{"amount": 500}'}])),
-            LlmCall(ts=t0 + 2, trace_id="h1", span_id="b", tool_definitions=defs,
-                    requested_tool_calls=json.dumps([{"name": "search", "id": "2",
-                                                      "arguments": bad_args}])),
-            ToolCall(ts=t0 + 3, trace_id="h1", span_id="c", tool_name="search",
-                     arguments=bad_args),
-        ]
-        events += agent_traffic(seed + 1, 10, start_ts=t0 + 5, traces_per_s=1.0)
-        flood = [LlmCall(ts=START_TS + i * 0.1, trace_id=f"flood{i}", span_id="s",
-                         tool_definitions=defs) for i in range(3_000)]
-        return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
-                              state_cap=params["max_traces"])

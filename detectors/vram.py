@@ -40,7 +40,6 @@ import numpy as np
 from scipy.stats import theilslopes
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive
-from agentwatch.detectors.contract import ContractStream
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity
 
 MIB = 1 << 20
@@ -646,25 +645,3 @@ class VramLeakDetector:
                                   "pid": series.pid, "process_name": series.process_name,
                                   "simulated": series.simulated},
                         resolved=True)]
-
-    # ------------------------------------------------------------------ contract
-
-    @classmethod
-    def contract_stream(cls, seed: int) -> ContractStream:
-        """A flat device for warm-up, then a 3 MiB/s leak; a flood of distinct hosts."""
-        rng = np.random.default_rng(seed)
-        t0 = 1_700_000_040.0
-        total = 8 * GIB
-
-        def row(ts: float, used: float, host: str = "contract-node") -> GpuSample:
-            return GpuSample(ts=ts, host=host, gpu=0, memory_used_bytes=int(used),
-                             memory_total_bytes=total)
-
-        noise = rng.normal(0.0, 4 * MIB, size=400)
-        warmup = [row(t0 + 5 * k, 2 * GIB + noise[k]) for k in range(120)]  # 10 flat minutes
-        start = t0 + 600
-        events = [row(start + 5 * k, 2 * GIB + 3 * MIB * 5 * k + noise[120 + k])
-                  for k in range(240)]
-        flood = [row(t0 + k, GIB, host=f"flood-{k}") for k in range(200)]
-        return ContractStream(params={"max_keys": 16}, warmup=warmup, events=events,
-                              flood=flood, state_cap=32)
