@@ -24,7 +24,8 @@ DEFAULT_TOPICS: Mapping[str, int] = {
     "agent_steps": 8,
     "llm_messages": 4,
     "gpu_samples": 2,
-    "findings": 2,
+    # Usage records for the aggregate detectors, partitioned by the field each declares.
+    "usage": 8,
     "alerts": 2,
     "dead_letter": 1,
 }

@@ -53,8 +53,8 @@ class BrokerDied(StackError):
     pass
 
 
-# The worker group consumes every topic but dead_letter.
-WORKER_INPUT_TOPICS = tuple(name for name in DEFAULT_TOPICS if name != "dead_letter")
+# The worker group consumes every topic but dead_letter and alerts (the notifier's).
+WORKER_INPUT_TOPICS = tuple(name for name in DEFAULT_TOPICS if name not in ("dead_letter", "alerts"))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from agentwatch.demo import scrape_counter
-from agentwatch.streams.app import DLQ_REASON_HEADER
+from agentwatch.streams.dataflow import DLQ_REASON_HEADER
 from agentwatch.streams.snapshots import query_snapshots
 
 from stack_helpers import stack_settings, wait_until
@@ -104,7 +104,7 @@ def test_malformed_records_go_to_dead_letter_and_processing_continues(running_st
     for payload in (b"[1, 2, 3]", mistyped):
         producer.send("llm_calls", payload)
     # Nothing to decode: zero bytes and a tombstone (null value), on every kind of consumed topic.
-    empties = ("otlp_spans", "otlp_logs", "llm_calls", "findings")
+    empties = ("otlp_spans", "otlp_logs", "llm_calls", "usage", "gpu_samples", "llm_messages")
     for topic in empties:
         producer.send(topic, b"", key=b"empty")
         producer.send(topic, None, key=b"tombstone")

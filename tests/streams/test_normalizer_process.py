@@ -11,7 +11,7 @@ import pytest
 
 from agentwatch.broker import DEFAULT_TOPICS
 from agentwatch.settings import Settings
-from agentwatch.streams.app import NormalizerDied, NormalizerProcess
+from agentwatch.streams.normalizer_process import NormalizerDied, NormalizerProcess
 
 from normalizer_faults import die_on_poison
 

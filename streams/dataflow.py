@@ -1,0 +1,824 @@
+"""The streaming core: one record in, typed outputs out. No Kafka, no Faust, no clock.
+
+Topology (each arrow a topic; every stage's state is keyed like its input)::
+
+    otlp_spans ─► map ─► llm_calls / tool_calls / agent_steps      (partitioned by trace id)
+    otlp_logs  ─► map ─► llm_messages                              (partitioned by trace id)
+    llm_calls, tool_calls, agent_steps ─► trace stage: nested-call dedup, trace rows, trace
+                                          detectors (loops, tools) ─► usage
+    gpu_samples ─► rows ─► usage
+    usage ─► keyed stage: the aggregate detectors (cost, budget, retry storm, SLO, VRAM, drift)
+
+The map stage holds no state that spans records: it decodes a request and maps each span. The
+trace stage sees every span of a trace, because the event topics are partitioned by trace id
+and co-partitioned (partition ``p`` of all three goes to one worker). It forwards a compact
+usage record per event to ``usage``, partitioned by the field each aggregate detector declares
+(``partition_by``): all of a project's calls meet in one partition's budget detector whatever
+the worker count. A usage record's key names its table and field (``llm_calls:project``), so the
+keyed stage hands it to the detectors of that field only.
+
+State lives per input partition (:class:`TracePartition`, :class:`KeyedPartition`) and is
+checkpointed with the offsets it reflects (:class:`PartitionCheckpoint`). When a partition
+arrives (start, rebalance, crash of its previous owner), its state is restored and the records
+between the checkpoint and the group's committed offset are replayed into the state alone
+(:meth:`Dataflow.replay`): they were stored and their findings sent before the commit, so state
+is neither lost nor applied twice.
+
+Runtimes are thin adapters: :mod:`agentwatch.streams.app` (Faust) in production; a test feeds
+records from a list. Both call :meth:`Dataflow.on_record` and act on the :class:`StepOutput`:
+send its records, write its rows, and commit the input record once its rows are written.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import orjson
+
+from agentwatch.events import AgentStep, Finding, GpuSample, LlmCall, ToolCall
+from agentwatch.streams.pipeline import (VALUE_REJECTED_REASON, RecordOutcome, decode_event_rows,
+                                         decode_events, decode_events_checked, dumps_lenient, partition_for,
+                                         value_rejection_dead_letters)
+from agentwatch.streams.otlp import UndecodableRecord
+
+log = logging.getLogger(__name__)
+
+TRACE_TOPICS = ("llm_calls", "tool_calls", "agent_steps")
+USAGE_TOPIC = "usage"
+DLQ_REASON_HEADER = "agentwatch.dlq.reason"
+CHECKPOINT_FORMAT = "agentwatch.partition-state"
+CHECKPOINT_VERSION = 1
+_EVENT_CLASS = {"llm_calls": LlmCall, "tool_calls": ToolCall, "agent_steps": AgentStep, "gpu_samples": GpuSample}
+# Usage records carry what aggregate detectors read; the long texts only the trace stage and the
+# snapshots need stay behind (the prompt stays: retry storms hash it, drift samples it).
+_USAGE_DROPPED = {"response": "", "tool_definitions": "", "requested_tool_calls": ""}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One input record, where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A record to produce. ``partition`` None: the producer picks it from ``key``."""
+
+    topic: str
+    partition: int | None
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """Rows for one snapshot table: a JSON array and how many rows it holds."""
+
+    table: str
+    payload: bytes
+    count: int
+
+
+@dataclass
+class StepOutput:
+    """What one record (or timer tick) produced.
+
+    The input record may be committed once every ``sends`` record is acknowledged by the broker
+    and every ``rows`` payload is written: until then a crash makes the broker deliver it again.
+    """
+
+    sends: list[Send] = field(default_factory=list)
+    rows: list[Rows] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    dead_letters: int = 0
+
+    def extend(self, other: StepOutput) -> None:
+        self.sends += other.sends
+        self.rows += other.rows
+        self.findings += other.findings
+        self.dead_letters += other.dead_letters
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Which detectors run where, from the field each one declares (``partition_by``).
+
+    ``trace`` detectors key by trace id and run in the trace stage; every other field becomes a
+    family of the keyed stage, fed by usage records partitioned by that field.
+    """
+
+    trace: tuple[str, ...]
+    families: Mapping[str, tuple[str, ...]]  # field -> detector names
+    accepts: Mapping[str, frozenset[type]]  # field -> event classes its detectors read
+    drift_field: str | None  # the family whose partitions sample prompts for drift
+
+    @classmethod
+    def of(cls, detectors: Sequence[Any], drift_key_fields: Sequence[str] = ("service",)) -> Topology:
+        trace: list[str] = []
+        families: dict[str, list[str]] = {}
+        accepts: dict[str, set[type]] = {}
+        drift_field = None
+        for det in detectors:
+            name = type(det).name
+            if name == "drift":
+                # Drift windows are keyed by the sampler's key fields: partition by the first.
+                field_name = drift_field = str(drift_key_fields[0])
+                accepted: tuple[type, ...] = (LlmCall,)
+            else:
+                field_name = getattr(det, "partition_by", None)
+                accepted = type(det).accepts
+            if not field_name:
+                raise ValueError(f"detector {name!r} declares no partition_by field")
+            if field_name == "trace_id":
+                trace.append(name)
+                continue
+            families.setdefault(field_name, []).append(name)
+            accepts.setdefault(field_name, set()).update(accepted)
+        return cls(tuple(trace), {k: tuple(v) for k, v in families.items()},
+                   {k: frozenset(v) for k, v in accepts.items()}, drift_field)
+
+
+class TraceParents:
+    """(trace id, span id) of the parents of recent LLM spans: an LLM-looking span that arrives
+    after one of its LLM children is an ancestor wrapper, counted in the child. Bounded, oldest
+    forgotten first."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._keys: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, trace_id: str, span_id: str) -> None:
+        if not span_id or len(trace_id) + len(span_id) > 256:  # a root, or not an OTLP id
+            return
+        keys = self._keys
+        keys[(trace_id, span_id)] = None
+        if len(keys) > self.max_entries:
+            keys.popitem(last=False)
+
+    def snapshot(self) -> list[list[str]]:
+        return [list(k) for k in self._keys]
+
+    def restore(self, snap: Iterable[Sequence[str]]) -> None:
+        self._keys = collections.OrderedDict(((str(t), str(s)), None) for t, s in snap)
+        while len(self._keys) > self.max_entries:
+            self._keys.popitem(last=False)
+
+
+class RecentSpans:
+    """(trace id, span id) of the spans a trace partition applied lately: a span that comes
+    again is a duplicate. Bounded, oldest forgotten first: re-sends come within seconds."""
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self.max_entries = max_entries
+        self._keys: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, trace_id: str, span_id: str) -> bool:
+        """Remember the span; False when it was already there."""
+        key = trace_id + span_id
+        keys = self._keys
+        if key in keys:
+            return False
+        keys[key] = None
+        if len(keys) > self.max_entries:
+            keys.popitem(last=False)
+        return True
+
+    def snapshot(self) -> list[str]:
+        return list(self._keys)
+
+    def restore(self, snap: Iterable[str]) -> None:
+        self._keys = collections.OrderedDict((str(k), None) for k in snap)
+        while len(self._keys) > self.max_entries:
+            self._keys.popitem(last=False)
+
+
+class TraceSteps:
+    """Model and tool calls per trace, reported when the trace's root span arrives.
+
+    A root span ends after its children, so its arrival closes the trace; traces whose root never
+    comes are forgotten oldest-first beyond ``max_traces``.
+    """
+
+    def __init__(self, max_traces: int = 100_000) -> None:
+        self.max_traces = max_traces
+        self._steps: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def count(self, events: Sequence[Any]) -> None:
+        steps = self._steps
+        for event in events:
+            steps[event.trace_id] = steps.get(event.trace_id, 0) + 1
+        while len(steps) > self.max_traces:
+            steps.popitem(last=False)
+
+    def finished(self, agent_steps: Sequence[Any]) -> dict[str, list[int]]:
+        """Step counts of the traces whose root span is among ``agent_steps``, by service."""
+        done: dict[str, list[int]] = {}
+        for step in agent_steps:
+            if not step.parent_span_id:
+                n = self._steps.pop(step.trace_id, 0)
+                if n:
+                    done.setdefault(step.service or "unknown", []).append(n)
+        return done
+
+    def snapshot(self) -> list[list[Any]]:
+        return [[k, v] for k, v in self._steps.items()]
+
+    def restore(self, snap: Iterable[Sequence[Any]]) -> None:
+        self._steps = collections.OrderedDict((str(k), int(v)) for k, v in snap)
+
+
+class PartitionState:
+    """What one input partition owns, with the offsets (next to read, per topic) it reflects."""
+
+    stage: str = ""
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.offsets: dict[str, int] = {}
+        # Offsets the restored state already reflects, per topic (None: nothing restored).
+        self.restored_offsets: dict[str, int] = {}
+        self.started: set[str] = set()  # topics whose first live record since restore was seen
+
+    def state_snapshot(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_restore(self, snap: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stage": self.stage,
+                "partition": self.partition, "offsets": dict(self.offsets), "state": self.state_snapshot()}
+
+    def restore_checkpoint(self, doc: Mapping[str, Any]) -> None:
+        if doc.get("format") != CHECKPOINT_FORMAT or doc.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"not a version {CHECKPOINT_VERSION} partition checkpoint")
+        if doc.get("stage") != self.stage or int(doc.get("partition", -1)) != self.partition:
+            raise ValueError(f"checkpoint of {doc.get('stage')}/{doc.get('partition')}, "
+                             f"not {self.stage}/{self.partition}")
+        self.state_restore(doc["state"])
+        self.offsets = {str(t): int(o) for t, o in doc.get("offsets", {}).items()}
+        self.restored_offsets = dict(self.offsets)
+
+
+class TracePartition(PartitionState):
+    """Partition ``p`` of the trace-keyed topics: trace detectors, parent spans, step counts."""
+
+    stage = "trace"
+
+    def __init__(self, partition: int, runner: Any) -> None:
+        super().__init__(partition)
+        self.runner = runner
+        self.parents = TraceParents()
+        self.steps = TraceSteps()
+        self.seen = RecentSpans()
+
+    def state_snapshot(self) -> dict[str, Any]:
+        return {"detectors": self.runner.snapshot(), "parents": self.parents.snapshot(),
+                "steps": self.steps.snapshot(), "seen": self.seen.snapshot()}
+
+    def state_restore(self, snap: Mapping[str, Any]) -> None:
+        self.runner.restore(snap.get("detectors", {}))
+        self.parents.restore(snap.get("parents", ()))
+        self.steps.restore(snap.get("steps", ()))
+        self.seen.restore(snap.get("seen", ()))
+
+
+class KeyedPartition(PartitionState):
+    """Partition ``p`` of ``usage``: the aggregate detectors of each family, the drift sampler."""
+
+    stage = "keyed"
+
+    def __init__(self, partition: int, runners: Mapping[str, Any], sampler: Any = None) -> None:
+        super().__init__(partition)
+        self.runners = dict(runners)  # family field -> DetectorRunner
+        self.sampler = sampler
+        # "<family>@<source topic>:<partition>" -> the last source offset applied
+        self.applied: dict[str, int] = {}
+
+    def state_snapshot(self) -> dict[str, Any]:
+        snap: dict[str, Any] = {"families": {f: r.snapshot() for f, r in self.runners.items()},
+                                "applied": dict(self.applied)}
+        if self.sampler is not None:
+            snap["sampler"] = self.sampler.snapshot()
+        return snap
+
+    def state_restore(self, snap: Mapping[str, Any]) -> None:
+        for family, runner_snap in snap.get("families", {}).items():
+            if family in self.runners:
+                self.runners[family].restore(runner_snap)
+        if self.sampler is not None and snap.get("sampler"):
+            self.sampler.restore(snap["sampler"])
+        self.applied = {str(k): int(v) for k, v in snap.get("applied", {}).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Records to replay into a partition's state before its first live record: offsets
+    ``[start, end)`` of ``topic``/``partition``, stored and committed since its checkpoint."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+
+class Dataflow:
+    """The whole topology for the partitions one worker holds.
+
+    Parameters
+    ----------
+    partitions : Mapping[str, int]
+        Partition count per topic.
+    build_detectors : callable
+        Fresh detector instances (every registered one): called once per partition state.
+    mapper : object, optional
+        ``on_traces(payload) -> RecordOutcome`` and ``on_logs(payload)``: the map stage, when it
+        runs in this process (the Faust adapter runs it in a child process instead and hands the
+        outcome to :meth:`on_mapped`).
+    checkpoints : PartitionCheckpointStore, optional
+        Where partition states are restored from (None: every partition starts empty).
+    drift_sampler : callable, optional
+        A fresh :class:`~agentwatch.streams.drift_sampler.DriftSampler` for a keyed partition.
+    alert_record : callable, optional
+        Finding -> the notifier's record value (``alerts`` topic); None sends no alerts.
+    metrics : PipelineMetrics, optional
+    """
+
+    def __init__(self, *, partitions: Mapping[str, int], build_detectors: Callable[[], Sequence[Any]],
+                 drift_key_fields: Sequence[str] = ("service",), mapper: Any = None,
+                 checkpoints: Any = None, drift_sampler: Callable[[], Any] | None = None,
+                 alert_record: Callable[[Finding], bytes] | None = None, metrics: Any = None,
+                 value_bounds: Any = None, max_message_bytes: int = 1_000_000) -> None:
+        from agentwatch.detectors.runner import DetectorRunner
+
+        self.partitions = dict(partitions)
+        self._build_detectors = build_detectors
+        self._runner = DetectorRunner
+        self.topology = Topology.of(build_detectors(), drift_key_fields)
+        self.mapper = mapper
+        self.checkpoints = checkpoints
+        self.drift_sampler = drift_sampler if self.topology.drift_field else None
+        self.alert_record = alert_record
+        self.metrics = metrics
+        self.value_bounds = value_bounds
+        self.max_record_bytes = int(max_message_bytes * 0.9)
+        self.trace_states: dict[int, TracePartition] = {}
+        self.keyed_states: dict[int, KeyedPartition] = {}
+        # Drift detectors are updated in the embedding thread; snapshots take the same lock.
+        self.drift_lock = threading.Lock()
+        self.counts = collections.Counter()
+
+    # -- states --------------------------------------------------------------------------------
+
+    def _detectors(self, names: Iterable[str]) -> Any:
+        wanted = set(names)
+        return self._runner([d for d in self._build_detectors() if type(d).name in wanted])
+
+    def trace_state(self, partition: int) -> TracePartition:
+        state = self.trace_states.get(partition)
+        if state is None:
+            state = TracePartition(partition, self._detectors(self.topology.trace))
+            self._restore(state)
+            self.trace_states[partition] = state
+        return state
+
+    def keyed_state(self, partition: int) -> KeyedPartition:
+        state = self.keyed_states.get(partition)
+        if state is None:
+            runners = {f: self._detectors(names) for f, names in self.topology.families.items()}
+            sampler = self.drift_sampler() if self.drift_sampler is not None else None
+            state = KeyedPartition(partition, runners, sampler)
+            self._restore(state)
+            self.keyed_states[partition] = state
+        return state
+
+    def _restore(self, state: PartitionState) -> None:
+        if self.checkpoints is None:
+            return
+        doc = self.checkpoints.load(state.stage, state.partition)
+        if doc is None:
+            return
+        try:
+            state.restore_checkpoint(doc)
+        except Exception as exc:  # a checkpoint from another version: start empty, keep the file aside
+            log.warning("partition %s/%s: checkpoint not restored (%s); starting empty",
+                        state.stage, state.partition, exc)
+            self.checkpoints.set_aside(state.stage, state.partition)
+            state.offsets, state.restored_offsets = {}, {}
+
+    def owned_states(self) -> list[PartitionState]:
+        return [*self.trace_states.values(), *self.keyed_states.values()]
+
+    def state_for(self, topic: str, partition: int) -> PartitionState | None:
+        if topic in TRACE_TOPICS:
+            return self.trace_state(partition)
+        if topic == USAGE_TOPIC:
+            return self.keyed_state(partition)
+        return None
+
+    def release(self, topic_partitions: Iterable[tuple[str, int]]) -> list[PartitionState]:
+        """Forget the states of partitions this worker no longer holds; returns them (the caller
+        checkpoints them first, after their records were committed)."""
+        gone: list[PartitionState] = []
+        for topic, partition in topic_partitions:
+            states = self.trace_states if topic in TRACE_TOPICS else self.keyed_states if topic == USAGE_TOPIC else None
+            if states is not None and partition in states:
+                gone.append(states.pop(partition))
+        return gone
+
+    # -- replay ----------------------------------------------------------------------------------
+
+    def replay_needed(self, record: Record, log_end: int | None = None) -> Replay | None:
+        """The records to replay before ``record``, the first live one of its partition since the
+        state was restored: those after the checkpoint and before the committed offset (the
+        group resumes there). A partition without a checkpoint replays from offset 0 when
+        checkpoints are kept: what an earlier owner committed without saving is in no file.
+
+        ``log_end``: the partition's end offset, if known. A checkpoint past it was saved
+        against another incarnation of the log (the embedded broker starts empty on every
+        ``up``): its offsets are dropped, its state is kept, nothing is replayed or skipped.
+        """
+        state = self.state_for(record.topic, record.partition)
+        if state is None or record.topic in state.started:
+            return None
+        state.started.add(record.topic)
+        start = state.restored_offsets.get(record.topic)
+        if start is not None and log_end is not None and start > log_end:
+            log.warning("%s[%s]: checkpoint at offset %d is past the log's end (%d): the log was "
+                        "recreated; state kept, offsets dropped", record.topic, record.partition, start, log_end)
+            state.restored_offsets.pop(record.topic, None)
+            state.offsets.pop(record.topic, None)
+            return None
+        if start is None:
+            start = 0 if self.checkpoints is not None else record.offset
+        if start >= record.offset:
+            return None
+        return Replay(record.topic, record.partition, start, record.offset)
+
+    def replay(self, record: Record) -> None:
+        """Apply a record to its partition's state only: its rows, records and findings went out
+        before it was committed. A record that was dead-lettered is passed over again."""
+        try:
+            if empty_record_reason(record.value) is None:
+                self._stateful(record, emit=False)
+        except Exception as exc:  # it was dead-lettered when it came live: nothing to apply
+            log.debug("replay passes over %s[%s]@%s: %s", record.topic, record.partition, record.offset, exc)
+        self._advance(record)
+
+    def _advance(self, record: Record) -> None:
+        state = self.state_for(record.topic, record.partition)
+        if state is not None:
+            state.offsets[record.topic] = max(state.offsets.get(record.topic, 0), record.offset + 1)
+
+    # -- records -------------------------------------------------------------------------------
+
+    def on_record(self, record: Record) -> StepOutput:
+        """Everything ``record`` produces. Never raises for bad input: that is a dead letter."""
+        out = StepOutput()
+        reason = empty_record_reason(record.value)
+        if reason is not None:
+            self._dead_letter(out, record, reason)
+            self._advance(record)
+            return out
+        topic = record.topic
+        if topic == "otlp_spans":
+            try:
+                outcome = self.mapper.on_traces(record.value)
+            except Exception as exc:
+                self._dead_letter(out, record, f"normaliser error: {type(exc).__name__}: {exc}")
+                return out
+            return self.on_mapped(record, outcome)
+        if topic == "otlp_logs":
+            try:
+                outcome = self.mapper.on_logs(record.value)
+            except Exception as exc:
+                self._dead_letter(out, record, f"normaliser error: {type(exc).__name__}: {exc}")
+                return out
+            return self.on_mapped(record, outcome)
+        if topic in TRACE_TOPICS or topic == USAGE_TOPIC:
+            try:
+                return self._stateful(record, emit=True)
+            except UndecodableRecord as exc:
+                self._dead_letter(out, record, f"undecodable {topic} record: {exc}")
+                return out
+            finally:
+                self._advance(record)
+        if topic == "gpu_samples":
+            return self._gpu_samples(record)
+        if topic == "llm_messages":
+            try:
+                rows = decode_event_rows(record.value)
+            except UndecodableRecord as exc:
+                self._dead_letter(out, record, f"undecodable {topic} record: {exc}")
+                return out
+            if rows:
+                out.rows.append(Rows(topic, record.value, len(rows)))
+            return out
+        self._dead_letter(out, record, f"no stage reads topic {topic!r}")
+        return out
+
+    def on_mapped(self, record: Record, outcome: RecordOutcome) -> StepOutput:
+        """The map stage's outputs for ``record`` (normalised here or in a child process)."""
+        out = StepOutput()
+        for topic, partition, payload in outcome.outputs:
+            out.sends.append(Send(topic, partition, payload))
+        self.counts["spans"] += outcome.spans
+        self.counts["records"] += 1
+        if outcome.dead_letter_reason:
+            self._dead_letter(out, record, outcome.dead_letter_reason)
+        self._reject_values(out, record, outcome.rejections)
+        return out
+
+    def _stateful(self, record: Record, *, emit: bool) -> StepOutput:
+        state = self.state_for(record.topic, record.partition)
+        assert state is not None
+        out = StepOutput()
+        reflected = state.restored_offsets.get(record.topic)
+        # A record the restored state already reflects (saved before its commit went through):
+        # its rows go out again, the detectors do not see it twice.
+        update = reflected is None or record.offset >= reflected
+        if record.topic == USAGE_TOPIC:
+            self._usage(state, record, out, emit=emit, update=update)  # type: ignore[arg-type]
+        else:
+            self._trace_record(state, record, out, emit=emit, update=update)  # type: ignore[arg-type]
+        return out
+
+    def _trace_record(self, state: TracePartition, record: Record, out: StepOutput, *, emit: bool,
+                      update: bool) -> None:
+        table = record.topic
+        decoded = decode_events_checked(table, record.value, self.value_bounds)
+        events, payload = decoded.events, decoded.payload
+        if emit:
+            self._reject_values(out, record, decoded.rejections)
+        received = len(events)
+        if update:
+            # A span already applied (its request re-sent after a crash, or an exporter's retry)
+            # is dropped: its row is stored and the detectors counted it.
+            seen = state.seen
+            events = [e for e in events if seen.add(e.trace_id, e.span_id)]
+            if len(events) < received:
+                self.counts["duplicate_spans"] += received - len(events)
+        demoted: list[LlmCall] = []
+        if table == "llm_calls" and update:
+            events, demoted = self._split_nested(state, events)
+        elif table == "llm_calls":
+            events, demoted = _split_known(state.parents, events)
+        if emit:
+            if demoted or len(events) < received:
+                kept_ids = {(e.trace_id, e.span_id) for e in events}
+                demoted_ids = {(e.trace_id, e.span_id) for e in demoted}
+                rows = orjson.loads(payload)
+                rows = rows if isinstance(rows, list) else [rows]
+                kept = [r for r in rows if (r.get("trace_id"), r.get("span_id")) in kept_ids]
+                if kept:
+                    out.rows.append(Rows(table, orjson.dumps(kept), len(kept)))
+                steps = [_agent_step_row(r) for r in rows if (r.get("trace_id"), r.get("span_id")) in demoted_ids]
+                if steps:
+                    out.rows.append(Rows("agent_steps", orjson.dumps(steps), len(steps)))
+                    self.counts["nested_demoted"] += len(steps)
+            elif events:
+                out.rows.append(Rows(table, payload, len(events)))
+            if self.metrics is not None:
+                if table == "llm_calls":
+                    self.metrics.observe_llm_calls(events)
+                elif table == "tool_calls":
+                    self.metrics.observe_tool_calls(events)
+        if not update:
+            return
+        as_steps = [_as_agent_step(c) for c in demoted]
+        if table == "agent_steps":
+            finished = state.steps.finished(events)
+        else:
+            state.steps.count(events)
+            finished = state.steps.finished(as_steps) if as_steps else {}
+        if emit and self.metrics is not None:
+            for service, steps in finished.items():
+                self.metrics.observe_trace_steps(service=service, steps=steps)
+        if state.runner.detectors:
+            try:
+                findings = state.runner.process([*events, *as_steps] if as_steps else events)
+            except Exception as exc:
+                log.exception("trace detector failed")
+                if emit:
+                    self._dead_letter(out, record, f"detector error: {type(exc).__name__}: {exc}")
+                return
+            if emit:
+                self._emit_findings(out, findings)
+        if emit and events:
+            self._forward_usage(out, record, table, events)
+
+    def _split_nested(self, state: TracePartition, calls: list[LlmCall]) -> tuple[list[LlmCall], list[LlmCall]]:
+        """Calls that are model calls, and those that are ancestors of an earlier one (demoted)."""
+        parents = state.parents
+        kept: list[LlmCall] = []
+        demoted: list[LlmCall] = []
+        for call in calls:
+            if (call.trace_id, call.span_id) in parents:
+                demoted.append(call)
+            else:
+                kept.append(call)
+            parents.add(call.trace_id, call.parent_span_id)
+        return kept, demoted
+
+    def _usage(self, state: KeyedPartition, record: Record, out: StepOutput, *, emit: bool, update: bool) -> None:
+        key = (record.key or b"").decode("utf-8", "replace")
+        head, _, source = key.partition("@")
+        table, _, family = head.partition(":")
+        runner = state.runners.get(family)
+        if table not in _EVENT_CLASS or runner is None:
+            if emit:
+                self._dead_letter(out, record, f"usage record for unknown table/family {key!r}")
+            return
+        if not update:
+            return
+        # Usage records name the record they came from; a source re-read after a crash sends them
+        # again, and the family's detectors must not count them twice.
+        source_log, _, source_offset = source.rpartition(":")
+        if source_log and source_offset.lstrip("-").isdigit():
+            applied = f"{family}@{source_log}"
+            if int(source_offset) <= state.applied.get(applied, -1):
+                self.counts["duplicate_usage"] += 1
+                return
+            state.applied[applied] = int(source_offset)
+        events = decode_events(table, record.value, self.value_bounds)
+        if family == self.topology.drift_field and state.sampler is not None and table == "llm_calls":
+            state.sampler.offer(events)
+        try:
+            findings = runner.process(events)
+        except Exception as exc:
+            log.exception("keyed detector failed")
+            if emit:
+                self._dead_letter(out, record, f"detector error: {type(exc).__name__}: {exc}")
+            return
+        if emit:
+            self._emit_findings(out, findings)
+
+    def _gpu_samples(self, record: Record) -> StepOutput:
+        out = StepOutput()
+        try:
+            decoded = decode_events_checked("gpu_samples", record.value, self.value_bounds)
+        except UndecodableRecord as exc:
+            self._dead_letter(out, record, f"undecodable gpu_samples record: {exc}")
+            return out
+        self._reject_values(out, record, decoded.rejections)
+        if decoded.events:
+            out.rows.append(Rows("gpu_samples", decoded.payload, len(decoded.events)))
+            if self.metrics is not None:
+                self.metrics.observe_gpu_samples(decoded.events)
+            self._forward_usage(out, record, "gpu_samples", decoded.events)
+        return out
+
+    def _forward_usage(self, out: StepOutput, record: Record, table: str, events: Sequence[Any]) -> None:
+        """One usage record per family that reads these events and partition they go to, keyed
+        ``<table>:<family>@<source topic>:<partition>:<offset>`` (the keyed stage's dedup)."""
+        cls = _EVENT_CLASS[table]
+        partitions = self.partitions.get(USAGE_TOPIC, 1)
+        source = f"{record.topic}:{record.partition}:{record.offset}"
+        for family, accepted in self.topology.accepts.items():
+            if cls not in accepted or not hasattr(events[0], family):
+                continue
+            groups: dict[int, list[Any]] = {}
+            for event in events:
+                groups.setdefault(partition_for(str(getattr(event, family)), partitions), []).append(event)
+            for partition, group in groups.items():
+                if cls is LlmCall:
+                    group = [_compact(e) for e in group]
+                out.sends.append(Send(USAGE_TOPIC, partition, orjson.dumps(group),
+                                      key=f"{table}:{family}@{source}".encode()))
+
+    # -- findings, dead letters -----------------------------------------------------------------
+
+    def _emit_findings(self, out: StepOutput, findings: Sequence[Finding]) -> None:
+        if not findings:
+            return
+        self.emit_findings(out, findings)
+
+    def emit_findings(self, out: StepOutput, findings: Sequence[Finding]) -> None:
+        """Findings are written once, as rows of ``findings``, and sent once to the notifier."""
+        out.findings += findings
+        out.rows.append(Rows("findings", dumps_lenient(list(findings)), len(findings)))
+        if self.alert_record is not None:
+            for finding in findings:
+                out.sends.append(Send("alerts", None, self.alert_record(finding), key=finding.dedup_key.encode()))
+        self.counts["findings"] += len(findings)
+        if self.metrics is not None:
+            self.metrics.observe_findings(findings)
+
+    def dead_letter(self, record: Record, reason: str) -> StepOutput:
+        """The dead letter of a record the runtime could not hand to a stage (its normaliser died)."""
+        out = StepOutput()
+        self._dead_letter(out, record, reason)
+        return out
+
+    def _dead_letter(self, out: StepOutput, record: Record, reason: str) -> None:
+        out.sends.append(Send("dead_letter", None, record.value or b"", key=record.key,
+                              headers=dead_letter_headers(record, reason)))
+        out.dead_letters += 1
+        self.counts["dead_letter"] += 1
+        if self.metrics is not None:
+            self.metrics.observe_dead_letter(topic=record.topic, reason=reason.split(":")[0])
+        log.warning("dead-lettered %s[%s]@%s: %s", record.topic, record.partition, record.offset, reason)
+
+    def _reject_values(self, out: StepOutput, record: Record, rejections: Sequence[Any]) -> None:
+        """Count the implausible values nulled in this record's rows and dead-letter the originals."""
+        if not rejections:
+            return
+        if self.metrics is not None:
+            self.metrics.observe_rejected_values(rejections)
+        for letter in value_rejection_dead_letters(rejections, source_topic=record.topic,
+                                                   max_bytes=self.max_record_bytes):
+            out.sends.append(Send("dead_letter", None, letter.value, key=letter.key,
+                                  headers=dead_letter_headers(record, letter.reason)))
+            out.dead_letters += 1
+            self.counts["dead_letter"] += 1
+            if self.metrics is not None:
+                self.metrics.observe_dead_letter(topic=record.topic, reason=VALUE_REJECTED_REASON)
+
+    # -- drift -------------------------------------------------------------------------------------
+
+    def due_drift_windows(self, now: float) -> list[tuple[KeyedPartition, list[Any]]]:
+        """Closed drift windows per keyed partition (taken from their samplers)."""
+        due = []
+        for state in self.keyed_states.values():
+            if state.sampler is not None:
+                windows = state.sampler.due_windows(now)
+                if windows:
+                    due.append((state, windows))
+        return due
+
+    def drift_detector(self, state: KeyedPartition) -> Any:
+        runner = state.runners.get(self.topology.drift_field or "")
+        return runner.detectors.get("drift") if runner is not None else None
+
+    def snapshot_states(self, states: Iterable[PartitionState]) -> list[tuple[PartitionState, dict[str, Any]]]:
+        """Checkpoint documents of ``states``, each consistent with its offsets (call between
+        two records; drift detectors are snapshotted under the lock their thread updates under)."""
+        with self.drift_lock:
+            return [(state, state.checkpoint()) for state in states]
+
+
+def _split_known(parents: TraceParents, calls: list[LlmCall]) -> tuple[list[LlmCall], list[LlmCall]]:
+    kept = [c for c in calls if (c.trace_id, c.span_id) not in parents]
+    return (calls, []) if len(kept) == len(calls) else (kept, [c for c in calls if (c.trace_id, c.span_id) in parents])
+
+
+def _compact(call: LlmCall) -> LlmCall:
+    if call.response or call.tool_definitions or call.requested_tool_calls:
+        return dataclasses.replace(call, **_USAGE_DROPPED)
+    return call
+
+
+def _agent_step_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The AgentStep row of an LLM-looking span found to wrap an earlier model call."""
+    latency = row.get("latency_ms") or 0.0
+    ts = row.get("ts") or 0.0
+    return {"ts": ts, "trace_id": row.get("trace_id", ""), "span_id": row.get("span_id", ""),
+            "parent_span_id": row.get("parent_span_id", ""), "service": row.get("service", ""),
+            "project": row.get("project", ""), "user": row.get("user", ""), "session": row.get("session", ""),
+            "agent": row.get("agent", ""), "host": row.get("host", ""), "operation": row.get("operation", ""),
+            "name": " ".join(p for p in (row.get("operation", ""), row.get("request_model") or row.get("model", "")) if p),
+            "start_ts": ts - latency / 1000.0, "latency_ms": latency, "status": row.get("status", "ok"),
+            "error": row.get("error", ""), "invalid_fields": row.get("invalid_fields", "")}
+
+
+def _as_agent_step(call: LlmCall) -> AgentStep:
+    row = _agent_step_row({f.name: getattr(call, f.name) for f in dataclasses.fields(call)})
+    return AgentStep(**row)
+
+
+def dead_letter_headers(record: Record, reason: str) -> tuple[tuple[str, bytes], ...]:
+    """The reason and the source record's position, on every dead letter."""
+    return ((DLQ_REASON_HEADER, reason.encode()[:4000]),
+            ("agentwatch.dlq.topic", record.topic.encode()),
+            ("agentwatch.dlq.partition", str(record.partition).encode()),
+            ("agentwatch.dlq.offset", str(record.offset).encode()))
+
+
+def empty_record_reason(value: bytes | None) -> str | None:
+    """Why a record holds nothing to decode, or None: a tombstone (null value) or zero bytes.
+    Both go to dead_letter with this reason instead of vanishing as "no rows"."""
+    if value is None:
+        return "tombstone (record with a null value)"
+    if not value:
+        return "empty record (0 bytes)"
+    return None

@@ -1,0 +1,64 @@
+"""The one place agentwatch bends a Kafka client: aiokafka's fetch wait, which Faust hard-codes.
+
+Faust builds its consumer with ``fetch_max_wait_ms=1500`` and offers no setting for it. Tansu (the
+embedded broker) answers a fetch only when that wait expires, not when data arrives, so every
+Kafka hop cost up to 1.5 s and span -> alert latency was ~1.3 s p50. Capping the wait bounds each
+hop; an idle consumer then polls a few times a second, which costs nothing measurable.
+
+The cap wraps ``AIOKafkaConsumer.__init__`` for the process (Faust constructs the consumer
+itself); it only lowers the wait and is applied once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def cap_consumer_fetch_wait(max_wait_ms: int) -> None:
+    import aiokafka
+
+    original = aiokafka.AIOKafkaConsumer.__init__
+    if getattr(original, "_agentwatch_cap", None) is not None:
+        return
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), max_wait_ms)
+        original(self, *args, **kwargs)
+
+    init._agentwatch_cap = max_wait_ms  # type: ignore[attr-defined]
+    aiokafka.AIOKafkaConsumer.__init__ = init
+
+
+def fetch_range(bootstrap_servers: str, topic: str, partition: int, start: int, end: int, *,
+                max_fetch_bytes: int, timeout_s: float = 60.0) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Records ``[start, end)`` of one partition as (offset, key, value), read outside the group
+    (no membership, no commits): the replay of a partition's state after a restore."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    tp = TopicPartition(topic, partition)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=None,
+                             enable_auto_commit=False, max_partition_fetch_bytes=max_fetch_bytes,
+                             fetch_max_bytes=max_fetch_bytes)
+    out: list[tuple[int, bytes | None, bytes | None]] = []
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        deadline = time.monotonic() + timeout_s
+        position = start
+        while position < end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replay of {topic}[{partition}] {start}..{end} stopped at {position}")
+            for message in consumer.poll(timeout_ms=500).get(tp, ()):
+                if message.offset >= end:
+                    position = end
+                    break
+                if message.offset >= position:
+                    out.append((message.offset, message.key, message.value))
+                    position = message.offset + 1
+            else:
+                position = max(position, consumer.position(tp))
+    finally:
+        consumer.close()
+    return out
