@@ -142,6 +142,29 @@ def query(sql: str, fmt: str, data_dir: Path | None, max_rows: int) -> None:
         con.close()
 
 
+def import_from_checkout(module: str, command: str) -> Any:
+    """``module`` of the source checkout's bench/ folder, beside the agentwatch package.
+
+    Benchmarks and evaluations (and the test receivers and synthetic streams they use, in
+    tests/support) are not in the wheel; without a checkout the command stops with one line.
+    """
+    import importlib
+
+    import agentwatch
+
+    root = Path(agentwatch.__file__).resolve().parents[1]
+    if not (root / "bench" / "__init__.py").is_file():
+        raise click.ClickException(f"{command} runs from a source checkout of agentwatch (its bench/ folder); "
+                                   f"this install has none beside {root}")
+    if str(root) not in sys.path:
+        sys.path.append(str(root))  # last: the checkout's folders never shadow installed packages
+    imported = importlib.import_module(module)
+    if not Path(imported.__file__).resolve().is_relative_to(root):
+        raise click.ClickException(f"{command}: {module} was imported from {imported.__file__}, not from the "
+                                   f"checkout at {root}")
+    return imported
+
+
 @main.command()
 @click.option("--output", type=click.Path(path_type=Path), default=Path("bench/results.json"), show_default=True)
 @click.option("--quick", is_flag=True, help="Smaller runs (for a smoke check, not for figures).")
@@ -149,8 +172,9 @@ def query(sql: str, fmt: str, data_dir: Path | None, max_rows: int) -> None:
                                 "and merge it into the output file.")
 def bench(output: Path, quick: bool, section: str | None) -> None:
     """Measure throughput (decode, normalise, end to end), latency, memory and fault recovery;
-    write bench/results.json."""
-    from agentwatch.bench import run_bench, run_section
+    write bench/results.json. Runs from a source checkout (its bench/ and tests/ folders)."""
+    runner = import_from_checkout("bench.runner", "agentwatch bench")
+    run_bench, run_section = runner.run_bench, runner.run_section
 
     if section:
         try:

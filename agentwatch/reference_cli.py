@@ -349,8 +349,11 @@ def evaluate_command(seeds_calm: int, seeds_shift: int, shifts: str, clinc_dir: 
     """False-alarm rate and power of the drift detector (product defaults) on CLINC150."""
     import json
 
-    from agentwatch.drift_quality import evaluate_clinc, format_table
+    from agentwatch.cli import import_from_checkout
     from agentwatch.traffic import find_clinc
+
+    quality = import_from_checkout("bench.drift_quality", "agentwatch drift evaluate")
+    evaluate_clinc, format_table = quality.evaluate_clinc, quality.format_table
 
     try:
         shares = tuple(float(s) for s in shifts.split(",") if s.strip())

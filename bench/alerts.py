@@ -19,8 +19,8 @@ import numpy as np
 
 from agentwatch.alerts.config import parse_routes
 from agentwatch.alerts.model import alert_record_from_finding
-from agentwatch.alerts.testing import ReceivedRequest, SlackReceiver, wait_until
 from agentwatch.events import Finding, Severity
+from tests.support.receivers import ReceivedRequest, SlackReceiver, wait_until
 
 
 def dedup_key_of_slack_message(body: Any) -> str | None:

@@ -23,9 +23,9 @@ from agentwatch.detectors.cost import BudgetDetector, CostAnomalyDetector, Retry
 from agentwatch.detectors.loops import LoopDetector
 from agentwatch.detectors.runner import DetectorRunner
 from agentwatch.detectors.slo import SloDetector
-from agentwatch.detectors.synthetic import START_TS, agent_traffic, tool_definitions_json
 from agentwatch.detectors.tools import HallucinatedToolDetector
 from agentwatch.events import LlmCall, ToolCall
+from tests.support.synthetic import START_TS, agent_traffic, tool_definitions_json
 
 _MB = 1024 * 1024
 
@@ -224,7 +224,7 @@ def bench_detectors(n_traces: int = 30_000, *, seed: int = 0, repeat: int = 3,
             "per_detector_events_per_s": per_detector, "findings": findings}
 
 
-if __name__ == "__main__":  # python -m agentwatch.detectors.bench_state [n_traces]
+if __name__ == "__main__":  # python -m bench.detector_state [n_traces]
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     print(json.dumps(bench_detectors(), indent=1))
     print(json.dumps(bench_trace_state(n), indent=1))

@@ -309,10 +309,10 @@ def bench_faults(rounds: int = 2) -> dict[str, Any]:
     then a burst followed at once by a clean stop. Counts per run; recovery in seconds."""
     import tempfile
 
-    from agentwatch.alerts.testing import PagerDutyReceiver, SlackReceiver
     from agentwatch.broker import free_port
     from agentwatch.settings import Settings
     from agentwatch.stack import Stack
+    from tests.support.receivers import PagerDutyReceiver, SlackReceiver
 
     work = Path(tempfile.mkdtemp(prefix="agentwatch-fault-bench-"))
     pagerduty, slack = PagerDutyReceiver().up(), SlackReceiver().up()

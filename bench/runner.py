@@ -8,9 +8,10 @@
   have been consumed from the output topics by a separate consumer, through one Faust worker
   (which also runs the detectors and the snapshot sink on those events).
 - ``transport_floor``: the same records through the broker and a Faust worker that only forwards
-  them (:mod:`agentwatch.bench_floor`): what the broker and Kafka clients alone allow.
+  them (:mod:`bench.transport_floor`): what the broker and Kafka clients alone allow.
 
-Detector sections (state memory, drift, alert latency) are added by their packages.
+The other sections (detector state memory, drift, alert latency, faults, ...) are in the other
+:mod:`bench` modules and run in the same invocation.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def run_bench(output: Path, *, quick: bool = False, say: Callable[[str], None] =
     results["end_to_end_spans_per_s"] = round(total_spans / e2e["seconds"]) if e2e["events_seen"] >= events else 0
     results["end_to_end"] = {**e2e, "spans": total_spans, "events_expected": events}
     say(f"end to end {results['end_to_end_spans_per_s']:,} spans/s ({events:,} events in {e2e['seconds']:.2f}s)")
-    from agentwatch.bench_floor import bench_transport_floor
+    from bench.transport_floor import bench_transport_floor
 
     # First the same records through the broker and a do-nothing two-hop Faust worker: the
     # ceiling the transport alone sets, against which the end-to-end figure reads.
@@ -268,10 +269,10 @@ def bench_alert_latency(n_traces: int = 120, rate_per_s: float = 10.0) -> dict[s
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from agentwatch.alerts.bench_alerts import dedup_key_of_slack_message
-    from agentwatch.alerts.testing import SlackReceiver
     from agentwatch.settings import Settings
     from agentwatch.stack import Stack
+    from bench.alerts import dedup_key_of_slack_message
+    from tests.support.receivers import SlackReceiver
 
     work = Path(tempfile.mkdtemp(prefix="agentwatch-alert-bench-"))
     receiver = SlackReceiver().up()
@@ -352,11 +353,11 @@ def _matched(trace_ids: list[str], received: dict[str, float]) -> dict[str, floa
 
 def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
     """Figures owned by the detector, alerting and dashboard packages, measured in the same run."""
-    from agentwatch.bench_faults import bench_faults
-    from agentwatch.collectors.gpu_sim import bench_vram
-    from agentwatch.dashboards.bench_metrics import bench_metrics
-    from agentwatch.detectors.bench_state import bench_detectors, bench_trace_state
-    from agentwatch.streams.checkpoint import bench_checkpoint
+    from bench.checkpoint import bench_checkpoint
+    from bench.detector_state import bench_detectors, bench_trace_state
+    from bench.faults import bench_faults
+    from bench.metrics import bench_metrics
+    from bench.vram import bench_vram
 
     return [
         ("stack_ready_s", bench_stack_ready),
@@ -376,7 +377,7 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
 
 
 def _drift_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
-    from agentwatch.streams.drift_sampler import bench_drift
+    from bench.drift_sampler import bench_drift
 
     return [("drift", bench_drift)]
 

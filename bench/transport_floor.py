@@ -6,7 +6,8 @@ makes (normalise, then detect and snapshot), with no work in either. A separate 
 ``llm_calls`` as the end-to-end benchmark does. Spans per second through this path are the
 ceiling for any pipeline of this shape on this machine; the end-to-end figure is read against it.
 
-Run by ``agentwatch bench``; ``python -m agentwatch.bench_floor`` is the worker it starts.
+Run by ``agentwatch bench``; ``python -m bench.transport_floor`` (from the checkout root) is the
+worker it starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from agentwatch.broker import DEFAULT_TOPICS
@@ -53,17 +55,20 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
     """Spans/s of ``records`` through broker -> forwarder (two hops) -> consumer, and CPU per span."""
     import psutil
 
-    from agentwatch.bench import bench_clients
     from agentwatch.broker import EmbeddedBroker, create_topics, free_port
     from agentwatch.settings import Settings
     from agentwatch.stack import terminate_group
+    from bench.runner import bench_clients
 
     with EmbeddedBroker(free_port()) as broker:
         create_topics(broker.bootstrap_servers, DEFAULT_TOPICS)
-        env = {**os.environ, "AGENTWATCH_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+        # The forwarder is this module, so the checkout root (above bench/) goes on its path.
+        checkout = str(Path(__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "AGENTWATCH_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "PYTHONPATH": pythonpath}
         # Its log goes to a file, not an unread pipe (a full pipe would stall the forwarder).
         log = tempfile.TemporaryFile()
-        worker = subprocess.Popen([sys.executable, "-m", "agentwatch.bench_floor"], env=env,
+        worker = subprocess.Popen([sys.executable, "-m", "bench.transport_floor"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         try:
             consumer, producer = bench_clients(broker.bootstrap_servers, ["llm_calls"], Settings().max_message_bytes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentwatch.bench import make_records
+from bench.runner import make_records
 from agentwatch.streams.otlp import decode_traces
 
 
@@ -32,7 +32,7 @@ def test_replayed_records_carry_fresh_ids_later_times_and_intact_parent_links():
 
 @pytest.mark.slow
 def test_transport_floor_passes_every_record_through_the_real_broker_and_a_forwarding_worker():
-    from agentwatch.bench_floor import bench_transport_floor
+    from bench.transport_floor import bench_transport_floor
 
     records = make_records(8, spans_per_record=200)
     floor = bench_transport_floor(records, spans_per_record=200, timeout_s=120)

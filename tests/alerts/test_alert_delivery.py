@@ -16,9 +16,9 @@ from agentwatch.alerts.notifiers import (PermanentDeliveryError, TransientDelive
 from agentwatch.alerts.outbox import NotifierStore
 from agentwatch.alerts.policy import AlertPolicy
 from agentwatch.alerts.slack import MAX_ALERTS_LISTED
-from agentwatch.alerts.testing import (GrafanaReceiver, PagerDutyReceiver, SlackReceiver,
-                                       wait_until)
 from agentwatch.events import Finding, Severity
+from tests.support.receivers import (GrafanaReceiver, PagerDutyReceiver, SlackReceiver,
+                                     wait_until)
 
 T0 = 1_700_000_000.0
 

@@ -26,10 +26,10 @@ from agentwatch.alerts.config import parse_routes
 from agentwatch.alerts.model import alert_record_from_finding
 from agentwatch.alerts.outbox import NotifierStore
 from agentwatch.alerts.service import NotifierService
-from agentwatch.alerts.testing import (GrafanaReceiver, PagerDutyReceiver, SlackReceiver,
-                                       wait_until)
 from agentwatch.broker import EmbeddedBroker, create_topics, free_port
 from agentwatch.events import Finding, Severity
+from tests.support.receivers import (GrafanaReceiver, PagerDutyReceiver, SlackReceiver,
+                                     wait_until)
 
 pytestmark = pytest.mark.slow
 

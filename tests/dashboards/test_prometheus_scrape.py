@@ -26,14 +26,15 @@ from agentwatch.dashboards import grafana
 
 METRICS_PROCESS_COMMAND = os.environ.get(
     "AGENTWATCH_TEST_METRICS_CMD",
-    f"{shlex.quote(sys.executable)} -m agentwatch.dashboards.metrics_fixture --port {{port}}")
-USES_FIXTURE = "agentwatch.dashboards.metrics_fixture" in METRICS_PROCESS_COMMAND
+    f"{shlex.quote(sys.executable)} -m tests.support.metrics_fixture --port {{port}}")
+USES_FIXTURE = "tests.support.metrics_fixture" in METRICS_PROCESS_COMMAND
 SCRAPES_BEFORE_QUERYING = 6
 # What Grafana would substitute: one value per template variable ("All" is ".*").
 GRAFANA_VARIABLES = {"$__rate_interval": "10s", "$__range": "1m", "$service": ".*",
                      "$project": ".*", "$key": ".*", "$host": ".*"}
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -54,7 +55,7 @@ def prometheus(tmp_path_factory):
     worker_port, prom_port = free_port(), free_port()
     worker = subprocess.Popen(shlex.split(METRICS_PROCESS_COMMAND.format(port=worker_port)),
                               stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+                              start_new_session=True, cwd=ROOT)  # -m tests.support... from the checkout
     config = tmp / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -127,7 +128,7 @@ def test_every_dashboard_query_returns_series(prometheus, dashboard):
 
 @pytest.mark.skipif(not USES_FIXTURE, reason="exact values are known for the metrics fixture only")
 def test_scraped_values_match_the_fed_events(prometheus):
-    from agentwatch.dashboards.metrics_fixture import deterministic_batches
+    from tests.support.metrics_fixture import deterministic_batches
 
     batches = deterministic_batches()
     input_by_model: dict[str, int] = defaultdict(int)

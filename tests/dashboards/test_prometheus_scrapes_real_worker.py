@@ -16,13 +16,13 @@ import urllib.parse
 import pytest
 from test_prometheus_scrape import _get, _query, _query_range, _stop, _substitute
 
-from agentwatch.alerts.testing import SlackReceiver
 from agentwatch.broker import free_port, wait_for_port
 from agentwatch.collectors.gpu_sim import produce_simulated
 from agentwatch.dashboards import grafana
 from agentwatch.settings import Settings
 from agentwatch.stack import Stack
 from agentwatch.traffic import AgentTraffic, otlp_grpc_exporter_factory
+from tests.support.receivers import SlackReceiver
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ from agentwatch.detectors.cost import BudgetDetector, CostAnomalyDetector, Retry
 from agentwatch.detectors.loops import LoopDetector
 from agentwatch.detectors.runner import DetectorRunner
 from agentwatch.detectors.slo import SloDetector
-from agentwatch.detectors.synthetic import SERVICES, agent_traffic
 from agentwatch.detectors.tools import HallucinatedToolDetector
 from agentwatch.events import LlmCall, ToolCall
+from tests.support.synthetic import SERVICES, agent_traffic
 
 
 def test_clean_traffic_gives_zero_findings() -> None:

@@ -13,8 +13,8 @@ from clinc_helpers import CLINC, POOL_SIZES, embedding_cache_dir
 
 from agentwatch.detectors.drift import (DriftDetector, EmbeddedWindow, centroid_distances,
                                         classifier_auc, component_wasserstein, mmd2_unbiased)
-from agentwatch.drift_quality import clinc_pools
 from agentwatch.reference import mixed_window
+from bench.drift_quality import clinc_pools
 
 KEY = "service=assistant"
 WINDOW = 200  # DriftSampler's default sample_size

@@ -13,10 +13,10 @@ import pytest
 from clinc_helpers import CLINC, POOL_SIZES, embedding_cache_dir
 from click.testing import CliRunner
 
-from agentwatch import drift_quality
 from agentwatch.detectors.drift import DriftDetector
-from agentwatch.drift_quality import evaluate_clinc, format_table
 from agentwatch.reference_cli import drift_group
+from bench import drift_quality
+from bench.drift_quality import evaluate_clinc, format_table
 
 SEEDS_CALM, SEEDS_SHIFT, SHIFTS = 20, 5, (0.15, 1.0)
 

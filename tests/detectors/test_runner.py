@@ -11,9 +11,9 @@ import pytest
 from agentwatch.detectors.cost import RetryStormDetector
 from agentwatch.detectors.loops import LoopDetector
 from agentwatch.detectors.runner import DetectorRunner
-from agentwatch.detectors.synthetic import agent_traffic
 from agentwatch.detectors.tools import HallucinatedToolDetector
 from agentwatch.events import AgentStep, Finding, GpuSample, LlmCall, Severity, ToolCall
+from tests.support.synthetic import agent_traffic
 
 
 class Recorder:
@@ -107,7 +107,7 @@ def test_restore_tolerates_added_and_removed_detectors() -> None:
 
 
 def test_bench_functions_report_bounded_state_and_no_findings() -> None:
-    from agentwatch.detectors.bench_state import bench_detectors, bench_trace_state
+    from bench.detector_state import bench_detectors, bench_trace_state
 
     state = bench_trace_state(3_000, max_traces=500, chunk_traces=500)
     assert state["events"] == 9_000 and state["findings"] == 0

@@ -8,10 +8,10 @@ import random
 import jsonschema
 import pytest
 
-from agentwatch.detectors.synthetic import TOOL_SCHEMAS, tool_definitions_json
 from agentwatch.detectors.tools import (HallucinatedToolDetector, compile_fast_check,
                                         parse_tool_definitions)
 from agentwatch.events import LlmCall, ToolCall
+from tests.support.synthetic import TOOL_SCHEMAS, tool_definitions_json
 
 DEFS = tool_definitions_json(("search", "lookup_order"))
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agentwatch.alerts.testing import PagerDutyReceiver, SlackReceiver
-from agentwatch.bench_faults import (AckedTraffic, kill_child, kill_normalizer, llm_request, post_http,
-                                     run_fault, stored_span_ids, wait_for)
 from agentwatch.stack import BrokerDied, Stack, StackError
+from bench.faults import (AckedTraffic, kill_child, kill_normalizer, llm_request, post_http,
+                          run_fault, stored_span_ids, wait_for)
+from tests.support.receivers import PagerDutyReceiver, SlackReceiver
 
 from stack_helpers import stack_settings
 
@@ -205,7 +205,7 @@ def test_absurd_values_are_nulled_flagged_and_dead_lettered_and_their_neighbours
 def test_a_second_up_on_the_same_directories_delivers_every_new_alert(tmp_path, receivers):
     """The embedded broker starts again at offset 0; nothing the notifier remembers from the
     first run may make it skip the second run's alerts."""
-    from agentwatch.bench_faults import loop_request, produced_alert_keys
+    from bench.faults import loop_request, produced_alert_keys
 
     pagerduty, slack = receivers
     routes = write_routes(tmp_path / "routes.yaml", pagerduty, slack)

@@ -199,7 +199,7 @@ def test_rows_from_a_newer_producer_ignore_unknown_keys():
 def test_event_records_decode_to_the_same_events_as_the_normaliser_rows():
     # The worker decodes what the normaliser encoded: every field must come back equal, typed.
     # Demo agent traffic fills every field kind (tokens, cost, prompts, tool definitions).
-    from agentwatch.bench import make_records
+    from bench.runner import make_records
 
     (payload,) = make_records(1, spans_per_record=300)
     outcome = _pipeline().on_traces(payload)

@@ -1,6 +1,6 @@
 """A stand-in worker for metric tests: feeds :class:`PipelineMetrics` real events and serves them.
 
-``python -m agentwatch.dashboards.metrics_fixture --port P`` first feeds
+``python -m tests.support.metrics_fixture --port P`` (from the checkout root) first feeds
 :func:`deterministic_batches` (a fixed stream whose totals tests compute independently), then
 serves ``/metrics`` and keeps feeding small "live" rounds (service ``live``) so that rates,
 quantiles and annotation queries have moving data. It stops on SIGTERM/SIGINT.

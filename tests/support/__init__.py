@@ -1,0 +1,1 @@
+"""Test receivers, fixtures and synthetic streams shared by the tests and ``bench/``; never shipped."""
