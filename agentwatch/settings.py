@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # Detector state is saved to <data_dir>/state/ this often (and on clean stop) and restored
     # when a worker starts; 0 turns checkpoints off.
     detector_checkpoint_s: float = 30.0
+    # Identifies the broker's logs. Partition checkpoints saved against another epoch keep their
+    # state but not their offsets. The embedded broker keeps topics in memory, so `up` gives each
+    # broker it starts a new epoch; an external Kafka keeps its logs and leaves this empty.
+    log_epoch: str = ""
     # Timer saves run in a forked child so the event loop is not held while the state is encoded;
     # the child needs memory headroom (about a third of the detector state). False saves
     # in-process instead (the loop stops for the whole encode, ~0.3-0.6 s at the default caps).

@@ -130,6 +130,7 @@ class Stack:
     say: Callable[[str], None] = print
     children: list[Child] = field(default_factory=list)
     broker: EmbeddedBroker | None = None
+    log_epoch: str = ""  # set when an embedded broker starts (see Settings.log_epoch)
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     metrics: SupervisorMetrics = field(default_factory=SupervisorMetrics)
     # A clean stop waits for the consumers to drain the in-memory broker while they make
@@ -178,6 +179,8 @@ class Stack:
                                                      s.metrics_addr)
             if not s.bootstrap_servers:
                 self.broker = EmbeddedBroker(s.broker_port, log_path=self.run_dir / "broker.log").start()
+                # Its logs start empty: offsets saved against an earlier broker mean nothing now.
+                self.log_epoch = f"embedded-{time.time_ns()}"
                 self.say(f"broker    Tansu (embedded, in-memory) on {self.bootstrap_servers}")
             create_topics(self.bootstrap_servers, DEFAULT_TOPICS)
             self._start_collector()
@@ -220,7 +223,8 @@ class Stack:
 
     def _start_workers(self, deadline: float) -> None:
         s = self.settings
-        env = settings_env(s.model_copy(update={"bootstrap_servers": self.bootstrap_servers}))
+        env = settings_env(s.model_copy(update={"bootstrap_servers": self.bootstrap_servers,
+                                                "log_epoch": self.log_epoch or s.log_epoch}))
         ports = self.worker_metrics_ports()
         pending = []
         for i in range(s.workers):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import faust
+from faust.types import TP
 
 from agentwatch.settings import Settings
 from agentwatch.streams.dataflow import (TRACE_TOPICS, USAGE_TOPIC, Dataflow, PartitionState, Record, Send,
@@ -356,7 +357,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     loop_executor_replay = settings.max_message_bytes * 2
 
     async def replay_before(record: Record) -> None:
-        replay = dataflow.replay_needed(record)
+        replay = dataflow.replay_needed(record, app.consumer.highwater(TP(record.topic, record.partition)))
         if replay is None:
             return
         started = time.perf_counter()

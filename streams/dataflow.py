@@ -368,10 +368,11 @@ class Dataflow:
                  drift_key_fields: Sequence[str] = ("service",), mapper: Any = None,
                  checkpoints: Any = None, drift_sampler: Callable[[], Any] | None = None,
                  alert_record: Callable[[Finding], bytes] | None = None, metrics: Any = None,
-                 value_bounds: Any = None, max_message_bytes: int = 1_000_000) -> None:
+                 value_bounds: Any = None, max_message_bytes: int = 1_000_000, log_epoch: str = "") -> None:
         from agentwatch.detectors.runner import DetectorRunner
 
         self.partitions = dict(partitions)
+        self.log_epoch = log_epoch
         self._build_detectors = build_detectors
         self._runner = DetectorRunner
         self.topology = Topology.of(build_detectors(), drift_key_fields)
@@ -420,6 +421,12 @@ class Dataflow:
             return
         try:
             state.restore_checkpoint(doc)
+            if doc.get("log_epoch", "") != self.log_epoch:
+                # Saved against logs that are gone (a broker that kept topics in memory): the
+                # state stands, its offsets name records that do not exist any more.
+                log.warning("partition %s/%s: checkpoint of log epoch %r, now %r: state kept, offsets dropped",
+                            state.stage, state.partition, doc.get("log_epoch", ""), self.log_epoch)
+                state.offsets, state.restored_offsets = {}, {}
         except Exception as exc:  # a checkpoint from another version: start empty, keep the file aside
             log.warning("partition %s/%s: checkpoint not restored (%s); starting empty",
                         state.stage, state.partition, exc)
@@ -774,7 +781,7 @@ class Dataflow:
         """Checkpoint documents of ``states``, each consistent with its offsets (call between
         two records; drift detectors are snapshotted under the lock their thread updates under)."""
         with self.drift_lock:
-            return [(state, state.checkpoint()) for state in states]
+            return [(state, {**state.checkpoint(), "log_epoch": self.log_epoch}) for state in states]
 
 
 def _split_known(parents: TraceParents, calls: list[LlmCall]) -> tuple[list[LlmCall], list[LlmCall]]:

@@ -41,7 +41,8 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
     dataflow = Dataflow(partitions=partitions, build_detectors=lambda: build_detectors(settings.detectors),
                         drift_key_fields=settings.drift_key_fields, mapper=mapper, checkpoints=checkpoints,
                         drift_sampler=drift_sampler, alert_record=alert_record, metrics=metrics,
-                        value_bounds=settings.value_bounds, max_message_bytes=settings.max_message_bytes)
+                        value_bounds=settings.value_bounds, max_message_bytes=settings.max_message_bytes,
+                        log_epoch=settings.log_epoch)
     dataflow.sampler_counters = SimpleNamespace(counters=counters)  # what the metrics collector reads
     return dataflow
 

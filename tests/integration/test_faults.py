@@ -155,7 +155,7 @@ def test_absurd_values_are_nulled_flagged_and_dead_lettered_and_their_neighbours
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
     from agentwatch.demo import scrape_counter
-    from agentwatch.streams.app import DLQ_REASON_HEADER
+    from agentwatch.streams.dataflow import DLQ_REASON_HEADER
     from agentwatch.streams.snapshots import query_snapshots
 
     stack = alerting_stack

@@ -646,3 +646,22 @@ def test_drift_windows_close_when_the_clock_passes_them(tmp_path: Path, n_worker
         ("service=chat-app", end - 60, end, 12, 8)]
     assert set(windows[0].texts) <= set(prompts)
     assert cluster.due_drift_windows() == []  # taken once
+
+
+def test_a_checkpoint_of_another_log_epoch_keeps_its_state_and_drops_its_offsets(tmp_path: Path) -> None:
+    # The embedded broker keeps topics in memory: a second `up` on the same data directory starts
+    # every log at offset 0 again. The loop detector's count of earlier calls is kept; the new
+    # log's records are neither skipped (as "already reflected") nor replayed from the old offsets.
+    search = {"trace_id": "cd" * 16, "tool_name": "search", "arguments": '{"q": 1}'}
+    calls = [orjson.dumps([{**search, "ts": T0 + k, "span_id": f"{k + 1:016x}"}]) for k in range(3)]
+    first = dataflow_factory(detectors, log_epoch="run-1")(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    for offset in range(2):
+        first.on_record(Record("tool_calls", 0, offset, calls[offset]))
+    for state, doc in first.snapshot_states(first.owned_states()):
+        first.checkpoints.save(state.stage, state.partition, first.checkpoints.encode(doc))
+    second = dataflow_factory(detectors, log_epoch="run-2")(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    live = Record("tool_calls", 0, 0, calls[2])  # offset 0 of the new log
+    assert second.replay_needed(live) is None
+    assert [f.kind for f in second.on_record(live).findings] == ["repeated_tool_call"]
+    same = dataflow_factory(detectors, log_epoch="run-1")(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    assert same.replay_needed(Record("tool_calls", 0, 5, calls[2])) == Replay("tool_calls", 0, 2, 5)
