@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -163,14 +163,18 @@ class ReferenceStore:
         os.replace(tmp, self.bindings_path)
 
 
-def load_bound_references(store: ReferenceStore, detector: Any) -> dict[str, str]:
-    """Give ``detector.set_reference`` every bound set; returns ``{key: name}`` loaded.
+def load_bound_references(store: ReferenceStore, detector: Any,
+                          wanted: Callable[[str], bool] | None = None) -> dict[str, str]:
+    """Give ``detector.set_reference`` every bound set (or those whose key ``wanted`` accepts:
+    a partition's detector loads only its own keys' sets); returns ``{key: name}`` loaded.
 
     Call at worker start (and after ``detector.restore``: snapshots exclude references).
     """
     loaded = {}
     cache: dict[str, ReferenceSet] = {}
     for key, name in store.bindings().items():
+        if wanted is not None and not wanted(key):
+            continue
         ref = cache.get(name) or store.load(name)
         cache[name] = ref
         detector.set_reference(key, ref.vectors, ref.texts, name=name)

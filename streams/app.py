@@ -173,7 +173,7 @@ class DriftStage:
             if now - self._references_loaded_at.get(id(detector), float("-inf")) >= 30.0:
                 self._references_loaded_at[id(detector)] = now
                 try:
-                    load_bound_references(self.store, detector)
+                    load_bound_references(self.store, detector, self.dataflow.owns_drift_key(state))
                 except (OSError, ValueError) as exc:
                     log.warning("reference sets not loaded: %s", exc)
             embedded = embed_windows(windows, self.embedder)

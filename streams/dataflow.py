@@ -773,6 +773,22 @@ class Dataflow:
                     due.append((state, windows))
         return due
 
+    def owns_drift_key(self, state: KeyedPartition) -> Callable[[str], bool]:
+        """Whether a drift key (``service=shop/agent=a``) is one of ``state``'s partition: its
+        detector loads only those keys' reference sets. A key without the partition field (bound
+        to no particular value) belongs everywhere."""
+        field_name = self.topology.drift_field or ""
+        partitions = self.partitions.get(USAGE_TOPIC, 1)
+
+        def owns(key: str) -> bool:
+            for segment in key.split("/"):
+                name, sep, value = segment.partition("=")
+                if sep and name == field_name:
+                    return partition_for(value, partitions) == state.partition
+            return True
+
+        return owns
+
     def drift_detector(self, state: KeyedPartition) -> Any:
         runner = state.runners.get(self.topology.drift_field or "")
         return runner.detectors.get("drift") if runner is not None else None

@@ -38,7 +38,11 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
 
     checkpoints = PartitionCheckpointStore(settings.data_dir, settings.app_id) \
         if settings.detector_checkpoint_s > 0 else None
-    dataflow = Dataflow(partitions=partitions, build_detectors=lambda: build_detectors(settings.detectors),
+    # Detector state is split over the partitions of its stage: each instance gets its share of
+    # the caps (build_detectors' ``partitions``).
+    shares = max(partitions["usage"], partitions["llm_calls"])
+    dataflow = Dataflow(partitions=partitions,
+                        build_detectors=lambda: build_detectors(settings.detectors, partitions=shares),
                         drift_key_fields=settings.drift_key_fields, mapper=mapper, checkpoints=checkpoints,
                         drift_sampler=drift_sampler, alert_record=alert_record, metrics=metrics,
                         value_bounds=settings.value_bounds, max_message_bytes=settings.max_message_bytes,

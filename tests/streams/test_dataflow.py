@@ -27,6 +27,7 @@ projection), no errors or slow calls, no tools declared, no GPU samples; drift i
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -665,3 +666,13 @@ def test_a_checkpoint_of_another_log_epoch_keeps_its_state_and_drops_its_offsets
     assert [f.kind for f in second.on_record(live).findings] == ["repeated_tool_call"]
     same = dataflow_factory(detectors, log_epoch="run-1")(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
     assert same.replay_needed(Record("tool_calls", 0, 5, calls[2])) == Replay("tool_calls", 0, 2, 5)
+
+
+def test_each_drift_key_belongs_to_the_one_keyed_partition_its_prompts_go_to(tmp_path: Path) -> None:
+    flow = FACTORY(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    flow.topology = dataclasses.replace(flow.topology, drift_field="service")
+    states = [flow.keyed_state(p) for p in range(USAGE_PARTITIONS)]
+    for service in ("shop", "search-api", "", "ünïcode"):
+        owners = [s.partition for s in states if flow.owns_drift_key(s)(f"service={service}/agent=a")]
+        assert owners == [partition_for(service, USAGE_PARTITIONS)]
+    assert all(flow.owns_drift_key(s)("agent=a") for s in states)  # no partition field: everywhere
