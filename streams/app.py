@@ -100,6 +100,32 @@ def raw_topic(app: faust.App, *names: str) -> faust.TopicT:
                      value_serializer="raw", allow_empty=True)
 
 
+async def _send_until_accepted(topic: Any, s: Send, first_backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
+    """Send one record, retrying until the producer takes it.
+
+    The record that made it is already applied to its partition's state: running it again
+    would apply it twice, and acknowledging it without its outputs would lose them. So a send
+    that fails (a broker away, a topic's metadata not there yet) is retried, loudly, and the
+    input record stays unacknowledged (uncommitted) until it goes out.
+    """
+    backoff = first_backoff_s
+    attempts = 0
+    while True:
+        try:
+            await topic.send(key=s.key, value=s.value, partition=s.partition, headers=list(s.headers) or None)
+            if attempts:
+                log.warning("send to %s[%s] went through after %d failed attempts", s.topic, s.partition, attempts)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            attempts += 1
+            log.warning("send to %s[%s] failed (%s: %s); retrying in %.1fs (attempt %d)",
+                        s.topic, s.partition, type(exc).__name__, exc, backoff, attempts)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+
+
 def _record(event: Any) -> Record:
     message = event.message
     return Record(message.topic, message.partition, message.offset, event.value, message.key)
@@ -209,7 +235,7 @@ class PartitionCheckpointer:
         self._last = time.monotonic()
         await self.save(self.dataflow.owned_states())
 
-    async def save(self, states: list[PartitionState], wait_s: float = 10.0) -> int:
+    async def save(self, states: list[PartitionState], wait_s: float = 4.0) -> int:
         if self.store is None or not states:
             return 0
         async with self._lock:
@@ -265,8 +291,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
 
     async def send(sends: list[Send]) -> None:
         for s in sends:
-            await out_topics[s.topic].send(key=s.key, value=s.value, partition=s.partition,
-                                           headers=list(s.headers) or None)
+            await _send_until_accepted(out_topics[s.topic], s)
 
     async def apply(out: StepOutput, ack: Callable[[], Awaitable[None]] | None = None) -> None:
         """Send the outputs, buffer the rows; ``ack`` once both are done."""
