@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 import orjson
 
+from agentwatch.detectors.keys import parse_key
 from agentwatch.events import Finding, Severity
 
 RECORD_VERSION = 1
@@ -102,10 +103,7 @@ def labels_from_key(key: str, evidence: Mapping[str, Any] | None = None) -> dict
         value = (evidence or {}).get(name)
         if isinstance(value, str) and value:
             labels[name] = value
-    for segment in key.split("/"):
-        name, sep, value = segment.partition("=")
-        if sep and name.strip():
-            labels[name.strip()] = value.strip()
+    labels.update(parse_key(key))
     return labels
 
 

@@ -33,12 +33,17 @@ Examples
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from agentwatch.events import Finding, GpuSample, LlmCall, ToolCall
+
+if TYPE_CHECKING:
+    from agentwatch.detectors.drift import DriftEvidence
+    from agentwatch.detectors.vram import VramLeakEvidence, VramLeakResolvedEvidence
 
 OTHER = "other"
 UNKNOWN = "unknown"
@@ -53,14 +58,6 @@ TRACE_STEP_BUCKETS = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144)
 TOKEN_DIRECTIONS = ("input", "output", "cache_read", "reasoning")
 _CALL_STATUSES = frozenset({"ok", "error"})
 _SEVERITIES = frozenset({"info", "warning", "critical"})
-
-# Evidence keys read from VRAM findings, first present wins, with the factor to the gauge's
-# unit: detectors.vram.VramLeakDetector reports MiB and MiB/min; plain byte keys also work.
-# pid/process/host/gpu fall back to ``key`` parts such as ``host=a/gpu=0``.
-_MIB = 1024.0 * 1024.0
-_VRAM_USED_KEYS = (("used_bytes", 1.0), ("memory_used_bytes", 1.0), ("floor_mib", _MIB))
-_VRAM_SLOPE_KEYS = (("slope_bytes_per_second", 1.0), ("leak_mib_per_min", _MIB / 60.0))
-_VRAM_ETA_KEYS = (("seconds_to_threshold", 1.0), ("eta_s", 1.0))
 
 
 class _CounterFamily:
@@ -369,6 +366,7 @@ class PipelineMetrics:
         """Count findings; keep the latest drift scores and the VRAM trend gauges."""
         raised: dict[tuple[str, str], int] = {}
         resolved: dict[str, int] = {}
+        evidence_of, gauges_of = _evidence_gauges() if findings else (None, {})
         for finding in findings:
             severity = str(finding.severity)
             if finding.resolved:
@@ -376,60 +374,39 @@ class PipelineMetrics:
             else:
                 key = (finding.detector, severity if severity in _SEVERITIES else OTHER)
                 raised[key] = raised.get(key, 0) + 1
-            if finding.detector.startswith("drift"):
-                self._observe_drift(finding)
-            elif finding.detector.startswith("vram"):
-                self._observe_vram_finding(finding)
+            evidence = evidence_of(finding)
+            observe = gauges_of.get(type(evidence))
+            if observe is not None:
+                observe(self, finding, evidence)
         for (detector, severity), n in raised.items():
             self._findings.children((self._label(detector), severity))[0].inc(n)
         for detector, n in resolved.items():
             self._findings_resolved.children((self._label(detector),))[0].inc(n)
 
-    def _observe_drift(self, finding: Finding) -> None:
-        method = finding.evidence.get("method") or finding.kind or finding.detector
+    def _observe_drift(self, finding: Finding, evidence: DriftEvidence) -> None:
         score, threshold = self._drift.children(
-            (self._label(finding.key), self._label(method)), finding.ts)
+            (self._label(finding.key), self._label(evidence.method)), finding.ts)
         score.set(finding.value)
         threshold.set(finding.threshold)
 
-    def _observe_vram_finding(self, finding: Finding) -> None:
-        evidence = finding.evidence
-        labels = self._vram_labels(evidence, finding.key)
-        if finding.resolved:
-            # The leak cleared: a frozen slope/time-to-OOM would keep paging people's eyes.
-            self._vram_trend.remove(labels)
-            return
-        used = _first_number(evidence, _VRAM_USED_KEYS)
-        if used is not None:
-            self._vram_used.children(labels, finding.ts)[0].set(used)
-        slope = _first_number(evidence, _VRAM_SLOPE_KEYS)
-        eta = _first_number(evidence, _VRAM_ETA_KEYS)
-        if slope is None and eta is None:
-            return
-        slope_g, eta_g = self._vram_trend.children(labels, finding.ts)
-        if slope is not None:
-            slope_g.set(slope)
-        if eta is not None:
-            eta_g.set(eta)
+    def _vram_labels(self, evidence: VramLeakEvidence | VramLeakResolvedEvidence
+                     ) -> tuple[str, str, str, str]:
+        # The labels of the series observe_gpu_samples sets for the same device or process.
+        process = evidence.process_name or ("device" if evidence.pid == 0 else "")
+        return (self._label(evidence.host), str(evidence.gpu), str(evidence.pid),
+                self._label(process))
 
-    def _vram_labels(self, evidence: Mapping[str, Any], key: str) -> tuple[str, str, str, str]:
-        parts = _key_parts(key)
+    def _observe_vram_leak(self, finding: Finding, evidence: VramLeakEvidence) -> None:
+        labels = self._vram_labels(evidence)
+        self._vram_used.children(labels, finding.ts)[0].set(evidence.floor_bytes)
+        slope, eta = self._vram_trend.children(labels, finding.ts)
+        slope.set(evidence.leak_bytes_per_s)
+        eta.set(evidence.eta_s)
 
-        def pick(*names: str) -> object:
-            for name in names:
-                value = evidence.get(name)
-                if value is None:
-                    value = parts.get(name)
-                if value is not None and value != "":
-                    return value
-            return ""
-
-        pid = pick("pid")
-        process = pick("process", "process_name")
-        if not process and str(pid) in ("", "0"):
-            process = "device"
-        return (self._label(pick("host")), self._label(pick("gpu", "gpu_index")),
-                self._label(pid if pid != "" else 0), self._label(process))
+    def _observe_vram_resolved(self, finding: Finding,
+                               evidence: VramLeakResolvedEvidence) -> None:
+        # The leak cleared: a frozen slope/time-to-OOM would keep paging people's eyes.
+        self._vram_trend.remove(self._vram_labels(evidence))
 
     def observe_gpu_samples(self, samples: Sequence[GpuSample]) -> None:
         """Set VRAM used per host/gpu/process (and device totals); expire silent processes."""
@@ -483,23 +460,21 @@ class PipelineMetrics:
         family.children((self._label(destination),))[0].inc()
 
 
-def _first_number(evidence: Mapping[str, Any],
-                  names: Sequence[tuple[str, float]]) -> float | None:
-    for name, factor in names:
-        value = evidence.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value) * factor
-    return None
+@functools.cache
+def _evidence_gauges() -> tuple[Callable[[Finding], Any], dict[type, Callable[..., None]]]:
+    """``evidence_of`` and, per evidence type, the method keeping its gauges.
 
+    Imported on the first findings observed: the detectors bring numpy and scipy (about two
+    seconds of start-up), which processes that only serve ``/metrics`` (notifier, supervisor)
+    never need.
+    """
+    from agentwatch.detectors.drift import DriftEvidence
+    from agentwatch.detectors.findings import evidence_of
+    from agentwatch.detectors.vram import VramLeakEvidence, VramLeakResolvedEvidence
 
-def _key_parts(key: str) -> dict[str, str]:
-    """``"host=a/gpu=0/pid=12"`` -> ``{"host": "a", "gpu": "0", "pid": "12"}``."""
-    parts: dict[str, str] = {}
-    for part in key.split("/"):
-        name, sep, value = part.partition("=")
-        if sep:
-            parts[name.strip()] = value.strip()
-    return parts
+    return evidence_of, {DriftEvidence: PipelineMetrics._observe_drift,
+                         VramLeakEvidence: PipelineMetrics._observe_vram_leak,
+                         VramLeakResolvedEvidence: PipelineMetrics._observe_vram_resolved}
 
 
 class WorkerStateCollector:

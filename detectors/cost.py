@@ -16,11 +16,14 @@ Three detectors, one concern (money):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from operator import attrgetter
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
+from agentwatch.detectors.evidence import Evidence
+from agentwatch.detectors.keys import key_string
 from agentwatch.events import Finding, LlmCall, Severity
 
 # Mean absolute deviation of a normal variable is sigma * sqrt(2/pi): scale it back to sigma so
@@ -30,9 +33,33 @@ _INF = float("inf")
 _GROUPABLE = ("project", "model", "service", "user", "agent", "provider", "host")
 
 
-def key_string(fields: Sequence[str], values: Sequence[str]) -> str:
-    """``("project", "model"), ("shop", "gpt-4o")`` -> ``"project=shop/model=gpt-4o"``."""
-    return "/".join(f"{f}={v}" for f, v in zip(fields, values))
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostSpikeEvidence(Evidence):
+    """A key's interval whose cost (or, with unpriced calls, tokens) crossed its threshold.
+
+    The key's fields (``project``, ``model``, ...; see ``group_by``) are set for the fields of
+    the finding's key only. ``trigger`` (``"cost"`` or ``"tokens"``) is absent on a resolution.
+    """
+
+    project: str | None = None
+    model: str | None = None
+    service: str | None = None
+    user: str | None = None
+    agent: str | None = None
+    provider: str | None = None
+    host: str | None = None
+    interval_start: float
+    interval_s: float
+    calls: int
+    baseline_cost_usd: float
+    observed_cost_usd: float
+    excess_cost_usd: float
+    baseline_tokens: float
+    observed_tokens: int
+    threshold_tokens: float
+    history_intervals: int
+    unpriced_calls: int
+    trigger: str | None = None
 
 
 class _CostSeries:
@@ -266,20 +293,18 @@ class CostAnomalyDetector:
 
     def _finding(self, s: _CostSeries, ts: float, *, resolved: bool) -> Finding:
         fields = self.group_by[s.group]
-        trigger = "cost" if s.cost > s.thr_cost else "tokens"
-        evidence = {
+        trigger = None if resolved else "cost" if s.cost > s.thr_cost else "tokens"
+        evidence = CostSpikeEvidence(
             **dict(zip(fields, s.values)),
-            "interval_start": s.bucket * self.interval_s, "interval_s": self.interval_s,
-            "calls": s.calls, "baseline_cost_usd": s.base_cost, "observed_cost_usd": s.cost,
-            "excess_cost_usd": s.cost - s.base_cost, "baseline_tokens": s.base_tokens,
-            "observed_tokens": s.tokens, "threshold_tokens": s.thr_tokens,
-            "history_intervals": s.history, "unpriced_calls": s.unpriced,
-        }
-        if not resolved:
-            evidence["trigger"] = trigger
+            interval_start=s.bucket * self.interval_s, interval_s=self.interval_s,
+            calls=s.calls, baseline_cost_usd=s.base_cost, observed_cost_usd=s.cost,
+            excess_cost_usd=s.cost - s.base_cost, baseline_tokens=s.base_tokens,
+            observed_tokens=s.tokens, threshold_tokens=s.thr_tokens,
+            history_intervals=s.history, unpriced_calls=s.unpriced, trigger=trigger)
         return Finding(detector=self.name, key=key_string(fields, s.values), kind="cost_spike",
                        severity=Severity.INFO if resolved else Severity.WARNING, ts=ts,
-                       value=s.cost, threshold=s.thr_cost, evidence=evidence, resolved=resolved)
+                       value=s.cost, threshold=s.thr_cost, evidence=evidence.to_mapping(),
+                       resolved=resolved)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -327,6 +352,27 @@ def period_bounds(period: str, ts: float) -> tuple[float, float]:
     start = datetime(moment.year, moment.month, 1, tzinfo=timezone.utc)
     end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=timezone.utc)
     return start.timestamp(), end.timestamp()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetEvidence(Evidence):
+    """A project's spend in its daily or monthly budget period.
+
+    The burn-rate fields are set on ``budget_<period>_burn_rate`` findings only;
+    ``projected_exhaustion_ts`` only while the projection fires with spend so far.
+    """
+
+    project: str
+    period: str
+    period_start: float
+    period_end: float
+    budget_usd: float
+    spent_usd: float
+    spent_fraction: float
+    projected_usd: float | None = None
+    burn_rate_usd_per_h: float | None = None
+    observed_s: float | None = None
+    projected_exhaustion_ts: float | None = None
 
 
 class _BudgetPeriod:
@@ -463,16 +509,17 @@ class BudgetDetector:
             p.burn_firing = True
             findings.append(self._burn_finding(p, ts, projected=projected, resolved=False))
 
-    def _evidence(self, p: _BudgetPeriod) -> dict[str, Any]:
-        return {"project": p.project, "period": p.period, "period_start": p.start,
-                "period_end": p.end, "budget_usd": p.budget_usd, "spent_usd": p.spent,
-                "spent_fraction": p.spent / p.budget_usd}
+    @staticmethod
+    def _evidence(p: _BudgetPeriod, **burn: float | None) -> dict[str, Any]:
+        return BudgetEvidence(project=p.project, period=p.period, period_start=p.start,
+                              period_end=p.end, budget_usd=p.budget_usd, spent_usd=p.spent,
+                              spent_fraction=p.spent / p.budget_usd, **burn).to_mapping()
 
     def _level_finding(self, p: _BudgetPeriod, ts: float, level: float, *,
                        resolved: bool) -> Finding:
         severity = (Severity.INFO if resolved or level < 0.8 else
                     Severity.WARNING if level < 1.0 else Severity.CRITICAL)
-        return Finding(detector=self.name, key=f"project={p.project}",
+        return Finding(detector=self.name, key=key_string(("project",), (p.project,)),
                        kind=f"budget_{p.period}_{round(level * 100)}pct", severity=severity,
                        ts=ts, value=p.spent, threshold=level * p.budget_usd,
                        evidence=self._evidence(p), resolved=resolved)
@@ -480,12 +527,13 @@ class BudgetDetector:
     def _burn_finding(self, p: _BudgetPeriod, ts: float, *, projected: float,
                       resolved: bool) -> Finding:
         observed = max(ts - max(p.start, p.first_ts), 1e-9)
-        evidence = self._evidence(p)
-        evidence.update(projected_usd=projected, burn_rate_usd_per_h=p.spent / observed * 3600.0,
-                        observed_s=observed)
+        exhaustion = None
         if not resolved and p.spent > 0:
-            evidence["projected_exhaustion_ts"] = ts + (p.budget_usd - p.spent) * observed / p.spent
-        return Finding(detector=self.name, key=f"project={p.project}",
+            exhaustion = ts + (p.budget_usd - p.spent) * observed / p.spent
+        evidence = self._evidence(p, projected_usd=projected,
+                                  burn_rate_usd_per_h=p.spent / observed * 3600.0,
+                                  observed_s=observed, projected_exhaustion_ts=exhaustion)
+        return Finding(detector=self.name, key=key_string(("project",), (p.project,)),
                        kind=f"budget_{p.period}_burn_rate",
                        severity=Severity.INFO if resolved else Severity.WARNING, ts=ts,
                        value=projected, threshold=p.budget_usd, evidence=evidence,
@@ -522,6 +570,29 @@ def _float(x: float | None) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Retry storms
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryStormEvidence(Evidence):
+    """One client's repeats of one prompt: how many, over what time, and the cost wasted.
+
+    ``trace_ids`` lists the first few traces of the storm.
+    """
+
+    prompt_hash: str
+    calls: int
+    retries: int
+    wasted_cost_usd: float
+    first_ts: float
+    last_ts: float
+    trace_ids: tuple[str, ...]
+    project: str
+    service: str
+    user: str
+    session: str
+
+
+_CLIENT_FIELDS = ("project", "service", "user", "session")
 
 
 class _Repeat:
@@ -620,16 +691,15 @@ class RetryStormDetector:
 
     def _finding(self, r: _Repeat, digest: str, ts: float, *, resolved: bool) -> Finding:
         project, service, user, session = r.client
+        evidence = RetryStormEvidence(
+            prompt_hash=digest, calls=r.count, retries=r.count - 1, wasted_cost_usd=r.wasted_usd,
+            first_ts=r.first_ts, last_ts=r.last_ts, trace_ids=tuple(r.trace_ids),
+            project=project, service=service, user=user, session=session)
         return Finding(
-            detector=self.name,
-            key=f"project={project}/service={service}/user={user}/session={session}",
+            detector=self.name, key=key_string(_CLIENT_FIELDS, r.client),
             kind="retry_storm", severity=Severity.INFO if resolved else Severity.WARNING, ts=ts,
             value=float(r.count), threshold=float(self.min_repeats),
-            evidence={"prompt_hash": digest, "calls": r.count, "retries": r.count - 1,
-                      "wasted_cost_usd": r.wasted_usd, "first_ts": r.first_ts,
-                      "last_ts": r.last_ts, "trace_ids": list(r.trace_ids),
-                      "project": project, "service": service, "user": user, "session": session},
-            resolved=resolved)
+            evidence=evidence.to_mapping(), resolved=resolved)
 
     def snapshot(self) -> dict[str, Any]:
         return {"version": 1, "lru": self._repeats.snapshot_meta(), "repeats": [

@@ -54,12 +54,13 @@ import re
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 from scipy import sparse, stats
 
 from agentwatch.detectors.bounded import check_at_least, check_positive
+from agentwatch.detectors.evidence import Evidence
 from agentwatch.events import Finding, Severity
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +95,42 @@ class EmbeddedWindow:
     vectors: np.ndarray
     start_ts: float = 0.0
     seen: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The evidence
+
+DRIFT_METHOD = "mmd_rbf_median_heuristic+permutation_pearson3"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriftEvidence(Evidence):
+    """One window compared with its reference (``skew``) or with the key's recent windows
+    (``drift``), statistic by statistic.
+
+    ``scores`` maps each statistic (``mmd``, ``centroid_cosine``, ``classifier_auc``, ...) to its
+    ``score``, ``threshold``, ``p_value`` (most) and ``drifted`` verdict, plus what that statistic
+    needs to be read (``gamma``, ``component_threshold``, ...); non-finite numbers are ``None``.
+    ``decided_by`` lists the deciding statistics that rejected; ``examples`` the window's
+    prompts least like the comparison (``text``, ``nearest_similarity``). ``reference`` and
+    ``reference_size`` are set for skew, ``history_windows`` and ``history_from_ts`` for drift.
+    """
+
+    method: str
+    decided_by: tuple[str, ...]
+    deciding: tuple[str, ...]
+    alpha: float
+    window_start_ts: float
+    window_seen: int
+    scores: Mapping[str, Mapping[str, Any]]
+    window_size: int
+    comparison_size: int
+    alpha_per_test: float
+    examples: tuple[Mapping[str, Any], ...]
+    reference: str | None = None
+    reference_size: int | None = None
+    history_windows: int | None = None
+    history_from_ts: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,13 +841,12 @@ class DriftDetector:
         scores = result["scores"]
         rejected = [s for s in deciding if s in scores and scores[s]["drifted"]]
         primary = scores["mmd"]
-        evidence = {
-            "method": "mmd_rbf_median_heuristic+permutation_pearson3",
-            "decided_by": rejected, "deciding": list(deciding), "alpha": self.alpha,
-            "window_start_ts": float(event.start_ts), "window_seen": int(event.seen),
-            **result,
-        }
-        evidence = _jsonable(evidence)
+        result = _jsonable(result)
+        result["examples"] = tuple(result["examples"])
+        evidence = DriftEvidence(
+            method=DRIFT_METHOD, decided_by=tuple(rejected), deciding=tuple(deciding),
+            alpha=_jsonable(self.alpha), window_start_ts=_jsonable(float(event.start_ts)),
+            window_seen=int(event.seen), **result).to_mapping()
         if rejected:
             state.active.add(kind)
             severity = Severity.CRITICAL if len(rejected) > 1 else Severity.WARNING

@@ -32,9 +32,11 @@ import functools
 import hashlib
 import json
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_positive, stable_hash
+from agentwatch.detectors.evidence import Evidence
 from agentwatch.events import AgentStep, Finding, LlmCall, Severity, ToolCall
 
 KINDS = ("repeated_tool_call", "step_cycle", "too_many_steps", "runaway_tokens",
@@ -103,6 +105,40 @@ def periodic_tail(labels: Sequence[str], max_period: int, repeats: int) -> int:
             if len({labels[i] for i in range(n - p, n)}) >= 2:
                 return p
     return 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoopEvidence(Evidence):
+    """A trace's totals when a loop signal fired (or resolved), and what the signal saw.
+
+    Signal fields, set for their kind only: ``repeated_tool_call``: ``tool``, ``arguments``
+    (canonical, clipped), ``signature``, ``source`` (``executed`` or ``requested``);
+    ``step_cycle``: ``cycle`` (the repeating steps), ``period``; ``runaway_tokens``:
+    ``tokens_per_call``, ``growth_factor``; ``near_identical_prompts``: ``prompt_shape``,
+    ``input_tokens``, ``prompt_head``. A resolution carries the totals and ``reason`` only.
+    """
+
+    trace_id: str
+    service: str
+    project: str
+    agent: str
+    llm_calls: int
+    tool_calls: int
+    cost_usd: float
+    tokens: int
+    duration_s: float
+    tool: str | None = None
+    arguments: str | None = None
+    signature: str | None = None
+    source: str | None = None
+    cycle: tuple[str, ...] | None = None
+    period: int | None = None
+    tokens_per_call: tuple[int, ...] | None = None
+    growth_factor: float | None = None
+    prompt_shape: str | None = None
+    input_tokens: int | None = None
+    prompt_head: str | None = None
+    reason: str | None = None
 
 
 class _Trace:
@@ -283,7 +319,7 @@ class LoopDetector:
             self._on_step(trace_id, t, f"agent:{event.agent or event.name}", ts, findings)
         if not t.fired & _TOO_LONG and ts - t.first_ts > self.max_duration_s:
             self._fire(trace_id, t, "trace_too_long", ts, ts - t.first_ts, self.max_duration_s,
-                       {}, findings)
+                       findings)
         return tuple(findings) if findings else ()
 
     # -- per event kind ---------------------------------------------------------------------
@@ -298,7 +334,7 @@ class LoopDetector:
         fired = t.fired
         if t.llm_calls > self.max_steps and not fired & _STEPS:
             self._fire(trace_id, t, "too_many_steps", ts, float(t.llm_calls),
-                       float(self.max_steps), {}, findings)
+                       float(self.max_steps), findings)
         # Runaway growth: consecutive multiplications of tokens per call.
         if t.prev_tokens > 0 and tokens >= self.runaway_growth * t.prev_tokens:
             t.growth_streak += 1
@@ -312,9 +348,8 @@ class LoopDetector:
         if (t.growth_streak >= self.runaway_steps and tokens >= self.runaway_min_tokens
                 and not fired & _RUNAWAY):
             self._fire(trace_id, t, "runaway_tokens", ts, float(tokens),
-                       float(self.runaway_min_tokens),
-                       {"tokens_per_call": list(tail), "growth_factor": self.runaway_growth},
-                       findings)
+                       float(self.runaway_min_tokens), findings,
+                       tokens_per_call=tuple(tail), growth_factor=self.runaway_growth)
         if call.prompt:
             self._on_prompt(trace_id, t, call, findings)
         if call.requested_tool_calls:
@@ -336,9 +371,9 @@ class LoopDetector:
             if (t.similar_run >= self.near_identical_repeats
                     and not t.fired & _NEAR_IDENTICAL):
                 self._fire(trace_id, t, "near_identical_prompts", call.ts, float(t.similar_run),
-                           float(self.near_identical_repeats),
-                           {"prompt_shape": shape, "input_tokens": tokens,
-                            "prompt_head": call.prompt[:_EVIDENCE_TEXT_MAX]}, findings)
+                           float(self.near_identical_repeats), findings,
+                           prompt_shape=shape, input_tokens=tokens,
+                           prompt_head=call.prompt[:_EVIDENCE_TEXT_MAX])
         else:
             t.similar_run = 1
         t.prev_shape = shape
@@ -366,9 +401,9 @@ class LoopDetector:
         counts[signature] = n
         if n >= self.max_same_tool_calls and not t.fired & _REPEATED:
             self._fire(trace_id, t, "repeated_tool_call", ts, float(n),
-                       float(self.max_same_tool_calls),
-                       {"tool": tool, "arguments": canonical[:_EVIDENCE_TEXT_MAX],
-                        "signature": signature, "source": source}, findings)
+                       float(self.max_same_tool_calls), findings,
+                       tool=tool, arguments=canonical[:_EVIDENCE_TEXT_MAX],
+                       signature=signature, source=source)
         return counts
 
     def _on_step(self, trace_id: str, t: _Trace, label: str, ts: float,
@@ -381,33 +416,33 @@ class LoopDetector:
             return
         period = periodic_tail(labels, self.max_cycle_period, self.min_cycle_repeats)
         if period:
-            cycle = list(labels)[-period:]
+            cycle = tuple(labels)[-period:]
             self._fire(trace_id, t, "step_cycle", ts, float(self.min_cycle_repeats),
-                       float(self.min_cycle_repeats),
-                       {"cycle": cycle, "period": period}, findings)
+                       float(self.min_cycle_repeats), findings,
+                       cycle=cycle, period=period)
 
     # -- findings -------------------------------------------------------------------------
 
-    def _evidence(self, trace_id: str, t: _Trace, ts: float) -> dict[str, Any]:
-        return {"trace_id": trace_id, "service": t.service, "project": t.project,
-                "agent": t.agent, "llm_calls": t.llm_calls, "tool_calls": t.tool_calls,
-                "cost_usd": t.cost_usd, "tokens": t.tokens, "duration_s": ts - t.first_ts}
+    @staticmethod
+    def _evidence(trace_id: str, t: _Trace, ts: float, **signal: Any) -> dict[str, Any]:
+        return LoopEvidence(trace_id=trace_id, service=t.service, project=t.project,
+                            agent=t.agent, llm_calls=t.llm_calls, tool_calls=t.tool_calls,
+                            cost_usd=t.cost_usd, tokens=t.tokens, duration_s=ts - t.first_ts,
+                            **signal).to_mapping()
 
     def _fire(self, trace_id: str, t: _Trace, kind: str, ts: float, value: float,
-              threshold: float, extra: dict[str, Any], findings: list[Finding]) -> None:
+              threshold: float, findings: list[Finding], **signal: Any) -> None:
         t.fired |= _BIT[kind]
-        evidence = self._evidence(trace_id, t, ts)
-        evidence.update(extra)
         findings.append(Finding(detector=self.name, key=trace_id, kind=kind,
                                 severity=Severity.WARNING, ts=ts, value=value,
-                                threshold=threshold, evidence=evidence))
+                                threshold=threshold,
+                                evidence=self._evidence(trace_id, t, ts, **signal)))
 
     def _resolve(self, trace_id: str, t: _Trace, ts: float, reason: str,
                  findings: list[Finding]) -> None:
         if not t.fired:
             return
-        evidence = self._evidence(trace_id, t, t.last_ts)
-        evidence["reason"] = reason
+        evidence = self._evidence(trace_id, t, t.last_ts, reason=reason)
         for kind in KINDS:
             if t.fired & _BIT[kind]:
                 findings.append(Finding(detector=self.name, key=trace_id, kind=kind,

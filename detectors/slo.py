@@ -11,12 +11,39 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive
+from agentwatch.detectors.evidence import Evidence
+from agentwatch.detectors.keys import key_string
 from agentwatch.events import Finding, LlmCall, Severity
 
 _OVERRIDABLE = frozenset({"error_rate_threshold", "latency_threshold_ms"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SloEvidence(Evidence):
+    """The window of one (service, model) when its error rate or latency SLO was judged.
+
+    The latency fields (``quantile``, ``latency_sample_size``, ``observed_quantile_ms``) are set
+    on ``latency`` findings only; ``reason`` when the key was forgotten (TTL, eviction) while
+    firing.
+    """
+
+    service: str
+    model: str
+    window_s: float
+    calls: int
+    errors: int
+    slow_calls: int
+    error_rate: float
+    slow_fraction: float
+    calls_without_latency: int
+    quantile: float | None = None
+    latency_sample_size: int | None = None
+    observed_quantile_ms: float | None = None
+    reason: str | None = None
 
 
 class _SloWindow:
@@ -45,7 +72,7 @@ class _SloWindow:
 
     @property
     def key(self) -> str:
-        return f"service={self.service}/model={self.model}"
+        return key_string(("service", "model"), (self.service, self.model))
 
     def advance(self, bucket: int) -> None:
         """Slide the window so ``bucket`` is the newest sub-bucket, dropping expired ones."""
@@ -228,27 +255,29 @@ class SloDetector:
             w.latency_firing = True
             findings.append(self._latency_finding(w, ts, resolved=False))
 
-    def _evidence(self, w: _SloWindow) -> dict[str, Any]:
-        return {"service": w.service, "model": w.model, "window_s": self.window_s,
-                "calls": w.calls, "errors": w.errors, "slow_calls": w.slow,
-                "error_rate": w.errors / w.calls if w.calls else 0.0,
-                "slow_fraction": w.slow / (w.calls - w.untimed) if w.calls > w.untimed else 0.0,
-                "calls_without_latency": w.untimed}
+    def _evidence(self, w: _SloWindow, **extra: Any) -> dict[str, Any]:
+        return SloEvidence(
+            service=w.service, model=w.model, window_s=self.window_s, calls=w.calls,
+            errors=w.errors, slow_calls=w.slow,
+            error_rate=w.errors / w.calls if w.calls else 0.0,
+            slow_fraction=w.slow / (w.calls - w.untimed) if w.calls > w.untimed else 0.0,
+            calls_without_latency=w.untimed, **extra).to_mapping()
 
     def _error_finding(self, w: _SloWindow, ts: float, error_rate: float, *,
-                       resolved: bool) -> Finding:
+                       resolved: bool, reason: str | None = None) -> Finding:
         return Finding(detector=self.name, key=w.key, kind="error_rate",
                        severity=Severity.INFO if resolved else Severity.CRITICAL, ts=ts,
                        value=error_rate, threshold=w.error_rate_threshold,
-                       evidence=self._evidence(w), resolved=resolved)
+                       evidence=self._evidence(w, reason=reason), resolved=resolved)
 
-    def _latency_finding(self, w: _SloWindow, ts: float, *, resolved: bool) -> Finding:
+    def _latency_finding(self, w: _SloWindow, ts: float, *, resolved: bool,
+                         reason: str | None = None) -> Finding:
         start = ts - self.window_s
         sample = [lat for t, lat in w.recent if t > start] or [lat for _, lat in w.recent]
         observed = nearest_rank_quantile(sample, self.latency_quantile) if sample else 0.0
-        evidence = self._evidence(w)
-        evidence.update(quantile=self.latency_quantile, latency_sample_size=len(sample),
-                        observed_quantile_ms=observed)
+        evidence = self._evidence(w, quantile=self.latency_quantile,
+                                  latency_sample_size=len(sample),
+                                  observed_quantile_ms=observed, reason=reason)
         return Finding(detector=self.name, key=w.key, kind="latency",
                        severity=Severity.INFO if resolved else Severity.WARNING, ts=ts,
                        value=observed, threshold=w.latency_threshold_ms, evidence=evidence,
@@ -258,11 +287,11 @@ class SloDetector:
         out = []
         if w.error_firing:
             w.error_firing = False
-            f = self._error_finding(w, ts, w.errors / w.calls if w.calls else 0.0, resolved=True)
-            out.append(_with_reason(f, reason))
+            out.append(self._error_finding(w, ts, w.errors / w.calls if w.calls else 0.0,
+                                           resolved=True, reason=reason))
         if w.latency_firing:
             w.latency_firing = False
-            out.append(_with_reason(self._latency_finding(w, ts, resolved=True), reason))
+            out.append(self._latency_finding(w, ts, resolved=True, reason=reason))
         return out
 
     def snapshot(self) -> dict[str, Any]:
@@ -292,11 +321,3 @@ class SloDetector:
             w.last_ts = float(last_ts)
             w.recent.extend((float(t), float(lat)) for t, lat in recent)
             self._windows.insert((service, model), w)
-
-
-def _with_reason(finding: Finding, reason: str) -> Finding:
-    evidence = dict(finding.evidence)
-    evidence["reason"] = reason
-    return Finding(detector=finding.detector, key=finding.key, kind=finding.kind,
-                   severity=finding.severity, ts=finding.ts, value=finding.value,
-                   threshold=finding.threshold, evidence=evidence, resolved=finding.resolved)

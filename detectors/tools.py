@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
+from agentwatch.detectors.evidence import Evidence
 from agentwatch.detectors.loops import NOT_JSON, parsed_json, requested_calls
 from agentwatch.events import Finding, LlmCall, Severity, ToolCall
 
@@ -240,6 +242,25 @@ def parse_tool_definitions(text: str) -> list[tuple[str, str, Any]]:
     return out
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolEvidence(Evidence):
+    """A call to an undeclared tool, or with arguments its schema rejects.
+
+    ``arguments`` is clipped; ``declared_tools`` lists the first declared names (sorted) and
+    ``declared_tool_count`` all of them; ``error`` (the schema's complaint) is set for
+    ``invalid_tool_arguments`` only. ``source`` is ``executed`` or ``requested``.
+    """
+
+    trace_id: str
+    tool: str
+    arguments: str
+    source: str
+    declared_tools: tuple[str, ...]
+    declared_tool_count: int
+    configured_tool_count: int
+    error: str | None = None
+
+
 class _ToolTrace:
     __slots__ = ("last_ts", "declared", "fired", "defs_hash")
 
@@ -445,16 +466,15 @@ class HallucinatedToolDetector:
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, sort_keys=True)
         declared = sorted(t.declared)
-        evidence: dict[str, Any] = {
-            "trace_id": trace_id, "tool": tool, "arguments": arguments[:_EVIDENCE_TEXT_MAX],
-            "source": source, "declared_tools": declared[:_EVIDENCE_TOOLS_MAX],
-            "declared_tool_count": len(declared), "configured_tool_count":
-                len(self.known_tools | self.tool_schemas.keys())}
-        if reason is not None:
-            evidence["error"] = reason[:_EVIDENCE_TEXT_MAX]
+        evidence = ToolEvidence(
+            trace_id=trace_id, tool=tool, arguments=arguments[:_EVIDENCE_TEXT_MAX], source=source,
+            declared_tools=tuple(declared[:_EVIDENCE_TOOLS_MAX]),
+            declared_tool_count=len(declared),
+            configured_tool_count=len(self.known_tools | self.tool_schemas.keys()),
+            error=None if reason is None else reason[:_EVIDENCE_TEXT_MAX])
         findings.append(Finding(detector=self.name, key=trace_id, kind=kind,
                                 severity=Severity.WARNING, ts=ts, value=1.0, threshold=0.0,
-                                evidence=evidence))
+                                evidence=evidence.to_mapping()))
 
     def snapshot(self) -> dict[str, Any]:
         return {"version": 1, "lru": self._traces.snapshot_meta(),

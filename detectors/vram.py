@@ -40,6 +40,8 @@ import numpy as np
 from scipy.stats import theilslopes
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive
+from agentwatch.detectors.evidence import Evidence
+from agentwatch.detectors.keys import key_string
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity
 
 MIB = 1 << 20
@@ -72,6 +74,59 @@ class SenTrend:
     kendall_tau: float
     fit_r2: float
     recent_slope: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VramLeakEvidence(Evidence):
+    """A leaking device or process: the fitted trend of its usage floor and the time left.
+
+    Memory in MiB, rates in MiB per minute (what people read); :attr:`floor_bytes` and
+    :attr:`leak_bytes_per_s` give the byte units. ``mib_per_inference`` is ``None`` (and written
+    as ``null``) when no LLM calls of the host or process were seen in the window.
+    """
+
+    host: str
+    gpu: int
+    gpu_uuid: str
+    pid: int
+    process_name: str
+    simulated: bool
+    leak_mib_per_min: float
+    kendall_tau: float
+    fit_r2: float
+    recent_leak_mib_per_min: float
+    floor_mib: float
+    peak_mib: float
+    threshold_mib: float
+    total_mib: float
+    eta_s: float
+    above_threshold: bool
+    window_s: float
+    points: int
+    inferences: int
+    inferences_from: str
+    mib_per_inference: float | None
+
+    @property
+    def floor_bytes(self) -> float:
+        return self.floor_mib * MIB
+
+    @property
+    def leak_bytes_per_s(self) -> float:
+        return self.leak_mib_per_min * (MIB / 60.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VramLeakResolvedEvidence(Evidence):
+    """Why a leak finding of a device or process resolved (``reason``: ``leak_stopped``,
+    ``restart``, ``process_exited``, ``stale``, ``gap``, ``evicted``)."""
+
+    reason: str
+    host: str
+    gpu: int
+    pid: int
+    process_name: str
+    simulated: bool
 
 
 def trailing_floors(buckets: Iterable[Sequence[float]], *, floor_buckets: int, first_idx: int,
@@ -242,7 +297,9 @@ class _CallCounts:
 
 
 def _series_key(host: str, gpu: int, pid: int) -> str:
-    return f"host={host}/gpu={gpu}" if pid == 0 else f"host={host}/gpu={gpu}/pid={pid}"
+    if pid == 0:
+        return key_string(("host", "gpu"), (host, gpu))
+    return key_string(("host", "gpu", "pid"), (host, gpu, pid))
 
 
 class VramLeakDetector:
@@ -605,23 +662,20 @@ class VramLeakDetector:
         per_inference = None
         if inferences:
             per_inference = trend.slope / (inferences / span_s) / MIB
-        evidence = {
-            "host": series.host, "gpu": series.gpu, "gpu_uuid": series.gpu_uuid,
-            "pid": series.pid, "process_name": series.process_name,
-            "simulated": series.simulated,
-            "leak_mib_per_min": trend.slope * 60.0 / MIB,
-            "kendall_tau": trend.kendall_tau, "fit_r2": trend.fit_r2,
-            "recent_leak_mib_per_min": trend.recent_slope * 60.0 / MIB,
-            "floor_mib": float(ys[-1]) / MIB, "peak_mib": peak / MIB,
-            "threshold_mib": threshold_bytes / MIB, "total_mib": total / MIB,
-            "eta_s": eta_s, "above_threshold": peak >= threshold_bytes,
-            "window_s": float(xs[-1] - xs[0]), "points": int(len(xs)),
-            "inferences": inferences, "inferences_from": source,
-            "mib_per_inference": per_inference,
-        }
+        evidence = VramLeakEvidence(
+            host=series.host, gpu=series.gpu, gpu_uuid=series.gpu_uuid, pid=series.pid,
+            process_name=series.process_name, simulated=series.simulated,
+            leak_mib_per_min=trend.slope * 60.0 / MIB,
+            kendall_tau=trend.kendall_tau, fit_r2=trend.fit_r2,
+            recent_leak_mib_per_min=trend.recent_slope * 60.0 / MIB,
+            floor_mib=float(ys[-1]) / MIB, peak_mib=peak / MIB,
+            threshold_mib=threshold_bytes / MIB, total_mib=total / MIB,
+            eta_s=eta_s, above_threshold=peak >= threshold_bytes,
+            window_s=float(xs[-1] - xs[0]), points=int(len(xs)),
+            inferences=inferences, inferences_from=source, mib_per_inference=per_inference)
         threshold = self.critical_eta_s if severity is Severity.CRITICAL else self.warning_eta_s
         return Finding(detector=self.name, key=series.key, kind=self.kind, severity=severity,
-                       ts=ts, value=eta_s, threshold=threshold, evidence=evidence)
+                       ts=ts, value=eta_s, threshold=threshold, evidence=evidence.to_mapping())
 
     def _inferences(self, series: _Series, first_idx: int, last_idx: int) -> tuple[int, str]:
         for key in (f"h:{series.host}", f"s:{series.process_name}" if series.process_name else ""):
@@ -639,9 +693,9 @@ class VramLeakDetector:
         series.calm_evals = 0
         if level is None:
             return []
+        evidence = VramLeakResolvedEvidence(
+            reason=reason, host=series.host, gpu=series.gpu, pid=series.pid,
+            process_name=series.process_name, simulated=series.simulated)
         return [Finding(detector=self.name, key=series.key, kind=self.kind, severity=level,
                         ts=ts, value=0.0, threshold=self.warning_eta_s,
-                        evidence={"reason": reason, "host": series.host, "gpu": series.gpu,
-                                  "pid": series.pid, "process_name": series.process_name,
-                                  "simulated": series.simulated},
-                        resolved=True)]
+                        evidence=evidence.to_mapping(), resolved=True)]

@@ -9,7 +9,11 @@ from prometheus_client import CollectorRegistry
 
 from agentwatch.broker import free_port
 from agentwatch.dashboards.metrics import PipelineMetrics, serve_metrics
+from agentwatch.detectors.drift import DriftEvidence
+from agentwatch.detectors.vram import (MIB, VramLeakDetector, VramLeakEvidence,
+                                       VramLeakResolvedEvidence)
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity, ToolCall
+from tests.support.contract_streams import CONTRACT_STREAMS
 
 
 def _call(i: int, **kw) -> LlmCall:
@@ -18,6 +22,24 @@ def _call(i: int, **kw) -> LlmCall:
 
 def _tool(i: int, **kw) -> ToolCall:
     return ToolCall(ts=float(i), trace_id=f"t{i}", span_id=f"s{i}", **kw)
+
+
+def _drift_evidence(method: str = "mmd") -> dict:
+    return DriftEvidence(
+        method=method, decided_by=("mmd",), deciding=("mmd",), alpha=0.01, window_start_ts=0.0,
+        window_seen=200, scores={"mmd": {"score": 0.3, "threshold": 0.1, "drifted": True}},
+        window_size=200, comparison_size=400, alpha_per_test=0.01, examples=()).to_mapping()
+
+
+def _vram_evidence(*, host: str, gpu: int, pid: int, process_name: str, floor_mib: float,
+                   leak_mib_per_min: float, eta_s: float) -> dict:
+    return VramLeakEvidence(
+        host=host, gpu=gpu, gpu_uuid="", pid=pid, process_name=process_name, simulated=False,
+        leak_mib_per_min=leak_mib_per_min, kendall_tau=0.9, fit_r2=0.95,
+        recent_leak_mib_per_min=leak_mib_per_min, floor_mib=floor_mib, peak_mib=floor_mib,
+        threshold_mib=8_000.0, total_mib=8_192.0, eta_s=eta_s, above_threshold=False,
+        window_s=600.0, points=20, inferences=0, inferences_from="",
+        mib_per_inference=None).to_mapping()
 
 
 @pytest.fixture()
@@ -98,18 +120,18 @@ def test_findings_counts_and_drift_gauges(reg):
                 value=5, threshold=3),
         Finding(detector="loops", key="t1", kind="repeat", severity=Severity.WARNING, ts=3,
                 value=0, threshold=3, resolved=True),
-        Finding(detector="drift_embedding", key="project=a", kind="mmd",
+        Finding(detector="drift", key="project=a", kind="drift",
                 severity=Severity.CRITICAL, ts=4, value=0.3, threshold=0.1,
-                evidence={"method": "mmd"}),
-        Finding(detector="drift_embedding", key="project=a", kind="mmd",
+                evidence=_drift_evidence()),
+        Finding(detector="drift", key="project=a", kind="drift",
                 severity=Severity.INFO, ts=5, value=0.05, threshold=0.1,
-                evidence={"method": "mmd"}, resolved=True),
+                evidence=_drift_evidence(), resolved=True),
     ])
     v = reg.get_sample_value
     assert v("agentwatch_findings_total", {"detector": "loops", "severity": "warning"}) == 2
     assert v("agentwatch_findings_resolved_total", {"detector": "loops"}) == 1
     assert v("agentwatch_findings_total",
-             {"detector": "drift_embedding", "severity": "critical"}) == 1
+             {"detector": "drift", "severity": "critical"}) == 1
     # The latest score wins, resolved or not.
     assert v("agentwatch_drift_score", {"key": "project=a", "method": "mmd"}) == 0.05
     assert v("agentwatch_drift_threshold", {"key": "project=a", "method": "mmd"}) == 0.1
@@ -118,8 +140,9 @@ def test_findings_counts_and_drift_gauges(reg):
 def test_gauge_family_evicts_least_recently_set(reg):
     m = PipelineMetrics(reg, max_label_sets=2)
     for i, key in enumerate(["a", "b", "a", "c"]):
-        m.observe_findings([Finding(detector="drift_x", key=key, kind="psi",
-                                    severity=Severity.INFO, ts=i, value=i, threshold=1)])
+        m.observe_findings([Finding(detector="drift", key=key, kind="drift",
+                                    severity=Severity.INFO, ts=i, value=i, threshold=1,
+                                    evidence=_drift_evidence("psi"))])
     v = reg.get_sample_value
     assert v("agentwatch_drift_score", {"key": "b", "method": "psi"}) is None
     assert v("agentwatch_drift_score", {"key": "a", "method": "psi"}) == 2
@@ -139,18 +162,22 @@ def test_vram_gauges_from_samples_and_findings(reg):
                                             "process": "device"}) == 100
     assert v("agentwatch_vram_total_bytes", {"host": "h", "gpu": "0"}) == 1000
     assert v("agentwatch_vram_used_bytes", proc) == 40
-    # Labels come from the key when the evidence lacks them.
+    # The labels of a finding's series are those the samples of the same process get.
     m.observe_findings([Finding(
-        detector="vram_leak", key="host=h/gpu=0/pid=7/process=python", kind="leak",
-        severity=Severity.WARNING, ts=10, value=5.0, threshold=0,
-        evidence={"slope_bytes_per_second": 5.0, "seconds_to_threshold": 120.0,
-                  "used_bytes": 45})])
-    assert v("agentwatch_vram_slope_bytes_per_second", proc) == 5.0
+        detector="vram_leak", key="host=h/gpu=0/pid=7", kind="vram_leak",
+        severity=Severity.WARNING, ts=10, value=120.0, threshold=3600,
+        evidence=_vram_evidence(host="h", gpu=0, pid=7, process_name="python",
+                                floor_mib=45 / MIB, leak_mib_per_min=5.0 * 60 / MIB,
+                                eta_s=120.0))])
+    assert v("agentwatch_vram_slope_bytes_per_second", proc) == pytest.approx(5.0)
     assert v("agentwatch_vram_seconds_to_threshold", proc) == 120.0
     assert v("agentwatch_vram_used_bytes", proc) == 45
-    m.observe_findings([Finding(detector="vram_leak", key="host=h/gpu=0/pid=7/process=python",
-                                kind="leak", severity=Severity.INFO, ts=20, value=0,
-                                threshold=0, resolved=True)])
+    resolution = VramLeakResolvedEvidence(reason="leak_stopped", host="h", gpu=0, pid=7,
+                                          process_name="python", simulated=False)
+    m.observe_findings([Finding(detector="vram_leak", key="host=h/gpu=0/pid=7",
+                                kind="vram_leak", severity=Severity.WARNING, ts=20, value=0,
+                                threshold=3600, evidence=resolution.to_mapping(),
+                                resolved=True)])
     assert v("agentwatch_vram_slope_bytes_per_second", proc) is None
     assert v("agentwatch_vram_seconds_to_threshold", proc) is None
     # 100 s later only the device reports: the process (last seen at ts 10) is gone.
@@ -215,12 +242,51 @@ def test_vram_finding_in_the_vram_detectors_units(reg):
     # detectors.vram reports MiB and MiB/min with process_name; gauges are bytes and bytes/s.
     m = PipelineMetrics(reg)
     m.observe_findings([Finding(
-        detector="vram_leak", key="gpu-b/1/99", kind="leak", severity=Severity.CRITICAL,
-        ts=5, value=600.0, threshold=900.0,
-        evidence={"host": "gpu-b", "gpu": 1, "pid": 99, "process_name": "trainer",
-                  "floor_mib": 2048.0, "leak_mib_per_min": 60.0, "eta_s": 600.0})])
+        detector="vram_leak", key="host=gpu-b/gpu=1/pid=99", kind="vram_leak",
+        severity=Severity.CRITICAL, ts=5, value=600.0, threshold=900.0,
+        evidence=_vram_evidence(host="gpu-b", gpu=1, pid=99, process_name="trainer",
+                                floor_mib=2048.0, leak_mib_per_min=60.0, eta_s=600.0))])
     labels = {"host": "gpu-b", "gpu": "1", "pid": "99", "process": "trainer"}
     v = reg.get_sample_value
     assert v("agentwatch_vram_slope_bytes_per_second", labels) == 1024 * 1024  # 60 MiB/min
     assert v("agentwatch_vram_seconds_to_threshold", labels) == 600.0
     assert v("agentwatch_vram_used_bytes", labels) == 2048 * 1024 * 1024
+
+
+def test_vram_gauges_from_the_vram_detectors_own_findings(reg):
+    stream = CONTRACT_STREAMS["vram_leak"](1)
+    detector = VramLeakDetector(**stream.params)
+    findings = [f for e in [*stream.warmup, *stream.events] for f in detector.update(e)]
+    leak = next(f for f in findings if not f.resolved)
+    m = PipelineMetrics(reg)
+    m.observe_findings([leak])
+    labels = {"host": "contract-node", "gpu": "0", "pid": "0", "process": "device"}
+    v = reg.get_sample_value
+    assert v("agentwatch_vram_seconds_to_threshold", labels) == leak.evidence["eta_s"] == leak.value
+    assert v("agentwatch_vram_slope_bytes_per_second", labels) == pytest.approx(
+        leak.evidence["leak_mib_per_min"] * MIB / 60)
+    assert v("agentwatch_vram_used_bytes", labels) == leak.evidence["floor_mib"] * MIB
+
+
+def test_findings_without_readable_evidence_are_counted_and_touch_no_gauge(reg):
+    m = PipelineMetrics(reg)
+    m.observe_findings([
+        # Evidence missing the fields of the detector's evidence type (another version wrote it).
+        Finding(detector="drift", key="project=a", kind="drift", severity=Severity.WARNING,
+                ts=1, value=0.3, threshold=0.1, evidence={"method": "mmd"}),
+        Finding(detector="vram_leak", key="host=h/gpu=0", kind="vram_leak",
+                severity=Severity.WARNING, ts=1, value=60.0, threshold=3600.0,
+                evidence={"eta_s": 60.0}),
+        # A detector this version does not know.
+        Finding(detector="drift_embedding", key="project=a", kind="mmd",
+                severity=Severity.WARNING, ts=1, value=0.3, threshold=0.1,
+                evidence=_drift_evidence()),
+    ])
+    v = reg.get_sample_value
+    assert v("agentwatch_findings_total", {"detector": "drift", "severity": "warning"}) == 1
+    assert v("agentwatch_findings_total", {"detector": "vram_leak", "severity": "warning"}) == 1
+    assert v("agentwatch_findings_total",
+             {"detector": "drift_embedding", "severity": "warning"}) == 1
+    assert not [s for family in reg.collect() if family.name.startswith(("agentwatch_drift",
+                                                                          "agentwatch_vram"))
+                for s in family.samples]
