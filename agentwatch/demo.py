@@ -112,7 +112,7 @@ def summarize(settings: Settings, spans_sent: int, spans_ingested: float, incide
                            FROM llm_calls GROUP BY model ORDER BY cost_usd DESC""")
         tables = {name: rows(f"SELECT count(*) FROM {name}")[0][0]
                   for name in ("llm_calls", "tool_calls", "agent_steps", "llm_messages", "gpu_samples",
-                               "findings", "alerts")}
+                               "findings")}
         findings = rows("""SELECT detector, kind, severity, count(*) FROM findings
                            WHERE NOT resolved GROUP BY ALL ORDER BY 4 DESC""")
     finally:

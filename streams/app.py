@@ -239,9 +239,14 @@ class PartitionCheckpointer:
         if self.store is None or not states:
             return 0
         async with self._lock:
-            started = time.perf_counter()
-            docs = self.dataflow.snapshot_states(states)
-            self.store.last_blocking_s = time.perf_counter() - started
+            # One partition at a time, records flowing in between: each document is consistent
+            # with its own offsets, and the loop stops for one partition's snapshot at most.
+            docs = []
+            for state in states:
+                started = time.perf_counter()
+                docs += self.dataflow.snapshot_states([state])
+                self.store.last_blocking_s = time.perf_counter() - started
+                await asyncio.sleep(0)
             deadline = time.monotonic() + wait_s
             waiting = list(docs)
             ready: list[tuple[PartitionState, dict[str, Any]]] = []
