@@ -20,7 +20,7 @@ MOVED_MODULES = ("agentwatch.bench", "agentwatch.bench_faults", "agentwatch.benc
                  "agentwatch.dashboards.bench_metrics", "agentwatch.dashboards.metrics_fixture",
                  "agentwatch.detectors.bench_state", "agentwatch.detectors.synthetic")
 # Benchmark functions that moved out of production modules.
-MOVED_NAMES = {"agentwatch.streams.checkpoint": "bench_checkpoint", "agentwatch.streams.drift_sampler": "bench_drift",
+MOVED_NAMES = {"agentwatch.streams.partition_checkpoint": "bench_checkpoint", "agentwatch.streams.drift_sampler": "bench_drift",
                "agentwatch.collectors.gpu_sim": "bench_vram"}
 
 

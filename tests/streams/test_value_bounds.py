@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from typing import Any
 
 import orjson
 import pytest
@@ -23,17 +24,18 @@ from streams_otlp_helpers import pricing, spans_payload, timed_span
 from agentwatch.bounds import DEFAULT_BOUNDS, ValueBounds
 from agentwatch.dashboards.metrics import PipelineMetrics
 from agentwatch.detectors.registry import build_detectors
-from agentwatch.detectors.runner import DetectorRunner
 from agentwatch.events import GpuSample, LlmCall
 from agentwatch.settings import Settings
-from agentwatch.streams.checkpoint import DetectorCheckpoint
+from agentwatch.streams.dataflow import Dataflow, Record
 from agentwatch.streams.normalize import Normalizer
 from agentwatch.streams.otlp import UndecodableRecord
+from agentwatch.streams.partition_checkpoint import PartitionCheckpointStore
 from agentwatch.streams.pipeline import (
     VALUE_REJECTED_REASON,
     SpanPipeline,
     decode_events,
     decode_events_checked,
+    partition_for,
     value_rejection_dead_letters,
 )
 from agentwatch.streams.snapshots import SnapshotSink, query_snapshots
@@ -476,36 +478,64 @@ def test_free_form_rows_with_an_unusable_ts_are_quarantined_alone(tmp_path):
 
 # -- detector state and checkpoints -----------------------------------------------------------
 
-def test_checkpoints_survive_values_at_the_bound_and_beyond_int64(tmp_path):
-    runner = DetectorRunner(build_detectors())
+def _stateful_dataflow(tmp_path) -> Dataflow:
+    return Dataflow(partitions={**PARTITIONS, "usage": 2}, build_detectors=build_detectors,
+                    checkpoints=PartitionCheckpointStore(tmp_path, "agentwatch"))
+
+
+def _huge(first: int) -> list[LlmCall]:
+    # Beyond int64, by any path that does not check (an event built in code): the state then holds
+    # integers beyond 64 bits, which the checkpoint's JSON encoder cannot write as they are.
+    return [LlmCall(ts=T0 + 10 + i, trace_id="t1", span_id=f"h{i}", project="shop", model="gpt-4o",
+                    input_tokens=2**64 + i, output_tokens=2**70, cost_usd=1.0, priced=True)
+            for i in range(first, first + 3)]
+
+
+def _states_of(dataflow: Dataflow) -> tuple[Any, Any]:
+    return dataflow.trace_state(partition_for("t1", 2)), dataflow.keyed_state(partition_for("shop", 2))
+
+
+def _feed_both(trace: Any, keyed: Any, events: list[LlmCall]) -> list[Any]:
+    return trace.runner.process(events) + [f for r in keyed.runners.values() for f in r.process(events)]
+
+
+def test_partition_checkpoints_survive_values_at_the_bound_and_beyond_int64(tmp_path):
+    first = _stateful_dataflow(tmp_path)
+    trace, keyed = _states_of(first)
     # At the bound, through the decoder the worker uses: accepted as real.
     at_bound = orjson.dumps([_row(f"b{i}", ts=T0 + i, input_tokens=MAX_TOKENS, output_tokens=MAX_TOKENS,
                                   project="shop") for i in range(3)])
-    runner.process(decode_events("llm_calls", at_bound))
-    # Beyond int64, by any path that does not check (an event built in code): the state now holds
-    # integers beyond 64 bits, which the checkpoint's JSON encoder cannot write as they are.
-    runner.process([LlmCall(ts=T0 + 10 + i, trace_id="t1", span_id=f"h{i}", project="shop", model="gpt-4o",
-                            input_tokens=2**64 + i, output_tokens=2**70, cost_usd=1.0, priced=True)
-                    for i in range(3)])
+    _feed_both(trace, keyed, decode_events("llm_calls", at_bound))
+    _feed_both(trace, keyed, _huge(0))
+    store = first.checkpoints
+    docs = first.snapshot_states([trace, keyed])
     with pytest.raises(orjson.JSONEncodeError):
-        orjson.dumps(runner.snapshot())
-    path = tmp_path / "state" / "detectors.json"
-    checkpoint = DetectorCheckpoint(path, runner, fork_saves=False)
-    assert checkpoint.maybe_save(force=True) and checkpoint.wide_int_encodes == 1
-    assert checkpoint.maybe_save(force=True)  # not a one-off: every later save works too
-    restored = DetectorRunner(build_detectors())
-    assert DetectorCheckpoint(path, restored).restore()
-    assert restored.snapshot().keys() == runner.snapshot().keys()
+        orjson.dumps([doc for _, doc in docs])
+    for _ in range(2):  # not a one-off: every later save works too
+        for state, doc in first.snapshot_states([trace, keyed]):
+            store.save(state.stage, state.partition, store.encode(doc))
+    assert store.saves == 4 and store.failures == 0 and store.wide_int_encodes >= 2
+    assert sorted(store.stored()) == [("keyed", keyed.partition), ("trace", trace.partition)]
+
+    restored = _stateful_dataflow(tmp_path)
+    r_trace, r_keyed = _states_of(restored)
+    assert restored.checkpoints.failures == 0 and not list(store.directory.glob("*.corrupt-*"))
+    for before, after in ((trace, r_trace), (keyed, r_keyed)):
+        assert orjson.loads(store.encode(after.state_snapshot())) == orjson.loads(store.encode(before.state_snapshot()))
     # And the restored detectors go on working.
-    restored.process(decode_events("llm_calls", orjson.dumps([_row("after", ts=T0 + 20, project="shop")])))
+    _feed_both(r_trace, r_keyed, decode_events("llm_calls", orjson.dumps([_row("after", ts=T0 + 20, project="shop")])))
 
 
-def test_a_forked_checkpoint_save_survives_them_too(tmp_path):
-    import asyncio
+def test_a_restored_partition_holding_them_goes_on_through_the_stage(tmp_path):
+    first = _stateful_dataflow(tmp_path)
+    _, keyed = _states_of(first)
+    _feed_both(*_states_of(first), _huge(0))
+    ((state, doc),) = first.snapshot_states([keyed])
+    first.checkpoints.save(state.stage, state.partition, first.checkpoints.encode(doc))
 
-    runner = DetectorRunner(build_detectors())
-    runner.process([LlmCall(ts=T0 + i, trace_id="t1", span_id=f"h{i}", project="shop", input_tokens=2**64)
-                    for i in range(3)])
-    checkpoint = DetectorCheckpoint(tmp_path / "d.json", runner)
-    assert asyncio.run(checkpoint.maybe_save_async(force=True))
-    assert DetectorCheckpoint(tmp_path / "d.json", DetectorRunner(build_detectors())).restore()
+    restored = _stateful_dataflow(tmp_path)
+    usage = Record("usage", keyed.partition, 0, orjson.dumps([_row("next", ts=T0 + 30, project="shop")]),
+                   key=b"llm_calls:project@llm_calls:0:9")
+    out = restored.on_record(usage)
+    assert out.dead_letters == 0 and restored.keyed_state(keyed.partition).restored_offsets == {}
+    assert restored.keyed_state(keyed.partition).applied == {"project@llm_calls:0": 9}
