@@ -65,10 +65,6 @@ class Settings(BaseSettings):
     # state but not their offsets. The embedded broker keeps topics in memory, so `up` gives each
     # broker it starts a new epoch; an external Kafka keeps its logs and leaves this empty.
     log_epoch: str = ""
-    # Timer saves run in a forked child so the event loop is not held while the state is encoded;
-    # the child needs memory headroom (about a third of the detector state). False saves
-    # in-process instead (the loop stops for the whole encode, ~0.3-0.6 s at the default caps).
-    detector_checkpoint_fork: bool = True
 
     # Faust group timing: Tansu joins wait for the rebalance timeout, so keep it low.
     rebalance_timeout_s: float = 6.0

@@ -490,9 +490,8 @@ class WorkerStateCollector:
         Its ``counters`` (:class:`~agentwatch.streams.drift_sampler.SamplerCounters`).
     embedder : Embedder or None
         Its ``sentences_embedded`` and ``seconds_throttled``.
-    checkpoint : DetectorCheckpoint or None
-        Its ``saves``, ``failures``, ``last_save_bytes``, ``last_blocking_s``,
-        ``last_child_private_bytes``.
+    checkpoint : PartitionCheckpointStore or None
+        Its ``saves``, ``failures``, ``last_save_bytes``, ``last_blocking_s``.
     """
 
     def __init__(self, sampler: Any = None, embedder: Any = None, checkpoint: Any = None) -> None:
@@ -550,11 +549,8 @@ _READ_AT_SCRAPE = (
     ("gauge", "agentwatch_detector_checkpoint_bytes", "Size of the last detector checkpoint.",
      "checkpoint", "last_save_bytes"),
     ("gauge", "agentwatch_detector_checkpoint_blocking_seconds",
-     "Event-loop time the last checkpoint took (the fork for a background save; snapshot + "
-     "encode for an in-process one).", "checkpoint", "last_blocking_s"),
-    ("gauge", "agentwatch_detector_checkpoint_child_private_bytes",
-     "Memory the last background save's forked child copied or allocated (0: in-process).",
-     "checkpoint", "last_child_private_bytes"),
+     "Event-loop time the last partition snapshot took (encoding and writing run in a thread).",
+     "checkpoint", "last_blocking_s"),
 )
 
 

@@ -150,6 +150,8 @@ class CostAnomalyDetector:
     """
 
     name: ClassVar[str] = "cost_anomaly"
+    # Constructor arguments that bound the state: split over the partitions of its stage.
+    state_caps: ClassVar[tuple[str, ...]] = ("max_keys",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
 
     def __init__(self, *,
@@ -638,6 +640,7 @@ class RetryStormDetector:
 
     name: ClassVar[str] = "retry_storm"
     partition_by: ClassVar[str] = "project"
+    state_caps: ClassVar[tuple[str, ...]] = ("max_entries",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
     _MAX_TRACE_IDS: ClassVar[int] = 5
 

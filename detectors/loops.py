@@ -225,6 +225,8 @@ class LoopDetector:
 
     name: ClassVar[str] = "agent_loop"
     partition_by: ClassVar[str] = "trace_id"
+    # Constructor arguments that bound the state: split over the partitions of its stage.
+    state_caps: ClassVar[tuple[str, ...]] = ("max_traces",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall, AgentStep)
 
     def __init__(self, *, max_same_tool_calls: int = 3, max_cycle_period: int = 4,

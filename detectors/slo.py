@@ -140,6 +140,8 @@ class SloDetector:
 
     name: ClassVar[str] = "slo"
     partition_by: ClassVar[str] = "service"
+    # Constructor arguments that bound the state: split over the partitions of its stage.
+    state_caps: ClassVar[tuple[str, ...]] = ("max_keys",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
 
     def __init__(self, *, window_s: float = 300.0, n_buckets: int = 10, min_calls: int = 100,

@@ -311,6 +311,8 @@ class HallucinatedToolDetector:
 
     name: ClassVar[str] = "hallucinated_tool"
     partition_by: ClassVar[str] = "trace_id"
+    # Constructor arguments that bound the state: split over the partitions of its stage.
+    state_caps: ClassVar[tuple[str, ...]] = ("max_traces",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall)
     _MAX_FIRED_PER_TRACE: ClassVar[int] = 16
 

@@ -365,6 +365,8 @@ class VramLeakDetector:
 
     name: ClassVar[str] = "vram_leak"
     partition_by: ClassVar[str] = "host"
+    # Constructor arguments that bound the state: split over the partitions of its stage.
+    state_caps: ClassVar[tuple[str, ...]] = ("max_keys",)
     accepts: ClassVar[tuple[type, ...]] = (GpuSample, LlmCall)
     kind: ClassVar[str] = "vram_leak"
 

@@ -419,6 +419,7 @@ class Dataflow:
         doc = self.checkpoints.load(state.stage, state.partition)
         if doc is None:
             return
+        fresh = state.state_snapshot()
         try:
             state.restore_checkpoint(doc)
             if doc.get("log_epoch", "") != self.log_epoch:
@@ -431,6 +432,9 @@ class Dataflow:
             log.warning("partition %s/%s: checkpoint not restored (%s); starting empty",
                         state.stage, state.partition, exc)
             self.checkpoints.set_aside(state.stage, state.partition)
+            # A restore that failed half-way (a later detector refusing its part) leaves nothing
+            # behind: the partition is rebuilt from its log, and must not count records twice.
+            state.state_restore(fresh)
             state.offsets, state.restored_offsets = {}, {}
 
     def owned_states(self) -> list[PartitionState]:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from prometheus_client import CollectorRegistry
 
 from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector, exported_sample_names
-from agentwatch.detectors.loops import LoopDetector
-from agentwatch.detectors.runner import DetectorRunner
 from agentwatch.events import LlmCall
-from agentwatch.streams.checkpoint import DetectorCheckpoint
+from agentwatch.streams.partition_checkpoint import PartitionCheckpointStore
 from agentwatch.streams.drift_sampler import DriftSampler
 from agentwatch.streams.embeddings import Embedder
 
@@ -22,7 +18,7 @@ def _call(i: int, prompt: str, service: str = "shop") -> LlmCall:
 def test_counters_come_from_the_live_objects_at_scrape_time(tmp_path):
     sampler = DriftSampler(window_s=60.0, sample_size=10, min_window_size=3, grace_s=0.0)
     embedder = Embedder(max_sentences_per_s=None, threads=1)
-    checkpoint = DetectorCheckpoint(tmp_path / "detectors.json", DetectorRunner([LoopDetector()]))
+    checkpoint = PartitionCheckpointStore(tmp_path, "agentwatch")
     registry = CollectorRegistry()
     PipelineMetrics(registry)
     registry.register(WorkerStateCollector(sampler=sampler, embedder=embedder, checkpoint=checkpoint))
@@ -37,7 +33,8 @@ def test_counters_come_from_the_live_objects_at_scrape_time(tmp_path):
     sampler.offer([_call(70, "book a flight")])
     windows = sampler.due_windows(200.0)
     embedder.encode(windows[0].texts)
-    checkpoint.maybe_save(force=True)
+    checkpoint.save("trace", 3, checkpoint.encode({"state": {}}))
+    checkpoint.last_blocking_s = 0.004  # what the worker's checkpointer records per snapshot
 
     assert value("agentwatch_drift_prompts_offered_total") == 6.0
     assert value("agentwatch_drift_prompts_skipped_total", {"reason": "empty"}) == 1.0
@@ -48,14 +45,10 @@ def test_counters_come_from_the_live_objects_at_scrape_time(tmp_path):
     assert [len(w.texts) for w in windows] == [3]
     assert value("agentwatch_embeddings_total") == 3.0
     assert value("agentwatch_detector_checkpoint_saves_total") == 1.0
-    assert value("agentwatch_detector_checkpoint_bytes") == float(
-        (tmp_path / "detectors.json").stat().st_size)
-    assert value("agentwatch_detector_checkpoint_blocking_seconds") > 0.0
-    assert value("agentwatch_detector_checkpoint_child_private_bytes") == 0.0  # saved in-process
-    assert asyncio.run(checkpoint.maybe_save_async(force=True))  # a timer save: forked child
+    assert value("agentwatch_detector_checkpoint_bytes") == float(checkpoint.path("trace", 3).stat().st_size)
+    assert value("agentwatch_detector_checkpoint_blocking_seconds") == 0.004
+    checkpoint.save("keyed", 0, checkpoint.encode({"state": {"x": 1}}))
     assert value("agentwatch_detector_checkpoint_saves_total") == 2.0
-    assert value("agentwatch_detector_checkpoint_child_private_bytes") == float(
-        checkpoint.last_child_private_bytes) > 0.0
 
 
 def test_families_are_exported_as_zeros_without_drift_or_checkpoints():

@@ -297,9 +297,6 @@ def test_a_corrupt_file_is_moved_aside_and_the_partition_starts_empty(tmp_path, 
     assert dataflow.checkpoints.stored() == []
 
 
-@pytest.mark.xfail(strict=True, reason="Dataflow._restore leaves the detectors a failed restore had "
-                   "already restored (runner.restore goes detector by detector), and drops the offsets: "
-                   "the partition then replays from offset 0 into that half-restored state")
 def test_a_restore_failing_half_way_leaves_the_partition_empty(tmp_path):
     first = _dataflow(tmp_path, build_detectors)
     _feed(first, [_repeat("t1", 0), _repeat("t1", 1)])

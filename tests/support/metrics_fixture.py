@@ -15,10 +15,13 @@ import argparse
 import signal
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector, serve_metrics
+from agentwatch.detectors.drift import DriftEvidence
+from agentwatch.detectors.vram import VramLeakEvidence
 from agentwatch.streams.drift_sampler import DriftSampler
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity, ToolCall
 
@@ -35,6 +38,13 @@ class Batches:
     tool_calls: list[ToolCall] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     gpu_samples: list[GpuSample] = field(default_factory=list)
+
+
+def _drift_evidence() -> dict[str, Any]:
+    # The typed evidence the metrics read back (method "mmd" labels the drift gauges).
+    return DriftEvidence(method="mmd", decided_by=(), deciding=("mmd",), alpha=0.01,
+                         window_start_ts=0.0, window_seen=200, scores={}, window_size=200,
+                         comparison_size=200, alpha_per_test=0.01, examples=()).to_mapping()
 
 
 def deterministic_batches() -> Batches:
@@ -62,10 +72,10 @@ def deterministic_batches() -> Batches:
     b.findings += [
         Finding(detector="drift", key="project=shop/model=gpt-4o", kind="mmd",
                 severity=Severity.WARNING, ts=T0 + 50, value=0.18, threshold=0.12,
-                evidence={"method": "mmd", "window": 200}),
+                evidence=_drift_evidence()),
         Finding(detector="drift", key="project=support/model=claude-sonnet-4",
                 kind="mmd", severity=Severity.INFO, ts=T0 + 50, value=0.04, threshold=0.12,
-                evidence={"method": "mmd"}, resolved=True),
+                evidence=_drift_evidence(), resolved=True),
         Finding(detector="agent_loop", key=f"{3:032x}", kind="repeated_tool_call",
                 severity=Severity.WARNING, ts=T0 + 51, value=5, threshold=3),
         Finding(detector="hallucinated_tool", key=f"{4:032x}", kind="undeclared_tool",
@@ -74,9 +84,13 @@ def deterministic_batches() -> Batches:
         Finding(detector="vram_leak", key="host=gpu-a/gpu=0/pid=4242", kind="leak",
                 severity=Severity.CRITICAL, ts=T0 + 60, value=2.5e6, threshold=0,
                 # The evidence shape of detectors.vram.VramLeakDetector (MiB, MiB/min).
-                evidence={"host": "gpu-a", "gpu": 0, "pid": 4242, "process_name": "vllm",
-                          "floor_mib": 30 * 1024.0, "leak_mib_per_min": 150.0,
-                          "eta_s": 1800.0}),
+                evidence=VramLeakEvidence(
+                    host="gpu-a", gpu=0, gpu_uuid="", pid=4242, process_name="vllm",
+                    simulated=False, leak_mib_per_min=150.0, kendall_tau=0.9, fit_r2=0.95,
+                    recent_leak_mib_per_min=150.0, floor_mib=30 * 1024.0, peak_mib=30 * 1024.0,
+                    threshold_mib=72 * 1024.0, total_mib=80 * 1024.0, eta_s=1800.0,
+                    above_threshold=False, window_s=600.0, points=20, inferences=0,
+                    inferences_from="", mib_per_inference=None).to_mapping()),
     ]
     for step in range(5):
         ts = T0 + 10 * step
@@ -128,7 +142,7 @@ def feed_live_round(metrics: PipelineMetrics, round_no: int) -> None:
         # Stays under its threshold, so tests know exactly which keys are drifting.
         Finding(detector="drift", key="project=live/model=gpt-4o", kind="mmd",
                 severity=Severity.INFO, ts=ts, value=0.05 + 0.005 * (round_no % 10),
-                threshold=0.12, evidence={"method": "mmd"}),
+                threshold=0.12, evidence=_drift_evidence()),
     ])
     metrics.observe_dead_letter(topic="otlp_spans", reason="undecodable_protobuf")
     metrics.observe_delivery(destination="slack", ok=True)
