@@ -23,10 +23,12 @@ import faust
 from faust.types import TP
 
 from agentwatch.settings import Settings
-from agentwatch.streams.dataflow import (TRACE_TOPICS, USAGE_TOPIC, Dataflow, PartitionState, Record, Send,
-                                         StepOutput, empty_record_reason)
+from agentwatch.streams.dataflow import (TRACE_TOPICS, USAGE_TOPIC, Dataflow, Record, Send, StepOutput,
+                                         empty_record_reason)
+from agentwatch.streams.drift_stage import DriftStage
 from agentwatch.streams.kafka_compat import cap_consumer_fetch_wait, fetch_range
 from agentwatch.streams.normalizer_process import NormalizerDied, NormalizerProcess
+from agentwatch.streams.partition_checkpoint import PartitionCheckpointer, Unacked
 from agentwatch.streams.pipeline import merge_event_records
 from agentwatch.streams.snapshots import SnapshotSink
 
@@ -141,146 +143,6 @@ class _Pending:
         self.remaining = remaining
 
 
-class Unacked:
-    """Offsets handed out and not yet acknowledged, per (topic, partition): a checkpoint may be
-    written once none below its offsets is left."""
-
-    def __init__(self) -> None:
-        self._offsets: dict[tuple[str, int], set[int]] = {}
-
-    def add(self, record: Record) -> None:
-        self._offsets.setdefault((record.topic, record.partition), set()).add(record.offset)
-
-    def done(self, record: Record) -> None:
-        self._offsets.get((record.topic, record.partition), set()).discard(record.offset)
-
-    def clear_below(self, state: PartitionState, offsets: dict[str, int]) -> bool:
-        for topic, offset in offsets.items():
-            pending = self._offsets.get((topic, state.partition))
-            if pending and min(pending) < offset:
-                return False
-        return True
-
-
-class DriftStage:
-    """Embedding of closed drift windows and the drift detectors' updates, in one thread.
-
-    The windows are sampled per keyed partition (the core's samplers); the model loads in this
-    thread on the first due window or at :meth:`preload`, so workers start fast.
-    """
-
-    def __init__(self, settings: Settings, dataflow: Dataflow) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from agentwatch.reference import ReferenceStore
-        from agentwatch.streams.embeddings import Embedder
-
-        self.dataflow = dataflow
-        self.embedder = Embedder(settings.embedding_model, max_sentences_per_s=settings.embed_max_sentences_per_s)
-        self.store = ReferenceStore(settings.data_dir)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._references_loaded_at: dict[int, float] = {}
-
-    def preload(self) -> None:
-        """Load torch and the model now, in a thread of its own (not the embedding thread, so a
-        checkpoint right after a start does not wait for the whole load)."""
-        threading.Thread(target=lambda: self.embedder.dimension, name="embed-preload", daemon=True).start()
-
-    def check(self, due: list[tuple[Any, list[Any]]], now: float) -> list[Any]:
-        """Embed the due windows and run each partition's drift detector (in the executor)."""
-        from agentwatch.reference import load_bound_references
-        from agentwatch.streams.drift_sampler import embed_windows
-
-        findings: list[Any] = []
-        for state, windows in due:
-            detector = self.dataflow.drift_detector(state)
-            if detector is None:
-                continue
-            if now - self._references_loaded_at.get(id(detector), float("-inf")) >= 30.0:
-                self._references_loaded_at[id(detector)] = now
-                try:
-                    load_bound_references(self.store, detector, self.dataflow.owns_drift_key(state))
-                except (OSError, ValueError) as exc:
-                    log.warning("reference sets not loaded: %s", exc)
-            embedded = embed_windows(windows, self.embedder)
-            with self.dataflow.drift_lock:
-                for window in embedded:
-                    findings.extend(detector.update(window))
-        return findings
-
-
-class PartitionCheckpointer:
-    """Saves partition states with the offsets they reflect, never ahead of the group's commit.
-
-    A save snapshots every owned state between two records (each with its offsets), waits until
-    every record below those offsets is acknowledged (its rows written), commits, and only then
-    writes the files. So the committed offset is at or past every file after any crash, and the
-    records in between are replayed into the state alone (:meth:`Dataflow.replay`).
-    """
-
-    def __init__(self, app: faust.App, dataflow: Dataflow, unacked: Unacked,
-                 flush: Callable[[bool], Awaitable[None]], every_s: float) -> None:
-        self.app = app
-        self.dataflow = dataflow
-        self.unacked = unacked
-        self.flush = flush
-        self.every_s = every_s
-        self.store = dataflow.checkpoints
-        self._last = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def maybe_save(self, *, force: bool = False) -> None:
-        if not force and time.monotonic() - self._last < self.every_s:
-            return
-        self._last = time.monotonic()
-        await self.save(self.dataflow.owned_states())
-
-    async def save(self, states: list[PartitionState], wait_s: float = 4.0) -> int:
-        if self.store is None or not states:
-            return 0
-        async with self._lock:
-            # One partition at a time, records flowing in between: each document is consistent
-            # with its own offsets, and the loop stops for one partition's snapshot at most.
-            docs = []
-            for state in states:
-                started = time.perf_counter()
-                docs += self.dataflow.snapshot_states([state])
-                self.store.last_blocking_s = time.perf_counter() - started
-                await asyncio.sleep(0)
-            deadline = time.monotonic() + wait_s
-            waiting = list(docs)
-            ready: list[tuple[PartitionState, dict[str, Any]]] = []
-            while waiting:
-                await self.flush(True)
-                still = []
-                for state, doc in waiting:
-                    (ready if self.unacked.clear_below(state, doc["offsets"]) else still).append((state, doc))
-                waiting = still
-                if not waiting or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            for state, _ in waiting:
-                log.warning("partition %s/%s: records still unwritten; checkpoint skipped this round",
-                            state.stage, state.partition)
-            if not ready:
-                return 0
-            try:
-                await self.app.consumer.commit()
-            except Exception:
-                log.exception("commit before checkpoint failed; checkpoint skipped")
-                return 0
-            loop = asyncio.get_running_loop()
-            saved = 0
-            for state, doc in ready:
-                try:
-                    data = await loop.run_in_executor(None, self.store.encode, doc)
-                    await loop.run_in_executor(None, self.store.save, state.stage, state.partition, data)
-                    saved += 1
-                except Exception:
-                    log.exception("partition %s/%s: checkpoint save failed", state.stage, state.partition)
-            return saved
-
-
 def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
                ready_file: Path | None = None, drift: DriftStage | None = None,
                drain_requested: threading.Event | None = None) -> faust.App:
@@ -331,7 +193,8 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
             return
         await ack_written(due)
 
-    checkpointer = PartitionCheckpointer(app, dataflow, unacked, flush, settings.detector_checkpoint_s) \
+    checkpointer = PartitionCheckpointer(dataflow, unacked, flush, lambda: app.consumer.commit(),
+                                         settings.detector_checkpoint_s) \
         if dataflow.checkpoints is not None and settings.detector_checkpoint_s > 0 else None
 
     pool: NormalizerProcess | None = None

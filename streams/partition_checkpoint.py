@@ -12,7 +12,7 @@ file, with any worker count. A save is atomic (temp file in the same directory, 
 aside as ``<name>.corrupt-<unix ms>`` and the partition starts empty; temp files left by a save
 that was killed are removed when the partition's file is next loaded.
 
-The consistency rule (kept by the runtime, :class:`~agentwatch.streams.app.PartitionCheckpointer`):
+The consistency rule (kept by :class:`PartitionCheckpointer`, which the runtime drives):
 a file is written only once the group's committed offsets have reached the offsets it names.
 Then after any crash the committed offset is at or past the checkpoint, and the records between
 the two are replayed into the state alone.
@@ -20,13 +20,14 @@ the two are replayed into the state alone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import orjson
 
@@ -145,3 +146,96 @@ def _wide_ints_as_floats(value: Any) -> Any:
         except OverflowError:  # beyond 1.8e308: the largest float keeps the sign and the size
             return sys.float_info.max if value > 0 else -sys.float_info.max
     return value
+
+
+class Unacked:
+    """Offsets handed out and not yet acknowledged, per (topic, partition): a checkpoint may be
+    written once none below its offsets is left."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[tuple[str, int], set[int]] = {}
+
+    def add(self, record: Any) -> None:
+        self._offsets.setdefault((record.topic, record.partition), set()).add(record.offset)
+
+    def done(self, record: Any) -> None:
+        self._offsets.get((record.topic, record.partition), set()).discard(record.offset)
+
+    def clear_below(self, state: Any, offsets: dict[str, int]) -> bool:
+        for topic, offset in offsets.items():
+            pending = self._offsets.get((topic, state.partition))
+            if pending and min(pending) < offset:
+                return False
+        return True
+
+
+class PartitionCheckpointer:
+    """Saves partition states with the offsets they reflect, never ahead of the group's commit.
+
+    A save snapshots every owned state between two records (each with its offsets), waits until
+    every record below those offsets is acknowledged (its rows written), commits, and only then
+    writes the files. So the committed offset is at or past every file after any crash, and the
+    records in between are replayed into the state alone (:meth:`Dataflow.replay`).
+    """
+
+    def __init__(self, dataflow: Any, unacked: Unacked, flush: Callable[[bool], Awaitable[None]],
+                 commit: Callable[[], Awaitable[Any]], every_s: float) -> None:
+        self.dataflow = dataflow
+        self.commit = commit
+        self.unacked = unacked
+        self.flush = flush
+        self.every_s = every_s
+        self.store = dataflow.checkpoints
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def maybe_save(self, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
+        await self.save(self.dataflow.owned_states())
+
+    async def save(self, states: list[Any], wait_s: float = 4.0) -> int:
+        if self.store is None or not states:
+            return 0
+        async with self._lock:
+            # One partition at a time, records flowing in between: each document is consistent
+            # with its own offsets, and the loop stops for one partition's snapshot at most.
+            docs = []
+            for state in states:
+                started = time.perf_counter()
+                docs += self.dataflow.snapshot_states([state])
+                self.store.last_blocking_s = time.perf_counter() - started
+                await asyncio.sleep(0)
+            deadline = time.monotonic() + wait_s
+            waiting = list(docs)
+            ready: list[tuple[Any, dict[str, Any]]] = []
+            while waiting:
+                await self.flush(True)
+                still = []
+                for state, doc in waiting:
+                    (ready if self.unacked.clear_below(state, doc["offsets"]) else still).append((state, doc))
+                waiting = still
+                if not waiting or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            for state, _ in waiting:
+                log.warning("partition %s/%s: records still unwritten; checkpoint skipped this round",
+                            state.stage, state.partition)
+            if not ready:
+                return 0
+            try:
+                await self.commit()
+            except Exception:
+                log.exception("commit before checkpoint failed; checkpoint skipped")
+                return 0
+            loop = asyncio.get_running_loop()
+            saved = 0
+            for state, doc in ready:
+                try:
+                    data = await loop.run_in_executor(None, self.store.encode, doc)
+                    await loop.run_in_executor(None, self.store.save, state.stage, state.partition, data)
+                    saved += 1
+                except Exception:
+                    log.exception("partition %s/%s: checkpoint save failed", state.stage, state.partition)
+            return saved

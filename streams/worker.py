@@ -65,7 +65,8 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
 
     from agentwatch.alerts.model import alert_record_from_finding
     from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector, serve_metrics
-    from agentwatch.streams.app import DriftStage, create_app
+    from agentwatch.streams.app import create_app
+    from agentwatch.streams.drift_stage import DriftStage
 
     # Detector state is many small long-lived objects: the default GC thresholds rescan them
     # constantly (measured: ~30% of detector throughput). Freeze start-up objects, collect less often.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from agentwatch.streams.app import Unacked, _send_until_accepted
+from agentwatch.streams.app import _send_until_accepted
+from agentwatch.streams.partition_checkpoint import Unacked
 from agentwatch.streams.dataflow import Record, Send, TracePartition
 
 
@@ -41,3 +42,41 @@ def test_a_checkpoint_waits_for_every_record_below_its_offsets() -> None:
     unacked.done(records[1])
     assert unacked.clear_below(state, {"llm_calls": 12})  # 12 itself is after the snapshot
     assert not unacked.clear_below(state, {"llm_calls": 13})
+
+
+def test_a_checkpoint_is_written_only_after_its_records_are_written_and_committed(tmp_path) -> None:
+    from agentwatch.detectors.loops import LoopDetector
+    from agentwatch.detectors.runner import DetectorRunner
+    from agentwatch.streams.dataflow import Dataflow
+    from agentwatch.streams.partition_checkpoint import PartitionCheckpointer, PartitionCheckpointStore
+
+    store = PartitionCheckpointStore(tmp_path, "a")
+    flow = Dataflow(partitions={"llm_calls": 8, "tool_calls": 8, "agent_steps": 8, "usage": 8},
+                    build_detectors=lambda: [LoopDetector()], checkpoints=store)
+    unacked = Unacked()
+    call = b'[{"ts": 1.0, "trace_id": "t", "span_id": "s1", "tool_name": "search"}]'
+    record = Record("tool_calls", 2, 7, call)
+    unacked.add(record)
+    flow.on_record(record)
+    events: list[str] = []
+
+    async def flush(force: bool) -> None:
+        events.append("flush")
+        if events.count("flush") == 3:  # its rows land on the third flush
+            unacked.done(record)
+
+    async def commit() -> None:
+        events.append("commit")
+        assert not store.stored(), "a file was written before the commit"
+
+    checkpointer = PartitionCheckpointer(flow, unacked, flush, commit, every_s=30.0)
+    assert asyncio.run(checkpointer.save(flow.owned_states())) == 1
+    assert events == ["flush", "flush", "flush", "commit"]
+    assert store.load("trace", 2)["offsets"] == {"tool_calls": 8}
+
+    stuck = Record("tool_calls", 2, 8, call.replace(b"s1", b"s2"))
+    unacked.add(stuck)
+    flow.on_record(stuck)
+    events.clear()
+    assert asyncio.run(checkpointer.save(flow.owned_states(), wait_s=0.2)) == 0  # never written: skipped
+    assert "commit" not in events and store.load("trace", 2)["offsets"] == {"tool_calls": 8}

@@ -1,0 +1,59 @@
+"""Embedding of closed drift windows and the drift detectors' updates, in one thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from agentwatch.settings import Settings
+from agentwatch.streams.dataflow import Dataflow
+
+log = logging.getLogger(__name__)
+
+
+class DriftStage:
+    """Embedding of closed drift windows and the drift detectors' updates, in one thread.
+
+    The windows are sampled per keyed partition (the core's samplers); the model loads in this
+    thread on the first due window or at :meth:`preload`, so workers start fast.
+    """
+
+    def __init__(self, settings: Settings, dataflow: Dataflow) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from agentwatch.reference import ReferenceStore
+        from agentwatch.streams.embeddings import Embedder
+
+        self.dataflow = dataflow
+        self.embedder = Embedder(settings.embedding_model, max_sentences_per_s=settings.embed_max_sentences_per_s)
+        self.store = ReferenceStore(settings.data_dir)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._references_loaded_at: dict[int, float] = {}
+
+    def preload(self) -> None:
+        """Load torch and the model now, in a thread of its own (not the embedding thread, so a
+        checkpoint right after a start does not wait for the whole load)."""
+        threading.Thread(target=lambda: self.embedder.dimension, name="embed-preload", daemon=True).start()
+
+    def check(self, due: list[tuple[Any, list[Any]]], now: float) -> list[Any]:
+        """Embed the due windows and run each partition's drift detector (in the executor)."""
+        from agentwatch.reference import load_bound_references
+        from agentwatch.streams.drift_sampler import embed_windows
+
+        findings: list[Any] = []
+        for state, windows in due:
+            detector = self.dataflow.drift_detector(state)
+            if detector is None:
+                continue
+            if now - self._references_loaded_at.get(id(detector), float("-inf")) >= 30.0:
+                self._references_loaded_at[id(detector)] = now
+                try:
+                    load_bound_references(self.store, detector, self.dataflow.owns_drift_key(state))
+                except (OSError, ValueError) as exc:
+                    log.warning("reference sets not loaded: %s", exc)
+            embedded = embed_windows(windows, self.embedder)
+            with self.dataflow.drift_lock:
+                for window in embedded:
+                    findings.extend(detector.update(window))
+        return findings
