@@ -104,9 +104,23 @@ def demo(duration: float, rate: float, incidents: tuple[str, ...], seed: int, **
         sys.exit(1)
 
 
+def write_json_rows(rows: list[dict[str, Any]], *, lines: bool) -> None:
+    """``rows`` to stdout as one JSON array, or (``lines``) one JSON object per line."""
+    import orjson
+
+    out = sys.stdout.buffer
+    if lines:
+        for row in rows:
+            out.write(orjson.dumps(row, default=str) + b"\n")
+    else:
+        out.write(orjson.dumps(rows, default=str) + b"\n")
+    out.flush()
+
+
 @main.command()
 @click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table",
+              show_default=True, help="json: one array; jsonl: one object per line.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Snapshot directory [./agentwatch-data].")
 @click.option("--max-rows", type=int, default=100, show_default=True, help="Rows shown in table format.")
 def query(sql: str, fmt: str, data_dir: Path | None, max_rows: int) -> None:
@@ -132,10 +146,7 @@ def query(sql: str, fmt: str, data_dir: Path | None, max_rows: int) -> None:
 
             pacsv.write_csv(relation.to_arrow_table(), sys.stdout.buffer)
         else:
-            import orjson
-
-            for row in relation.to_arrow_table().to_pylist():
-                sys.stdout.buffer.write(orjson.dumps(row, default=str) + b"\n")
+            write_json_rows(relation.to_arrow_table().to_pylist(), lines=fmt == "jsonl")
     except duckdb.Error as exc:
         raise click.ClickException(f"query failed: {exc}") from exc
     finally:

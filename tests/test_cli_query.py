@@ -19,15 +19,31 @@ def _data(tmp_path):
     return tmp_path
 
 
-def test_query_prints_csv_and_json(tmp_path):
-    data = _data(tmp_path)
-    sql = "SELECT model, sum(cost_usd) AS cost FROM llm_calls GROUP BY model ORDER BY model"
-    csv_out = CliRunner().invoke(main, ["query", sql, "--format", "csv", "--data-dir", str(data)])
+SQL = "SELECT model, sum(cost_usd) AS cost FROM llm_calls GROUP BY model ORDER BY model"
+
+
+def test_query_prints_csv(tmp_path):
+    csv_out = CliRunner().invoke(main, ["query", SQL, "--format", "csv", "--data-dir", str(_data(tmp_path))])
     assert csv_out.exit_code == 0, csv_out.output
     assert csv_out.output.splitlines() == ['"model","cost"', '"gpt-4o",0.75', '"o3",1']
-    json_out = CliRunner().invoke(main, ["query", sql, "--format", "json", "--data-dir", str(data)])
-    assert [json.loads(line) for line in json_out.output.splitlines()] == [
-        {"model": "gpt-4o", "cost": 0.75}, {"model": "o3", "cost": 1.0}]
+
+
+def test_query_json_is_one_array_and_jsonl_one_object_per_line(tmp_path):
+    data = _data(tmp_path)
+    expected = [{"model": "gpt-4o", "cost": 0.75}, {"model": "o3", "cost": 1.0}]
+    json_out = CliRunner().invoke(main, ["query", SQL, "--format", "json", "--data-dir", str(data)])
+    assert json_out.exit_code == 0, json_out.output
+    assert json.loads(json_out.output) == expected
+    jsonl_out = CliRunner().invoke(main, ["query", SQL, "--format", "jsonl", "--data-dir", str(data)])
+    assert jsonl_out.exit_code == 0, jsonl_out.output
+    assert [json.loads(line) for line in jsonl_out.output.splitlines()] == expected
+
+
+def test_query_json_of_no_rows_is_an_empty_array_and_jsonl_prints_nothing(tmp_path):
+    data = _data(tmp_path)
+    sql = "SELECT model FROM llm_calls WHERE model = 'none'"
+    assert CliRunner().invoke(main, ["query", sql, "--format", "json", "--data-dir", str(data)]).output == "[]\n"
+    assert CliRunner().invoke(main, ["query", sql, "--format", "jsonl", "--data-dir", str(data)]).output == ""
 
 
 def test_query_table_and_errors(tmp_path):
@@ -42,4 +58,4 @@ def test_query_on_empty_data_dir_sees_empty_typed_views(tmp_path):
     out = CliRunner().invoke(main, ["query", "SELECT count(*) AS n, sum(cost_usd) AS c FROM llm_calls",
                                     "--format", "json", "--data-dir", str(tmp_path)])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output) == {"n": 0, "c": None}
+    assert json.loads(out.output) == [{"n": 0, "c": None}]
