@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # Alerting: the notifier runs when a routes file is given (see alerts/routes.example.yaml).
     alert_routes: Path | None = None
     alerts_state_dir: Path = Path(".agentwatch/alerts")
+    # Grafana base URL (e.g. http://localhost:3000): every alert then links to the dashboard
+    # panel of its detector, around the finding's time, filtered to its key. "" = no link.
+    grafana_url: str = ""
     # GPU exporter: started by `up` when NVML answers; "auto" | "off".
     gpu_exporter: str = "auto"
     gpu_interval_s: float = 5.0

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Mapping
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import orjson
 
@@ -26,8 +26,8 @@ from agentwatch.events import Finding, Severity
 RECORD_VERSION = 1
 
 # The Grafana link opens this much time around the finding: enough history to see the build-up.
-LINK_WINDOW_BEFORE_S = 15 * 60
-LINK_WINDOW_AFTER_S = 5 * 60
+LINK_WINDOW_BEFORE_S = 30 * 60
+LINK_WINDOW_AFTER_S = 10 * 60
 # The `agentwatch query` link selects finding rows of this incident within this window.
 QUERY_WINDOW_BEFORE_S = 60 * 60
 QUERY_WINDOW_AFTER_S = 5 * 60
@@ -159,6 +159,69 @@ def grafana_link(dashboard_url: str, ts: float) -> str:
     return f"{dashboard_url}{'&' if '?' in dashboard_url else '?'}{params}"
 
 
+# Dashboard uids of dashboards/grafana.py (its tests check every uid and panel title named here).
+OVERVIEW_DASHBOARD = "agentwatch-overview"
+DRIFT_DASHBOARD = "agentwatch-drift"
+AGENTS_DASHBOARD = "agentwatch-agents"
+GPU_DASHBOARD = "agentwatch-gpu"
+
+
+def dashboard_for(detector: str, kind: str = "") -> tuple[str, str | None]:
+    """The dashboard uid and panel title that show a finding of ``detector`` (and ``kind``).
+
+    Detectors not named here get the overview's findings panel, so every finding has a link.
+
+    >>> dashboard_for("vram_leak")
+    ('agentwatch-gpu', 'VRAM slope by gpu/process')
+    """
+    if detector == "drift":
+        return DRIFT_DASHBOARD, "Drift: $key"
+    if detector == "vram_leak":
+        return GPU_DASHBOARD, "VRAM slope by gpu/process"
+    if detector == "agent_loop":
+        return AGENTS_DASHBOARD, "Loop findings / s by severity"
+    if detector == "hallucinated_tool":
+        return AGENTS_DASHBOARD, "Hallucinated tool findings / s by severity"
+    if detector in ("cost_anomaly", "budget"):
+        return OVERVIEW_DASHBOARD, "Cost USD / hour by project"
+    if detector == "retry_storm":
+        return OVERVIEW_DASHBOARD, "LLM calls / s by model"
+    if detector == "slo":
+        # No per-model LLM latency panel: a latency finding opens the whole overview.
+        return OVERVIEW_DASHBOARD, "LLM error ratio by service and model" if kind == "error_rate" else None
+    return OVERVIEW_DASHBOARD, "Findings / s by detector and severity"
+
+
+def grafana_deep_link(grafana_url: str, finding: Finding) -> Link:
+    """The Grafana link of a finding: its detector's dashboard (:func:`dashboard_for`), the
+    panel (``viewPanel``) where there is one, ``from``/``to`` (epoch ms) around the finding and
+    the dashboard's template variables set from the finding's key (``var-service``,
+    ``var-project``, ``var-host``; evidence fills names the key lacks, e.g. a loop keyed by
+    trace id). The drift dashboard's ``key`` variable is the finding key itself.
+
+    >>> f = Finding(detector="budget", key="project=shop", kind="daily", severity=Severity.WARNING,
+    ...             ts=1_700_000_000.0, value=60, threshold=50)
+    >>> grafana_deep_link("http://localhost:3000/", f).url
+    'http://localhost:3000/d/agentwatch-overview?viewPanel=12&from=1699998200000&to=1700000600000&var-project=shop'
+    """
+    from agentwatch.dashboards.grafana import dashboard_index
+
+    uid, panel_title = dashboard_for(finding.detector, finding.kind)
+    dashboard = dashboard_index()[uid]
+    params: list[tuple[str, str]] = []
+    panel_id = dashboard["panels"].get(panel_title) if panel_title else None
+    if panel_id is not None:
+        params.append(("viewPanel", str(panel_id)))
+    params += [("from", str(int((finding.ts - LINK_WINDOW_BEFORE_S) * 1000))),
+               ("to", str(int((finding.ts + LINK_WINDOW_AFTER_S) * 1000)))]
+    values = labels_from_key(finding.key, finding.evidence)
+    if uid == DRIFT_DASHBOARD:
+        values = {"key": finding.key}
+    params += [(f"var-{name}", values[name]) for name in dashboard["variables"] if values.get(name)]
+    url = f"{grafana_url.rstrip('/')}/d/{quote(uid)}?{urlencode(params, quote_via=quote)}"
+    return Link(f"Grafana: {dashboard['title']}", url)
+
+
 def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -184,9 +247,14 @@ def _json_safe(value: Any) -> Any:
                                      option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY))
 
 
-def alert_from_finding(finding: Finding, *, dashboard_url: str | None = None) -> Alert:
+def alert_from_finding(finding: Finding, *, dashboard_url: str | None = None,
+                       grafana_url: str | None = None) -> Alert:
+    """``grafana_url`` (the Grafana base URL) adds :func:`grafana_deep_link`; ``dashboard_url``
+    adds a link to that one dashboard with the time range around the finding."""
     status = AlertStatus.RESOLVED if finding.resolved else AlertStatus.FIRING
     links: list[Link] = []
+    if grafana_url:
+        links.append(grafana_deep_link(grafana_url, finding))
     if dashboard_url:
         links.append(Link("Grafana dashboard", grafana_link(dashboard_url, finding.ts)))
     return Alert(
@@ -200,7 +268,8 @@ def alert_from_finding(finding: Finding, *, dashboard_url: str | None = None) ->
     )
 
 
-def alert_record_from_finding(finding: Finding, *, dashboard_url: str | None = None) -> bytes:
+def alert_record_from_finding(finding: Finding, *, dashboard_url: str | None = None,
+                              grafana_url: str | None = None) -> bytes:
     """The JSON record for topic ``alerts``; send it keyed by ``finding.dedup_key``.
 
     Examples
@@ -212,9 +281,10 @@ def alert_record_from_finding(finding: Finding, *, dashboard_url: str | None = N
     >>> rec["dedup_key"], rec["status"], rec["labels"]["project"]
     ('agent_loop:loop:project=shop/trace=ab12', 'firing', 'shop')
     >>> rec["links"][0]["url"]
-    'http://g/d/aw?from=1699999100000&to=1700000300000'
+    'http://g/d/aw?from=1699998200000&to=1700000600000'
     """
-    return orjson.dumps(alert_from_finding(finding, dashboard_url=dashboard_url).to_dict())
+    return orjson.dumps(alert_from_finding(finding, dashboard_url=dashboard_url,
+                                           grafana_url=grafana_url).to_dict())
 
 
 _REQUIRED_STR = ("id", "dedup_key", "detector", "kind", "key", "summary")

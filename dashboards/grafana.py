@@ -16,6 +16,7 @@ the same JSON works when provisioned next to compose's Prometheus (uid
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -361,6 +362,17 @@ DASHBOARD_BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
 def all_dashboards() -> list[dict[str, Any]]:
     """Every agentwatch dashboard as Grafana dashboard JSON."""
     return [build() for build in DASHBOARD_BUILDERS.values()]
+
+
+@functools.cache
+def dashboard_index() -> dict[str, dict[str, Any]]:
+    """Per dashboard uid: its ``title``, ``panels`` (panel title -> panel id, as ``viewPanel``
+    takes it) and ``variables`` (template variable names); what alert deep links point at."""
+    return {d["uid"]: {"title": d["title"],
+                       "panels": {p["title"]: p["id"] for p in _walk_panels(d)
+                                  if p.get("type") != "row" and p.get("title")},
+                       "variables": tuple(v["name"] for v in d.get("templating", {}).get("list", []))}
+            for d in all_dashboards()}
 
 
 def to_json(dashboard: Dashboard) -> dict[str, Any]:

@@ -36,6 +36,14 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
         sampler.counters = counters
         return sampler
 
+    if alert_record is not None and settings.grafana_url:
+        # Every alert record carries a deep link into the Grafana dashboard of its detector.
+        from functools import partial
+
+        from agentwatch.dashboards.grafana import dashboard_index
+
+        dashboard_index()  # build the panel index now, not on the loop at the first finding
+        alert_record = partial(alert_record, grafana_url=settings.grafana_url)
     checkpoints = PartitionCheckpointStore(settings.data_dir, settings.app_id) \
         if settings.detector_checkpoint_s > 0 else None
     # Detector state is split over the partitions of its stage: each instance gets its share of

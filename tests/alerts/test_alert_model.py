@@ -10,7 +10,8 @@ import pytest
 
 from agentwatch.alerts.config import load_routes, parse_routes
 from agentwatch.alerts.model import (AlertStatus, MalformedAlertError, alert_from_record,
-                                     alert_record_from_finding)
+                                     alert_record_from_finding, dashboard_for, grafana_deep_link)
+from agentwatch.dashboards.grafana import all_dashboards
 from agentwatch.events import Finding, Severity
 
 T0 = 1_700_000_000.5
@@ -45,11 +46,112 @@ def test_grafana_link_has_the_time_range_around_the_finding():
     assert url.path == "/d/aw" and q["orgId"] == ["1"]
     lo, hi = int(q["from"][0]), int(q["to"][0])
     assert lo < T0 * 1000 < hi
-    assert (T0 * 1000 - lo, hi - T0 * 1000) == (15 * 60_000, 5 * 60_000)
+    assert (T0 * 1000 - lo, hi - T0 * 1000) == (30 * 60_000, 10 * 60_000)
 
 
 def test_no_dashboard_url_means_no_grafana_link():
     assert orjson.loads(alert_record_from_finding(loop_finding()))["links"] == []
+
+
+# One finding per detector the registry builds, keyed as that detector keys them.
+EVERY_DETECTOR = [
+    ("agent_loop", "loop", "4bf92f3577b34da6a3ce929d0e0e4736", {"service": "checkout", "project": "shop"}),
+    ("hallucinated_tool", "unknown_tool", "4bf92f3577b34da6a3ce929d0e0e4736", {"service": "checkout"}),
+    ("drift", "embedding", "service=checkout", {}),
+    ("vram_leak", "vram_leak", "host=gpu-1/gpu=0/pid=42", {}),
+    ("cost_anomaly", "cost_spike", "project=shop/model=gpt-4o", {}),
+    ("budget", "daily", "project=shop", {}),
+    ("retry_storm", "retry_storm", "project=shop/service=checkout/user=u1/session=s1", {}),
+    ("slo", "error_rate", "service=checkout/model=gpt-4o", {}),
+    ("slo", "latency", "service=checkout/model=gpt-4o", {}),
+    ("some_future_detector", "odd", "a&b=c d", {}),
+]
+
+
+def test_every_registered_detector_is_in_the_link_table():
+    from agentwatch.detectors.registry import build_detectors
+
+    named = {d for d, *_ in EVERY_DETECTOR}
+    assert {type(d).name for d in build_detectors({})} <= named
+
+
+def test_the_link_table_names_real_dashboards_and_panels():
+    dashboards = {d["uid"]: d for d in all_dashboards()}
+    for detector, kind, _key, _ev in EVERY_DETECTOR:
+        uid, panel = dashboard_for(detector, kind)
+        assert uid in dashboards, (detector, uid)
+        titles = {p.get("title") for p in dashboards[uid]["panels"]}
+        assert panel is None or panel in titles, (detector, panel)
+    assert dashboard_for("drift")[0] == "agentwatch-drift"
+    assert dashboard_for("vram_leak")[0] == "agentwatch-gpu"
+    assert dashboard_for("agent_loop")[0] == dashboard_for("hallucinated_tool")[0] == "agentwatch-agents"
+    assert {dashboard_for(d)[0] for d in ("cost_anomaly", "budget", "retry_storm", "slo")} == {"agentwatch-overview"}
+
+
+@pytest.mark.parametrize("detector,kind,key,evidence", EVERY_DETECTOR, ids=[f"{d}-{k}" for d, k, *_ in EVERY_DETECTOR])
+def test_every_detector_gets_a_deep_link_around_the_finding(detector, kind, key, evidence):
+    finding = loop_finding(detector=detector, kind=kind, key=key, evidence=evidence)
+    rec = orjson.loads(alert_record_from_finding(finding, grafana_url="http://grafana.example:3000/"))
+    assert len(rec["links"]) == 1
+    link = rec["links"][0]
+    url = urlsplit(link["url"])
+    assert (url.scheme, url.netloc) == ("http", "grafana.example:3000")
+    assert url.path == f"/d/{dashboard_for(detector, kind)[0]}"
+    assert link["title"].startswith("Grafana: agentwatch / ")
+    q = parse_qs(url.query)
+    lo, hi = int(q["from"][0]), int(q["to"][0])
+    assert lo < T0 * 1000 < hi and hi - lo <= 60 * 60_000
+    panel = dashboard_for(detector, kind)[1]
+    if panel is None:
+        assert "viewPanel" not in q
+    else:
+        dashboard = next(d for d in all_dashboards() if d["uid"] == url.path.rsplit("/", 1)[1])
+        assert [p["title"] for p in dashboard["panels"] if str(p["id"]) == q["viewPanel"][0]] == [panel]
+    # Round trip through the notifier's reader: the link survives validation.
+    assert alert_from_record(orjson.dumps(rec)).links[0].url == link["url"]
+
+
+def test_deep_link_variables_come_from_the_key_and_are_url_encoded():
+    def query(detector, kind, key, evidence=None):
+        link = grafana_deep_link("https://g.example/grafana", loop_finding(
+            detector=detector, kind=kind, key=key, evidence=evidence or {}))
+        assert link.url.startswith("https://g.example/grafana/d/")
+        return urlsplit(link.url).query, parse_qs(urlsplit(link.url).query)
+
+    raw, q = query("budget", "daily", "project=R&D shop/user=u1")
+    assert q["var-project"] == ["R&D shop"] and "var-service" not in q and "var-user" not in q
+    assert "var-project=R%26D%20shop" in raw  # & and space encoded, not splitting the query
+    _raw, q = query("slo", "error_rate", "service=checkout/model=gpt-4o")
+    assert q["var-service"] == ["checkout"] and "var-project" not in q
+    _raw, q = query("vram_leak", "vram_leak", "host=gpu-1/gpu=0/pid=42")
+    assert q["var-host"] == ["gpu-1"]
+    raw, q = query("drift", "embedding", "service=checkout/model=a+b")
+    assert q["var-key"] == ["service=checkout/model=a+b"] and "%2B" in raw
+    # The key wins over evidence; evidence fills what a trace-id key cannot say.
+    _raw, q = query("agent_loop", "loop", "service=from-key", {"service": "from-evidence"})
+    assert q["var-service"] == ["from-key"]
+    _raw, q = query("agent_loop", "loop", "4bf92f3577b34da6a3ce929d0e0e4736", {"service": "checkout"})
+    assert q["var-service"] == ["checkout"]
+    _raw, q = query("agent_loop", "loop", "4bf92f3577b34da6a3ce929d0e0e4736")
+    assert not any(name.startswith("var-") for name in q)
+
+
+def test_no_grafana_url_means_no_deep_link():
+    assert orjson.loads(alert_record_from_finding(loop_finding(), grafana_url=""))["links"] == []
+
+
+def test_the_worker_wires_the_grafana_url_into_every_alert_record(tmp_path):
+    from agentwatch.alerts.model import alert_record_from_finding as record
+    from agentwatch.settings import Settings
+    from agentwatch.streams.worker import build_dataflow
+
+    def built(grafana_url):
+        settings = Settings(data_dir=tmp_path, grafana_url=grafana_url, detector_checkpoint_s=0)
+        return build_dataflow(settings, alert_record=record).alert_record
+
+    links = orjson.loads(built("http://localhost:3000")(loop_finding()))["links"]
+    assert [urlsplit(link["url"]).path for link in links] == ["/d/agentwatch-agents"]
+    assert orjson.loads(built("")(loop_finding()))["links"] == []
 
 
 def test_query_command_selects_this_incident_and_survives_the_shell():
