@@ -153,6 +153,38 @@ def query(sql: str, fmt: str, data_dir: Path | None, max_rows: int) -> None:
         con.close()
 
 
+@main.command()
+@click.argument("trace_id")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: the same tree as nested JSON.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Snapshot directory [./agentwatch-data].")
+def trace(trace_id: str, fmt: str, data_dir: Path | None) -> None:
+    """Print one trace as a tree: agent steps, model calls and tool calls under their parents in
+    start-time order, with the findings keyed by the trace id (agent_loop, hallucinated_tool)."""
+    import duckdb
+
+    from agentwatch.streams.snapshots import connect
+    from agentwatch.trace_view import load_trace, render_text, tree_to_json
+
+    con = connect(_settings(data_dir=data_dir).data_dir)
+    try:
+        tree = load_trace(con, trace_id)
+    except duckdb.Error as exc:
+        raise click.ClickException(f"reading the snapshots failed: {exc}") from exc
+    finally:
+        con.close()
+    if tree is None:
+        click.echo(f"error: no trace {trace_id!r} in the snapshots", err=True)
+        sys.exit(1)
+    if fmt == "json":
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(tree_to_json(tree), option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.flush()
+    else:
+        click.echo(render_text(tree), nl=False)
+
+
 def import_from_checkout(module: str, command: str) -> Any:
     """``module`` of the source checkout's bench/ folder, beside the agentwatch package.
 
