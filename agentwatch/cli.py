@@ -153,6 +153,115 @@ def query(sql: str, fmt: str, data_dir: Path | None, max_rows: int) -> None:
         con.close()
 
 
+class Duration(click.ParamType):
+    """``30m``, ``1h``, ``2d`` (also ``s`` and ``w``) as seconds."""
+
+    name = "duration"
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        try:
+            amount, unit = float(text[:-1]), self.units[text[-1:]]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a duration like 30m, 1h or 2d", param, ctx)
+        if amount <= 0:
+            self.fail(f"{value!r} is not a positive duration", param, ctx)
+        return amount * unit
+
+
+# One row per (detector, kind, key): its latest finding says whether it is open (at equal
+# timestamps a firing outranks a resolution, so a live condition is never hidden); severity,
+# value and threshold are those of its latest firing. A row delivered twice counts once.
+FINDINGS_STATE_SQL = """
+WITH f AS (
+    SELECT DISTINCT detector, kind, key, severity, ts, value, threshold, coalesce(resolved, false) AS resolved
+    FROM findings WHERE ts IS NOT NULL),
+g AS (
+    SELECT detector, kind, key,
+           arg_max(resolved, (ts, NOT resolved)) AS resolved,
+           coalesce(min(ts) FILTER (WHERE NOT resolved), min(ts)) AS first_seen,
+           coalesce(max(ts) FILTER (WHERE NOT resolved), max(ts)) AS last_seen,
+           max(ts) AS latest_ts,
+           coalesce(arg_max(severity, ts) FILTER (WHERE NOT resolved), arg_max(severity, ts)) AS severity,
+           arg_max(value, ts) FILTER (WHERE NOT resolved) AS value,
+           arg_max(threshold, ts) FILTER (WHERE NOT resolved) AS threshold,
+           count(*) FILTER (WHERE NOT resolved) AS firings
+    FROM f GROUP BY detector, kind, key)
+SELECT CASE WHEN resolved THEN 'resolved' ELSE 'open' END AS state, severity, detector, kind, key,
+       value, threshold, first_seen, last_seen, CASE WHEN resolved THEN latest_ts END AS resolved_at, firings
+FROM g
+WHERE latest_ts >= $since AND (len($detectors) = 0 OR list_contains($detectors, detector))
+      AND NOT ($open_only AND resolved)
+ORDER BY resolved, CASE severity WHEN 'critical' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END,
+         last_seen DESC, detector, kind, key
+"""
+
+
+def findings_state(con: Any, *, since_ts: float = float("-inf"), detectors: tuple[str, ...] = (),
+                   open_only: bool = False) -> list[dict[str, Any]]:
+    """Each (detector, kind, key) seen (fired or resolved) at or after ``since_ts``, with its state."""
+    cursor = con.execute(FINDINGS_STATE_SQL, {"since": since_ts, "detectors": list(detectors),
+                                              "open_only": open_only})
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, values)) for values in cursor.fetchall()]
+
+
+def _utc(ts: float | None) -> str:
+    from datetime import datetime, timezone
+
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def findings_table(rows: list[dict[str, Any]]) -> str:
+    header = ["STATE", "SEVERITY", "DETECTOR", "KIND", "KEY", "VALUE", "THRESHOLD", "FIRST SEEN", "LAST SEEN",
+              "RESOLVED AT", "FIRINGS"]
+    cells = [header] + [[r["state"], r["severity"], r["detector"], r["kind"], r["key"],
+                         "-" if r["value"] is None else f"{r['value']:g}",
+                         "-" if r["threshold"] is None else f"{r['threshold']:g}",
+                         _utc(r["first_seen"]), _utc(r["last_seen"]), _utc(r["resolved_at"]), str(r["firings"])]
+                        for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n" for row in cells)
+
+
+@main.command()
+@click.option("--since", type=Duration(), help="Only findings seen (fired or resolved) in the last 30m, 1h, 2d, ...")
+@click.option("--detector", "detectors", multiple=True, help="Only this detector (repeatable), e.g. agent_loop.")
+@click.option("--open", "open_only", is_flag=True, help="Only open (not resolved) findings.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "jsonl"]), default="table", show_default=True,
+              help="json: one array; jsonl: one object per line (timestamps in unix seconds).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Snapshot directory [./agentwatch-data].")
+def findings(since: float | None, detectors: tuple[str, ...], open_only: bool, fmt: str,
+             data_dir: Path | None) -> None:
+    """List findings with their state: for each detector, kind and key, the latest finding says
+    whether it is open or resolved. Open ones first, most severe first, latest first."""
+    import time
+
+    import duckdb
+
+    from agentwatch.streams.snapshots import connect
+
+    con = connect(_settings(data_dir=data_dir).data_dir)
+    try:
+        rows = findings_state(con, since_ts=time.time() - since if since else float("-inf"),
+                              detectors=detectors, open_only=open_only)
+    except duckdb.Error as exc:
+        raise click.ClickException(f"reading the snapshots failed: {exc}") from exc
+    finally:
+        con.close()
+    if fmt != "table":
+        write_json_rows(rows, lines=fmt == "jsonl")
+    elif rows:
+        click.echo(findings_table(rows), nl=False)
+    else:
+        click.echo("no findings")
+
+
 @main.command()
 @click.argument("trace_id")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
