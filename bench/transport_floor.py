@@ -51,8 +51,12 @@ def run_forwarder() -> None:
     faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
 
 
-def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s: float = 300) -> dict[str, Any]:
-    """Spans/s of ``records`` through broker -> forwarder (two hops) -> consumer, and CPU per span."""
+def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s: float = 300,
+                          warmup: list[bytes] | None = None) -> dict[str, Any]:
+    """Spans/s of ``records`` through broker -> forwarder (two hops) -> consumer, and CPU per span.
+
+    ``warmup``: records passed through before the clock starts (default: the first 5 of ``records``).
+    """
     import psutil
 
     from agentwatch.broker import EmbeddedBroker, create_topics, free_port
@@ -88,7 +92,7 @@ def bench_transport_floor(records: list[bytes], spans_per_record: int, timeout_s
                                            f"its log ends:\n{tail}")
                     seen += sum(len(b) for b in consumer.poll(timeout_ms=200, max_records=1000).values())
 
-            pass_through(records[:5])  # the group join and first fetches happen here
+            pass_through(records[:5] if warmup is None else warmup)  # the group join and first fetches happen here
             processes = {"forwarder": psutil.Process(worker.pid), "broker": psutil.Process(broker.proc.pid),
                          "bench_client": psutil.Process()}
             cpu_before = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}

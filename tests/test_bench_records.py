@@ -40,3 +40,63 @@ def test_transport_floor_passes_every_record_through_the_real_broker_and_a_forwa
     assert floor["spans_per_s"] > 0
     assert set(floor["cpu_us_per_span"]) == {"forwarder", "broker", "bench_client"}
     assert floor["cpu_us_per_span"]["broker"] > 0  # measured on the real broker process
+
+
+def _fake_run(workers: int, rate: int) -> dict:
+    roles = {"bench": 5.0, "broker": 20.0, "collector": 0.5}
+    for i in range(workers):
+        roles |= {f"worker-{i}": 40.0, f"worker-{i}-normaliser": 10.0}
+    return {"workers": workers, "spans": 1000, "seconds": 1000 / rate, "spans_per_s": rate,
+            "stage_committed_s": {}, "cpu_us_per_span": {**roles, "total": sum(roles.values())}}
+
+
+def test_end_to_end_rounds_interleave_the_floor_and_both_worker_counts_and_report_medians(monkeypatch):
+    import bench.end_to_end as e2e
+    import bench.transport_floor as floor
+    from bench.runner import _continuity, _table
+
+    order = []
+    rates = iter([100_000, 30_000, 35_000, 120_000, 20_000, 25_000])
+
+    def fake_floor(records, spans_per_record, warmup=None):
+        order.append("floor")
+        return {"spans_per_s": next(rates), "cpu_us_per_span": {"forwarder": 3.0, "broker": 4.0, "bench_client": 1.0}}
+
+    def fake_run(records, warmup, *, workers, expected_rows, spans_per_record=1000):
+        order.append(workers)
+        return _fake_run(workers, next(rates))
+
+    monkeypatch.setattr(floor, "bench_transport_floor", fake_floor)
+    monkeypatch.setattr(e2e, "run_end_to_end", fake_run)
+    result = e2e.bench_end_to_end_rounds([b"x"], [b"w"], 1000, rounds=2, say=lambda _m: None)
+    assert order == ["floor", 1, 2, "floor", 1, 2]
+    assert result["workers_1"]["spans_per_s"] == {"median": 25_000, "range": [20_000, 30_000]}
+    assert result["workers_2"]["spans_per_s"]["range"] == [25_000, 35_000]
+    assert result["transport_floor"]["spans_per_s"]["median"] == 110_000
+    assert result["ratio_to_transport_floor"]["workers_1"]["per_round"] == [0.3, round(20_000 / 120_000, 3)]
+    assert result["two_workers_vs_one"]["per_round"] == [round(35 / 30, 3), 1.25]
+    cpu = result["cpu_us_per_span"]
+    assert set(cpu["workers_2"]) >= {"broker", "worker-0", "worker-1-normaliser", "bench", "total"}
+    assert cpu["transport_floor"]["total"] == 8.0
+
+    results = {"end_to_end": result}
+    _continuity(results)
+    assert results["end_to_end_spans_per_s"] == 25_000  # the 1-worker median, under its old name
+    assert results["transport_floor"]["spans_per_s"] == 110_000
+    table = _table(results)
+    assert "end_to_end_workers_2_spans_per_s" in table and "worker-1-normaliser" in table
+
+
+@pytest.mark.slow
+def test_end_to_end_clock_stops_when_the_worker_group_committed_everything_and_rows_are_written():
+    from bench.end_to_end import run_end_to_end
+    from bench.runner import bench_normalize
+
+    built = make_records(5, spans_per_record=200)
+    warmup, records = built[:2], built[2:]
+    _, events = bench_normalize(records)
+    run = run_end_to_end(records, warmup, workers=1, expected_rows=events, spans_per_record=200, timeout_s=120)
+    assert run["rows_written"] == events == run["rows_expected"]
+    assert set(run["stage_committed_s"]) == {"map", "trace", "keyed"}
+    assert {"broker", "worker-0", "worker-0-normaliser", "bench", "total"} <= set(run["cpu_us_per_span"])
+    assert run["cpu_us_per_span"]["worker-0"] > 0
