@@ -26,7 +26,7 @@ from agentwatch.settings import Settings
 from agentwatch.streams.dataflow import (TRACE_TOPICS, USAGE_TOPIC, Dataflow, Record, Send, StepOutput,
                                          empty_record_reason)
 from agentwatch.streams.drift_stage import DriftStage
-from agentwatch.streams.kafka_compat import cap_consumer_fetch_wait, fetch_range
+from agentwatch.streams.kafka_compat import cap_consumer_fetch_wait, committed_offsets, fetch_range
 from agentwatch.streams.normalizer_process import NormalizerDied, NormalizerProcess
 from agentwatch.streams.partition_checkpoint import PartitionCheckpointer, Unacked
 from agentwatch.streams.pipeline import merge_event_records
@@ -121,6 +121,10 @@ async def _send_until_accepted(topic: Any, s: Send, first_backoff_s: float = 0.1
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if getattr(exc, "retriable", True) is False:  # e.g. a record over the broker's limit
+                log.error("send to %s[%s] cannot succeed (%s: %s); its input record stays uncommitted",
+                          s.topic, s.partition, type(exc).__name__, exc)
+                raise
             attempts += 1
             log.warning("send to %s[%s] failed (%s: %s); retrying in %.1fs (attempt %d)",
                         s.topic, s.partition, type(exc).__name__, exc, backoff, attempts)
@@ -193,8 +197,15 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
             return
         await ack_written(due)
 
-    checkpointer = PartitionCheckpointer(dataflow, unacked, flush, lambda: app.consumer.commit(),
-                                         settings.detector_checkpoint_s) \
+    async def commit(topic_partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+        """Everything sent so far delivered, acknowledged offsets committed: the offsets the group
+        has committed now (read back from the broker, not assumed)."""
+        await app.producer.flush()
+        await app.consumer.commit()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, committed_offsets, settings.bootstrap_servers, settings.app_id, topic_partitions)
+
+    checkpointer = PartitionCheckpointer(dataflow, unacked, flush, commit, settings.detector_checkpoint_s) \
         if dataflow.checkpoints is not None and settings.detector_checkpoint_s > 0 else None
 
     pool: NormalizerProcess | None = None
@@ -250,18 +261,38 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     loop_executor_replay = settings.max_message_bytes * 2
 
     async def replay_before(record: Record) -> None:
+        """Replay what was committed since the partition's checkpoint into its state, in chunks;
+        a failing fetch is retried (the live record waits: applied before its history, the state
+        would differ from an uninterrupted run's)."""
         replay = dataflow.replay_needed(record, app.consumer.highwater(TP(record.topic, record.partition)))
         if replay is None:
             return
-        started = time.perf_counter()
-        records = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: fetch_range(settings.bootstrap_servers, replay.topic, replay.partition, replay.start,
-                                      replay.end, max_fetch_bytes=loop_executor_replay))
-        for offset, key, value in records:
-            dataflow.replay(Record(replay.topic, replay.partition, offset, value, key))
+        started, start, replayed, backoff = time.perf_counter(), replay.start, 0, 0.5
+        loop = asyncio.get_running_loop()
+        while start < replay.end:
+            try:
+                chunk = await loop.run_in_executor(None, lambda at=start: fetch_range(
+                    settings.bootstrap_servers, replay.topic, replay.partition, at, replay.end,
+                    max_fetch_bytes=loop_executor_replay))
+            except Exception as exc:
+                log.warning("replay of %s[%s] from %d failed (%s: %s); retrying in %.1fs", replay.topic,
+                            replay.partition, start, type(exc).__name__, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if not chunk:
+                log.warning("replay of %s[%s]: nothing readable in %d..%d", replay.topic, replay.partition,
+                            start, replay.end)
+                break
+            if chunk[0][0] > start:
+                log.warning("replay of %s[%s]: records %d..%d are no longer in the log (retention); the "
+                            "state misses them", replay.topic, replay.partition, start, chunk[0][0])
+            for offset, key, value in chunk:
+                dataflow.replay(Record(replay.topic, replay.partition, offset, value, key))
+            replayed += len(chunk)
+            start = chunk[-1][0] + 1
         log.info("partition %s[%s]: replayed %d records (%d..%d) into its restored state in %.2fs",
-                 replay.topic, replay.partition, len(records), replay.start, replay.end,
-                 time.perf_counter() - started)
+                 replay.topic, replay.partition, replayed, replay.start, replay.end, time.perf_counter() - started)
 
     # Records are acknowledged (and so committed) only once their rows are in a Parquet file: a
     # worker killed between flushes gets them again instead of losing them.
@@ -271,11 +302,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         async for event in stream.events():
             record = _record(event)
             positions[(record.topic, record.partition)] = record.offset + 1
-            try:
-                await replay_before(record)
-            except Exception:
-                log.exception("replay of %s[%s] failed; its state misses the records since its checkpoint",
-                              record.topic, record.partition)
+            await replay_before(record)
             unacked.add(record)
 
             async def ack(event: Any = event, record: Record = record) -> None:
@@ -352,19 +379,32 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
                   if any((topic in TRACE_TOPICS and s.stage == "trace" or topic == USAGE_TOPIC and s.stage == "keyed")
                          and partition == s.partition for topic, partition in tps)]
         if checkpointer is not None and states:
-            await checkpointer.save(states, wait_s=5.0)
+            # Short: the rebalance waits for this. A state not saved now is rebuilt by its next
+            # owner from the previous file and the log.
+            await checkpointer.save(states, wait_s=1.0)
         dataflow.release(tps)
 
     @app.on_before_shutdown.connect
     async def flush_on_shutdown(app: faust.App, **kwargs: Any) -> None:
         due = sink.take_due(force=True)
-        sink.write(due)
-        await ack_written(due)
+        try:
+            sink.write(due)
+            await ack_written(due)
+        except Exception:  # the records stay uncommitted and come again; the rest of the stop goes on
+            log.exception("final snapshot write failed")
         if checkpointer is not None:
             states = dataflow.owned_states()
             docs = dataflow.snapshot_states(states)
+            try:  # Faust committed what was acknowledged before this hook; a file must not run ahead of it
+                committed = committed_offsets(settings.bootstrap_servers, settings.app_id, sorted(
+                    {(topic, state.partition) for state, doc in docs for topic in doc["offsets"]}))
+            except Exception:
+                log.exception("committed offsets unreadable at shutdown; no shutdown checkpoint")
+                committed = {}
             for state, doc in docs:
-                if unacked.clear_below(state, doc["offsets"]):
+                if unacked.clear_below(state, doc["offsets"]) and all(
+                        (committed.get((topic, state.partition)) or 0) >= offset
+                        for topic, offset in doc["offsets"].items()):
                     try:
                         checkpointer.store.save(state.stage, state.partition, checkpointer.store.encode(doc))
                     except Exception:

@@ -245,6 +245,8 @@ class TraceSteps:
 
     def restore(self, snap: Iterable[Sequence[Any]]) -> None:
         self._steps = collections.OrderedDict((str(k), int(v)) for k, v in snap)
+        while len(self._steps) > self.max_traces:
+            self._steps.popitem(last=False)
 
 
 class PartitionState:
@@ -285,12 +287,12 @@ class TracePartition(PartitionState):
 
     stage = "trace"
 
-    def __init__(self, partition: int, runner: Any) -> None:
+    def __init__(self, partition: int, runner: Any, *, max_traces: int = 100_000, max_spans: int = 20_000) -> None:
         super().__init__(partition)
         self.runner = runner
-        self.parents = TraceParents()
-        self.steps = TraceSteps()
-        self.seen = RecentSpans()
+        self.parents = TraceParents(max_traces)
+        self.steps = TraceSteps(max_traces)
+        self.seen = RecentSpans(max_spans)
 
     def state_snapshot(self) -> dict[str, Any]:
         return {"detectors": self.runner.snapshot(), "parents": self.parents.snapshot(),
@@ -312,8 +314,8 @@ class KeyedPartition(PartitionState):
         super().__init__(partition)
         self.runners = dict(runners)  # family field -> DetectorRunner
         self.sampler = sampler
-        # "<family>@<source topic>:<partition>" -> the last source offset applied
-        self.applied: dict[str, int] = {}
+        # "<family>@<source topic>:<partition>" -> (offset, chunk) of the last usage record applied
+        self.applied: dict[str, tuple[int, int]] = {}
 
     def state_snapshot(self) -> dict[str, Any]:
         snap: dict[str, Any] = {"families": {f: r.snapshot() for f, r in self.runners.items()},
@@ -328,7 +330,7 @@ class KeyedPartition(PartitionState):
                 self.runners[family].restore(runner_snap)
         if self.sampler is not None and snap.get("sampler"):
             self.sampler.restore(snap["sampler"])
-        self.applied = {str(k): int(v) for k, v in snap.get("applied", {}).items()}
+        self.applied = {str(k): (int(v[0]), int(v[1])) for k, v in snap.get("applied", {}).items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +363,13 @@ class Dataflow:
         A fresh :class:`~agentwatch.streams.drift_sampler.DriftSampler` for a keyed partition.
     alert_record : callable, optional
         Finding -> the notifier's record value (``alerts`` topic); None sends no alerts.
+    trace_memory : int
+        Traces whose nested calls and step counts are remembered, for the whole group; each trace
+        partition keeps twice its even share.
+    dedup_spans : int
+        Span ids each trace partition remembers to drop a span sent again. A re-send comes after
+        a crash is noticed (the session timeout) plus a commit interval: at 2,000 spans/s per
+        partition, 20,000 spans cover 10 s.
     metrics : PipelineMetrics, optional
     """
 
@@ -368,11 +377,15 @@ class Dataflow:
                  drift_key_fields: Sequence[str] = ("service",), mapper: Any = None,
                  checkpoints: Any = None, drift_sampler: Callable[[], Any] | None = None,
                  alert_record: Callable[[Finding], bytes] | None = None, metrics: Any = None,
-                 value_bounds: Any = None, max_message_bytes: int = 1_000_000, log_epoch: str = "") -> None:
+                 value_bounds: Any = None, max_message_bytes: int = 1_000_000, log_epoch: str = "",
+                 trace_memory: int = 100_000, dedup_spans: int = 20_000) -> None:
         from agentwatch.detectors.runner import DetectorRunner
 
         self.partitions = dict(partitions)
         self.log_epoch = log_epoch
+        trace_partitions = max(1, self.partitions.get("llm_calls", 1))
+        self.traces_per_partition = max(1, -(-2 * trace_memory // trace_partitions))
+        self.dedup_spans = dedup_spans
         self._build_detectors = build_detectors
         self._runner = DetectorRunner
         self.topology = Topology.of(build_detectors(), drift_key_fields)
@@ -398,7 +411,8 @@ class Dataflow:
     def trace_state(self, partition: int) -> TracePartition:
         state = self.trace_states.get(partition)
         if state is None:
-            state = TracePartition(partition, self._detectors(self.topology.trace))
+            state = TracePartition(partition, self._detectors(self.topology.trace),
+                                   max_traces=self.traces_per_partition, max_spans=self.dedup_spans)
             self._restore(state)
             self.trace_states[partition] = state
         return state
@@ -428,6 +442,8 @@ class Dataflow:
                 log.warning("partition %s/%s: checkpoint of log epoch %r, now %r: state kept, offsets dropped",
                             state.stage, state.partition, doc.get("log_epoch", ""), self.log_epoch)
                 state.offsets, state.restored_offsets = {}, {}
+                if isinstance(state, KeyedPartition):
+                    state.applied = {}  # source offsets of the old logs: the new ones restart at 0
         except Exception as exc:  # a checkpoint from another version: start empty, keep the file aside
             log.warning("partition %s/%s: checkpoint not restored (%s); starting empty",
                         state.stage, state.partition, exc)
@@ -532,14 +548,24 @@ class Dataflow:
             except UndecodableRecord as exc:
                 self._dead_letter(out, record, f"undecodable {topic} record: {exc}")
                 return out
+            except Exception as exc:  # whatever a hostile record trips on, it never stops its partition
+                log.exception("%s[%s]@%s failed", topic, record.partition, record.offset)
+                out = StepOutput()  # what it produced before failing is dropped with it
+                self._dead_letter(out, record, f"{topic} record failed: {type(exc).__name__}: {exc}")
+                return out
             finally:
                 self._advance(record)
         if topic == "gpu_samples":
-            return self._gpu_samples(record)
+            try:
+                return self._gpu_samples(record)
+            except Exception as exc:
+                log.exception("%s[%s]@%s failed", topic, record.partition, record.offset)
+                self._dead_letter(out, record, f"{topic} record failed: {type(exc).__name__}: {exc}")
+                return out
         if topic == "llm_messages":
             try:
                 rows = decode_event_rows(record.value)
-            except UndecodableRecord as exc:
+            except Exception as exc:
                 self._dead_letter(out, record, f"undecodable {topic} record: {exc}")
                 return out
             if rows:
@@ -578,34 +604,39 @@ class Dataflow:
                       update: bool) -> None:
         table = record.topic
         decoded = decode_events_checked(table, record.value, self.value_bounds)
-        events, payload = decoded.events, decoded.payload
+        received, payload = decoded.events, decoded.payload
         if emit:
             self._reject_values(out, record, decoded.rejections)
-        received = len(events)
+        keep = range(len(received))
         if update:
-            # A span already applied (its request re-sent after a crash, or an exporter's retry)
-            # is dropped: its row is stored and the detectors counted it.
+            # A span already applied (its request re-sent after a crash, an exporter's retry, or
+            # twice in one record) is dropped: its row is stored and the detectors counted it.
             seen = state.seen
-            events = [e for e in events if seen.add(e.trace_id, e.span_id)]
-            if len(events) < received:
-                self.counts["duplicate_spans"] += received - len(events)
-        demoted: list[LlmCall] = []
-        if table == "llm_calls" and update:
-            events, demoted = self._split_nested(state, events)
-        elif table == "llm_calls":
-            events, demoted = _split_known(state.parents, events)
+            keep = [i for i in keep if seen.add(received[i].trace_id, received[i].span_id)]
+            if len(keep) < len(received):
+                self.counts["duplicate_spans"] += len(received) - len(keep)
+        demote: list[int] = []
+        if table == "llm_calls":
+            # An LLM-looking span whose model-call child came earlier wraps that call: it is an
+            # agent step, and the call is counted once, in the child.
+            parents, wrappers = state.parents, []
+            for i in keep:
+                call = received[i]
+                (demote if (call.trace_id, call.span_id) in parents else wrappers).append(i)
+                if update:
+                    parents.add(call.trace_id, call.parent_span_id)
+            keep = wrappers
+        events = [received[i] for i in keep]
+        demoted = [received[i] for i in demote]
         if emit:
-            if demoted or len(events) < received:
-                kept_ids = {(e.trace_id, e.span_id) for e in events}
-                demoted_ids = {(e.trace_id, e.span_id) for e in demoted}
-                rows = orjson.loads(payload)
-                rows = rows if isinstance(rows, list) else [rows]
-                kept = [r for r in rows if (r.get("trace_id"), r.get("span_id")) in kept_ids]
+            if demote or len(keep) < len(received):
+                rows = _load_rows(payload)  # aligned with the decoded events, one row each
+                kept = [rows[i] for i in keep]
                 if kept:
-                    out.rows.append(Rows(table, orjson.dumps(kept), len(kept)))
-                steps = [_agent_step_row(r) for r in rows if (r.get("trace_id"), r.get("span_id")) in demoted_ids]
+                    out.rows.append(Rows(table, dumps_lenient(kept), len(kept)))
+                steps = [_agent_step_row(rows[i]) for i in demote]
                 if steps:
-                    out.rows.append(Rows("agent_steps", orjson.dumps(steps), len(steps)))
+                    out.rows.append(Rows("agent_steps", dumps_lenient(steps), len(steps)))
                     self.counts["nested_demoted"] += len(steps)
             elif events:
                 out.rows.append(Rows(table, payload, len(events)))
@@ -625,6 +656,9 @@ class Dataflow:
         if emit and self.metrics is not None:
             for service, steps in finished.items():
                 self.metrics.observe_trace_steps(service=service, steps=steps)
+        if emit and events:
+            # Before the trace detectors: a failing one must not cost the project its usage.
+            self._forward_usage(out, record, table, events)
         if state.runner.detectors:
             try:
                 findings = state.runner.process([*events, *as_steps] if as_steps else events)
@@ -635,21 +669,6 @@ class Dataflow:
                 return
             if emit:
                 self._emit_findings(out, findings)
-        if emit and events:
-            self._forward_usage(out, record, table, events)
-
-    def _split_nested(self, state: TracePartition, calls: list[LlmCall]) -> tuple[list[LlmCall], list[LlmCall]]:
-        """Calls that are model calls, and those that are ancestors of an earlier one (demoted)."""
-        parents = state.parents
-        kept: list[LlmCall] = []
-        demoted: list[LlmCall] = []
-        for call in calls:
-            if (call.trace_id, call.span_id) in parents:
-                demoted.append(call)
-            else:
-                kept.append(call)
-            parents.add(call.trace_id, call.parent_span_id)
-        return kept, demoted
 
     def _usage(self, state: KeyedPartition, record: Record, out: StepOutput, *, emit: bool, update: bool) -> None:
         key = (record.key or b"").decode("utf-8", "replace")
@@ -664,13 +683,14 @@ class Dataflow:
             return
         # Usage records name the record they came from; a source re-read after a crash sends them
         # again, and the family's detectors must not count them twice.
-        source_log, _, source_offset = source.rpartition(":")
-        if source_log and source_offset.lstrip("-").isdigit():
+        position = _source_position(source)
+        if position is not None:
+            source_log, at = position
             applied = f"{family}@{source_log}"
-            if int(source_offset) <= state.applied.get(applied, -1):
+            if at <= state.applied.get(applied, (-1, -1)):
                 self.counts["duplicate_usage"] += 1
                 return
-            state.applied[applied] = int(source_offset)
+            state.applied[applied] = at
         events = decode_events(table, record.value, self.value_bounds)
         if family == self.topology.drift_field and state.sampler is not None and table == "llm_calls":
             state.sampler.offer(events)
@@ -705,6 +725,7 @@ class Dataflow:
         cls = _EVENT_CLASS[table]
         partitions = self.partitions.get(USAGE_TOPIC, 1)
         source = f"{record.topic}:{record.partition}:{record.offset}"
+        limit = self.max_record_bytes
         for family, accepted in self.topology.accepts.items():
             if cls not in accepted or not hasattr(events[0], family):
                 continue
@@ -714,8 +735,9 @@ class Dataflow:
             for partition, group in groups.items():
                 if cls is LlmCall:
                     group = [_compact(e) for e in group]
-                out.sends.append(Send(USAGE_TOPIC, partition, orjson.dumps(group),
-                                      key=f"{table}:{family}@{source}".encode()))
+                for chunk, payload in enumerate(_chunks(group, limit)):
+                    out.sends.append(Send(USAGE_TOPIC, partition, payload,
+                                          key=f"{table}:{family}@{source}:{chunk}".encode()))
 
     # -- findings, dead letters -----------------------------------------------------------------
 
@@ -742,8 +764,13 @@ class Dataflow:
         return out
 
     def _dead_letter(self, out: StepOutput, record: Record, reason: str) -> None:
-        out.sends.append(Send("dead_letter", None, record.value or b"", key=record.key,
-                              headers=dead_letter_headers(record, reason)))
+        value = record.value or b""
+        headers = dead_letter_headers(record, reason)
+        if len(value) > self.max_record_bytes:
+            # The headers would push a record near the broker's limit over it: keep its start and say so.
+            headers += (("agentwatch.dlq.truncated_from_bytes", str(len(value)).encode()),)
+            value = value[:self.max_record_bytes]
+        out.sends.append(Send("dead_letter", None, value, key=record.key, headers=headers))
         out.dead_letters += 1
         self.counts["dead_letter"] += 1
         if self.metrics is not None:
@@ -804,9 +831,41 @@ class Dataflow:
             return [(state, {**state.checkpoint(), "log_epoch": self.log_epoch}) for state in states]
 
 
-def _split_known(parents: TraceParents, calls: list[LlmCall]) -> tuple[list[LlmCall], list[LlmCall]]:
-    kept = [c for c in calls if (c.trace_id, c.span_id) not in parents]
-    return (calls, []) if len(kept) == len(calls) else (kept, [c for c in calls if (c.trace_id, c.span_id) in parents])
+def _chunks(events: Sequence[Any], limit: int) -> list[bytes]:
+    """``events`` as JSON arrays of at most about ``limit`` bytes each (one when they fit)."""
+    whole = orjson.dumps(events)
+    if len(whole) <= limit or len(events) == 1:
+        return [whole]
+    out, items, size = [], [], 2
+    for event in events:
+        item = orjson.dumps(event)
+        if items and size + len(item) + 1 > limit:
+            out.append(b"[" + b",".join(items) + b"]")
+            items, size = [], 2
+        items.append(item)
+        size += len(item) + 1
+    out.append(b"[" + b",".join(items) + b"]")
+    return out
+
+
+def _source_position(source: str) -> tuple[str, tuple[int, int]] | None:
+    """``("llm_calls:3", (1042, 0))`` from a usage key's ``llm_calls:3:1042:0``; None if absent."""
+    parts = source.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], (int(parts[1]), int(parts[2]))
+
+
+def _load_rows(payload: bytes) -> list[Any]:
+    """The rows of an event record that already decoded (orjson, or Python's json for what only
+    it reads: a lone surrogate, NaN)."""
+    try:
+        rows = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        import json
+
+        rows = json.loads(payload)
+    return rows if isinstance(rows, list) else [rows]
 
 
 def _compact(call: LlmCall) -> LlmCall:
@@ -817,20 +876,20 @@ def _compact(call: LlmCall) -> LlmCall:
 
 def _agent_step_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The AgentStep row of an LLM-looking span found to wrap an earlier model call."""
-    latency = row.get("latency_ms") or 0.0
+    latency = row.get("latency_ms")  # None where it was nulled as implausible (invalid_fields says so)
     ts = row.get("ts") or 0.0
     return {"ts": ts, "trace_id": row.get("trace_id", ""), "span_id": row.get("span_id", ""),
             "parent_span_id": row.get("parent_span_id", ""), "service": row.get("service", ""),
             "project": row.get("project", ""), "user": row.get("user", ""), "session": row.get("session", ""),
             "agent": row.get("agent", ""), "host": row.get("host", ""), "operation": row.get("operation", ""),
             "name": " ".join(p for p in (row.get("operation", ""), row.get("request_model") or row.get("model", "")) if p),
-            "start_ts": ts - latency / 1000.0, "latency_ms": latency, "status": row.get("status", "ok"),
+            "start_ts": ts - (latency or 0.0) / 1000.0, "latency_ms": latency, "status": row.get("status", "ok"),
             "error": row.get("error", ""), "invalid_fields": row.get("invalid_fields", "")}
 
 
 def _as_agent_step(call: LlmCall) -> AgentStep:
     row = _agent_step_row({f.name: getattr(call, f.name) for f in dataclasses.fields(call)})
-    return AgentStep(**row)
+    return AgentStep(**{**row, "latency_ms": row["latency_ms"] or 0.0})
 
 
 def dead_letter_headers(record: Record, reason: str) -> tuple[tuple[str, bytes], ...]:

@@ -29,10 +29,26 @@ def cap_consumer_fetch_wait(max_wait_ms: int) -> None:
     aiokafka.AIOKafkaConsumer.__init__ = init
 
 
+def committed_offsets(bootstrap_servers: str, group: str, topic_partitions: list[tuple[str, int]]
+                      ) -> dict[tuple[str, int], int | None]:
+    """The group's committed offsets (None where nothing is committed), read without joining it."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=group,
+                             enable_auto_commit=False)
+    try:
+        return {(t, p): consumer.committed(TopicPartition(t, p)) for t, p in topic_partitions}
+    finally:
+        consumer.close()
+
+
 def fetch_range(bootstrap_servers: str, topic: str, partition: int, start: int, end: int, *,
-                max_fetch_bytes: int, timeout_s: float = 60.0) -> list[tuple[int, bytes | None, bytes | None]]:
-    """Records ``[start, end)`` of one partition as (offset, key, value), read outside the group
-    (no membership, no commits): the replay of a partition's state after a restore."""
+                max_fetch_bytes: int, limit: int = 2000, timeout_s: float = 60.0
+                ) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Up to ``limit`` records from ``[start, end)`` of one partition as (offset, key, value),
+    read outside the group (no membership, no commits): the replay of a partition's state after
+    a restore, in chunks. Records the log no longer holds (retention) are skipped: the first
+    offset returned is then past ``start``."""
     import time
 
     from kafka import KafkaConsumer, TopicPartition
@@ -40,19 +56,19 @@ def fetch_range(bootstrap_servers: str, topic: str, partition: int, start: int, 
     tp = TopicPartition(topic, partition)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=None,
                              enable_auto_commit=False, max_partition_fetch_bytes=max_fetch_bytes,
-                             fetch_max_bytes=max_fetch_bytes)
+                             fetch_max_bytes=max_fetch_bytes, auto_offset_reset="earliest")
     out: list[tuple[int, bytes | None, bytes | None]] = []
     try:
         consumer.assign([tp])
         consumer.seek(tp, start)
         deadline = time.monotonic() + timeout_s
         position = start
-        while position < end:
+        while position < end and len(out) < limit:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"replay of {topic}[{partition}] {start}..{end} stopped at {position}")
             for message in consumer.poll(timeout_ms=500).get(tp, ()):
-                if message.offset >= end:
-                    position = end
+                if message.offset >= end or len(out) >= limit:
+                    position = end if message.offset >= end else position
                     break
                 if message.offset >= position:
                     out.append((message.offset, message.key, message.value))

@@ -120,7 +120,7 @@ def _json_scalar(value: Any) -> Any:
 
 def partition_for(key: str, partitions: int) -> int:
     """Stable partitioning: every event of a trace (or finding of a condition) meets the same state."""
-    return zlib.crc32(key.encode()) % partitions
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions  # a lone surrogate is data too
 
 
 def _trace_id(event: Any) -> str:

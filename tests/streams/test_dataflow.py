@@ -676,3 +676,47 @@ def test_each_drift_key_belongs_to_the_one_keyed_partition_its_prompts_go_to(tmp
         owners = [s.partition for s in states if flow.owns_drift_key(s)(f"service={service}/agent=a")]
         assert owners == [partition_for(service, USAGE_PARTITIONS)]
     assert all(flow.owns_drift_key(s)("agent=a") for s in states)  # no partition field: everywhere
+
+
+def test_hostile_rows_never_raise_and_a_span_twice_in_one_record_is_one_row(tmp_path: Path) -> None:
+    flow = FACTORY(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    surrogate = b'[{"ts": 1.0, "trace_id": "t1", "span_id": "s1", "service": "\\ud800", "model": "m"}]'
+    for topic in ("llm_calls", "gpu_samples", "usage"):
+        flow.on_record(Record(topic, 0, 0, surrogate, key=b"llm_calls:project@llm_calls:0:0:0"))  # no raise
+    twice = orjson.dumps([{"ts": 2.0, "trace_id": "t2", "span_id": "s9", "tool_name": "x"}] * 2)
+    out = flow.on_record(Record("tool_calls", 0, 1, twice))
+    assert [(r.table, r.count, len(orjson.loads(r.payload))) for r in out.rows] == [("tool_calls", 1, 1)]
+
+
+def test_usage_records_stay_under_the_record_limit_and_each_chunk_is_applied_once(tmp_path: Path) -> None:
+    flow = dataflow_factory(detectors, max_message_bytes=20_000)(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    calls = [{"ts": T0 + i, "trace_id": "ab" * 16, "span_id": f"{i:016x}", "project": BUDGET_PROJECT,
+              "model": "m", "prompt": "p" * 900, "cost_usd": 0.01} for i in range(40)]  # ~45 KB of usage
+    out = flow.on_record(Record("llm_calls", 0, 0, orjson.dumps(calls)))
+    usage = [s for s in out.sends if s.topic == "usage" and s.key.startswith(b"llm_calls:project")]
+    assert len(usage) > 1 and all(len(s.value) <= flow.max_record_bytes for s in usage)
+    assert sum(len(orjson.loads(s.value)) for s in usage) == 40
+    for offset, send in enumerate(usage * 2):  # every chunk delivered twice (a re-send after a crash)
+        flow.on_record(Record("usage", send.partition, offset, send.value, send.key))
+    assert budget_spent_in(flow) == pytest.approx(0.40)
+
+
+def budget_spent_in(flow: Any) -> float:
+    return sum(usd for state in flow.keyed_states.values()
+               for project, _p, _s, _e, usd, *_ in state.runners["project"].detectors["budget"].snapshot()["periods"]
+               if project == BUDGET_PROJECT and _p == "daily")
+
+
+def test_a_new_log_epoch_forgets_which_source_offsets_the_keyed_stage_applied(tmp_path: Path) -> None:
+    def usage(offset: int) -> Record:
+        call = [{"ts": T0, "trace_id": f"t{offset}", "span_id": "s", "project": BUDGET_PROJECT, "cost_usd": 0.3}]
+        return Record("usage", 0, offset, orjson.dumps(call), key=f"llm_calls:project@llm_calls:1:{offset}:0".encode())
+
+    first = dataflow_factory(detectors, log_epoch="run-1")(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    first.on_record(usage(0))
+    first.on_record(usage(1))
+    for state, doc in first.snapshot_states(first.owned_states()):
+        first.checkpoints.save(state.stage, state.partition, first.checkpoints.encode(doc))
+    second = dataflow_factory(detectors, log_epoch="run-2")(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    second.on_record(usage(0))  # the new log's offset 0: new spend, not a re-send
+    assert budget_spent_in(second) == pytest.approx(0.9)

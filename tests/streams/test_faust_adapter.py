@@ -65,9 +65,14 @@ def test_a_checkpoint_is_written_only_after_its_records_are_written_and_committe
         if events.count("flush") == 3:  # its rows land on the third flush
             unacked.done(record)
 
-    async def commit() -> None:
+    committed = {("tool_calls", 2): 8}
+
+    async def commit(topic_partitions):
         events.append("commit")
-        assert not store.stored(), "a file was written before the commit"
+        assert topic_partitions == [("tool_calls", 2)]
+        if events.count("commit") == 1:
+            assert not store.stored(), "a file was written before the commit"
+        return dict(committed)
 
     checkpointer = PartitionCheckpointer(flow, unacked, flush, commit, every_s=30.0)
     assert asyncio.run(checkpointer.save(flow.owned_states())) == 1
@@ -80,3 +85,11 @@ def test_a_checkpoint_is_written_only_after_its_records_are_written_and_committe
     events.clear()
     assert asyncio.run(checkpointer.save(flow.owned_states(), wait_s=0.2)) == 0  # never written: skipped
     assert "commit" not in events and store.load("trace", 2)["offsets"] == {"tool_calls": 8}
+
+    unacked.done(stuck)  # written and acknowledged, but the group's commit stays at 8
+    events.clear()
+    assert asyncio.run(checkpointer.save(flow.owned_states())) == 0
+    assert events[-1] == "commit" and store.load("trace", 2)["offsets"] == {"tool_calls": 8}
+    committed[("tool_calls", 2)] = 9
+    assert asyncio.run(checkpointer.save(flow.owned_states())) == 1
+    assert store.load("trace", 2)["offsets"] == {"tool_calls": 9}
