@@ -38,11 +38,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import msgspec
 import orjson
 
 from agentwatch.events import AgentStep, Finding, GpuSample, LlmCall, ToolCall
 from agentwatch.streams.pipeline import (VALUE_REJECTED_REASON, RecordOutcome, decode_event_rows,
-                                         decode_events, decode_events_checked, dumps_lenient, partition_for,
+                                         decode_events_checked, dumps_lenient, partition_for,
                                          value_rejection_dead_letters)
 from agentwatch.streams.otlp import UndecodableRecord
 
@@ -54,9 +55,9 @@ DLQ_REASON_HEADER = "agentwatch.dlq.reason"
 CHECKPOINT_FORMAT = "agentwatch.partition-state"
 CHECKPOINT_VERSION = 1
 _EVENT_CLASS = {"llm_calls": LlmCall, "tool_calls": ToolCall, "agent_steps": AgentStep, "gpu_samples": GpuSample}
-# Usage records carry what aggregate detectors read; the long texts only the trace stage and the
-# snapshots need stay behind (the prompt stays: retry storms hash it, drift samples it).
-_USAGE_DROPPED = {"response": "", "tool_definitions": "", "requested_tool_calls": ""}
+# Usage records are decoded straight into typed events: their values were checked and nulled
+# where the trace stage (or the GPU records' decode) read them.
+_USAGE_DECODERS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -691,7 +692,13 @@ class Dataflow:
                 self.counts["duplicate_usage"] += 1
                 return
             state.applied[applied] = at
-        events = decode_events(table, record.value, self.value_bounds)
+        decoder = _USAGE_DECODERS.get(table)
+        if decoder is None:
+            decoder = _USAGE_DECODERS[table] = msgspec.json.Decoder(list[_EVENT_CLASS[table]])  # type: ignore[index]
+        try:
+            events = decoder.decode(record.value)
+        except msgspec.DecodeError as exc:  # ValidationError included
+            raise UndecodableRecord(f"usage rows do not match {_EVENT_CLASS[table].__name__}: {exc}") from exc
         if family == self.topology.drift_field and state.sampler is not None and table == "llm_calls":
             state.sampler.offer(events)
         try:
@@ -721,21 +728,26 @@ class Dataflow:
 
     def _forward_usage(self, out: StepOutput, record: Record, table: str, events: Sequence[Any]) -> None:
         """One usage record per family that reads these events and partition they go to, keyed
-        ``<table>:<family>@<source topic>:<partition>:<offset>`` (the keyed stage's dedup)."""
+        ``<table>:<family>@<source topic>:<partition>:<offset>:<chunk>`` (the keyed stage's dedup).
+
+        Each event is encoded once, whatever the number of families it goes to.
+        """
         cls = _EVENT_CLASS[table]
+        families = [f for f, accepted in self.topology.accepts.items() if cls in accepted and hasattr(events[0], f)]
+        if not families:
+            return
         partitions = self.partitions.get(USAGE_TOPIC, 1)
         source = f"{record.topic}:{record.partition}:{record.offset}"
-        limit = self.max_record_bytes
-        for family, accepted in self.topology.accepts.items():
-            if cls not in accepted or not hasattr(events[0], family):
-                continue
-            groups: dict[int, list[Any]] = {}
-            for event in events:
-                groups.setdefault(partition_for(str(getattr(event, family)), partitions), []).append(event)
+        # Once per event, whatever the number of families: the long texts only the trace stage
+        # and the snapshots need stay behind (the prompt stays: retry storms hash it, drift
+        # samples it).
+        items = [orjson.dumps(_compact(e) if cls is LlmCall else e) for e in events]
+        for family in families:
+            groups: dict[int, list[bytes]] = {}
+            for event, item in zip(events, items):
+                groups.setdefault(partition_for(str(getattr(event, family)), partitions), []).append(item)
             for partition, group in groups.items():
-                if cls is LlmCall:
-                    group = [_compact(e) for e in group]
-                for chunk, payload in enumerate(_chunks(group, limit)):
+                for chunk, payload in enumerate(_json_arrays(group, self.max_record_bytes)):
                     out.sends.append(Send(USAGE_TOPIC, partition, payload,
                                           key=f"{table}:{family}@{source}:{chunk}".encode()))
 
@@ -831,20 +843,17 @@ class Dataflow:
             return [(state, {**state.checkpoint(), "log_epoch": self.log_epoch}) for state in states]
 
 
-def _chunks(events: Sequence[Any], limit: int) -> list[bytes]:
-    """``events`` as JSON arrays of at most about ``limit`` bytes each (one when they fit)."""
-    whole = orjson.dumps(events)
-    if len(whole) <= limit or len(events) == 1:
-        return [whole]
-    out, items, size = [], [], 2
-    for event in events:
-        item = orjson.dumps(event)
-        if items and size + len(item) + 1 > limit:
-            out.append(b"[" + b",".join(items) + b"]")
-            items, size = [], 2
-        items.append(item)
+def _json_arrays(items: Sequence[bytes], limit: int) -> list[bytes]:
+    """Encoded JSON values joined into arrays of at most about ``limit`` bytes each (one when
+    they fit; an item larger than the limit goes alone)."""
+    out, chunk, size = [], [], 2
+    for item in items:
+        if chunk and size + len(item) + 1 > limit:
+            out.append(b"[" + b",".join(chunk) + b"]")
+            chunk, size = [], 2
+        chunk.append(item)
         size += len(item) + 1
-    out.append(b"[" + b",".join(items) + b"]")
+    out.append(b"[" + b",".join(chunk) + b"]")
     return out
 
 
@@ -870,7 +879,7 @@ def _load_rows(payload: bytes) -> list[Any]:
 
 def _compact(call: LlmCall) -> LlmCall:
     if call.response or call.tool_definitions or call.requested_tool_calls:
-        return dataclasses.replace(call, **_USAGE_DROPPED)
+        return dataclasses.replace(call, response="", tool_definitions="", requested_tool_calls="")
     return call
 
 
