@@ -22,10 +22,10 @@ import collections
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,30 @@ class StackError(RuntimeError):
 
 class BrokerDied(StackError):
     pass
+
+
+# Each run keeps its logs in <data dir>/logs/run-<UTC time>/; the newest this many stay.
+KEEP_RUN_LOGS = 10
+
+
+def new_run_dir(data_dir: Path, keep: int = KEEP_RUN_LOGS) -> Path:
+    """Create ``<data_dir>/logs/run-<UTC time>/`` for one run's logs and remove the oldest run
+    folders beyond the newest ``keep`` (this one included)."""
+    logs = Path(data_dir).absolute() / "logs"  # absolute: children get these paths too
+    logs.mkdir(parents=True, exist_ok=True)
+    while True:  # names sort by start time: a name taken this millisecond waits for the next
+        now = time.time()
+        run_dir = logs / f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z"
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
+            time.sleep(0.001)
+    runs = sorted(p for p in logs.glob("run-*") if p.is_dir())
+    for old in runs[:max(0, len(runs) - keep)]:
+        if old != run_dir:
+            shutil.rmtree(old, ignore_errors=True)
+    return run_dir
 
 
 # The worker group consumes every topic but dead_letter and alerts (the notifier's).
@@ -126,7 +150,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 @dataclass
 class Stack:
     settings: Settings
-    run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="agentwatch-run-")))
+    run_dir: Path | None = None  # None = new_run_dir(settings.data_dir), made on construction
     say: Callable[[str], None] = print
     children: list[Child] = field(default_factory=list)
     broker: EmbeddedBroker | None = None
@@ -141,6 +165,10 @@ class Stack:
     forced_stops: list[str] = field(default_factory=list)
     _collector_log: Any = None  # a CollectorLogWatch on the collector's log
     _metrics_server: Any = None
+
+    def __post_init__(self) -> None:
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(self.settings.data_dir)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -171,6 +199,7 @@ class Stack:
         if self.supervisor_metrics_port():
             ensure_port_free(self.supervisor_metrics_port(), "--metrics-port")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.say(f"logs      {self.run_dir}")
         try:
             if self.supervisor_metrics_port():
                 from agentwatch.dashboards.metrics import serve_metrics
@@ -192,8 +221,7 @@ class Stack:
             raise
         if self.supervisor_metrics_port():
             self.say(f"supervise restarts a child that dies (backoff {self.restart_policy.initial_backoff_s:g}s up to "
-                     f"{self.restart_policy.max_backoff_s:g}s), /metrics on {self.supervisor_metrics_port()}; "
-                     f"logs in {self.run_dir}")
+                     f"{self.restart_policy.max_backoff_s:g}s), /metrics on {self.supervisor_metrics_port()}")
         self.say(f"ready in {time.monotonic() - started:.1f}s: OTLP gRPC 127.0.0.1:{s.otlp_grpc_port}, "
                  f"HTTP 127.0.0.1:{s.otlp_http_port}; snapshots in {s.data_dir}")
         return self

@@ -105,3 +105,50 @@ def test_collector_export_failures_are_reported_and_counted(tmp_path):
     assert metric(stack, "agentwatch_collector_export_failures_total") == 2
     assert any(m.startswith("collector: 2 export(s) to Kafka failed; first:") and "MessageSizeTooLarge" in m
                for m in said)
+
+
+def test_run_logs_live_under_the_data_dir_and_only_the_newest_runs_stay(tmp_path):
+    from agentwatch.stack import KEEP_RUN_LOGS
+
+    data = tmp_path / "data"
+    stack = Stack(Settings(data_dir=data, metrics_port=0), say=lambda _m: None)
+    assert stack.run_dir.parent == data / "logs" and stack.run_dir.name.startswith("run-")
+    assert stack.run_dir.is_dir() and not str(stack.run_dir).startswith("/tmp/agentwatch-run-")
+    (stack.run_dir / "worker-0.log").write_text("first run\n")
+    later = [Stack(Settings(data_dir=data, metrics_port=0), say=lambda _m: None).run_dir
+             for _ in range(KEEP_RUN_LOGS + 2)]
+    assert len(set(later)) == len(later)  # one folder per run, even within one second
+    kept = sorted(p for p in (data / "logs").iterdir())
+    assert kept == sorted(later[-KEEP_RUN_LOGS:])  # the oldest went, the newest stay
+    assert stack.run_dir not in kept
+    # An explicit run_dir is used as given; nothing is made under the data dir for it.
+    assert Stack(Settings(data_dir=tmp_path / "other"), run_dir=tmp_path / "run").run_dir == tmp_path / "run"
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_a_started_and_stopped_stack_leaves_no_tmp_run_folder_and_says_where_its_logs_are(tmp_path):
+    import glob
+    import os
+
+    from agentwatch.broker import free_port
+
+    def tmp_runs() -> set[str]:
+        return set(glob.glob("/tmp/agentwatch-run-*"))
+
+    settings = Settings(broker_port=free_port(), otlp_grpc_port=free_port(), otlp_http_port=free_port(),
+                        metrics_port=free_port(4), data_dir=tmp_path / "data", gpu_exporter="off")
+    started_at = time.time()
+    before = tmp_runs()
+    said: list[str] = []
+    stack = Stack(settings, say=said.append)
+    try:
+        stack.start()
+    finally:
+        stack.stop()
+    # Other tests may run at the same time: only folders new since this test began count.
+    new = {p for p in tmp_runs() - before if os.stat(p).st_ctime >= started_at - 1}
+    assert new == set(), f"left in /tmp: {sorted(new)}"
+    assert stack.run_dir.parent == tmp_path / "data" / "logs"
+    assert {"broker.log", "collector.log", "worker-0.log"} <= {p.name for p in stack.run_dir.iterdir()}
+    assert f"logs      {stack.run_dir}" in said
