@@ -535,7 +535,7 @@ def test_a_restored_partition_holding_them_goes_on_through_the_stage(tmp_path):
 
     restored = _stateful_dataflow(tmp_path)
     usage = Record("usage", keyed.partition, 0, orjson.dumps([_row("next", ts=T0 + 30, project="shop")]),
-                   key=b"llm_calls:project@llm_calls:0:9")
+                   key=b"llm_calls:project@llm_calls:0:9:0")
     out = restored.on_record(usage)
     assert out.dead_letters == 0 and restored.keyed_state(keyed.partition).restored_offsets == {}
-    assert restored.keyed_state(keyed.partition).applied == {"project@llm_calls:0": 9}
+    assert restored.keyed_state(keyed.partition).applied == {"project@llm_calls:0": (9, 0)}
