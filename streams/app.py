@@ -258,7 +258,8 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         async for event in stream.events():
             await apply(dataflow.on_record(_record(event)))
 
-    loop_executor_replay = settings.max_message_bytes * 2
+    # Replay reads about two records' worth at a time: bounded memory whatever a record's size.
+    replay_chunk_bytes = settings.max_message_bytes * 2
 
     async def replay_before(record: Record) -> None:
         """Replay what was committed since the partition's checkpoint into its state, in chunks;
@@ -273,7 +274,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
             try:
                 chunk = await loop.run_in_executor(None, lambda at=start: fetch_range(
                     settings.bootstrap_servers, replay.topic, replay.partition, at, replay.end,
-                    max_fetch_bytes=loop_executor_replay))
+                    max_fetch_bytes=replay_chunk_bytes))
             except Exception as exc:
                 log.warning("replay of %s[%s] from %d failed (%s: %s); retrying in %.1fs", replay.topic,
                             replay.partition, start, type(exc).__name__, exc, backoff)

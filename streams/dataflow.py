@@ -529,16 +529,10 @@ class Dataflow:
             self._advance(record)
             return out
         topic = record.topic
-        if topic == "otlp_spans":
+        if topic in ("otlp_spans", "otlp_logs"):
+            mapper = self.mapper.on_traces if topic == "otlp_spans" else self.mapper.on_logs
             try:
-                outcome = self.mapper.on_traces(record.value)
-            except Exception as exc:
-                self._dead_letter(out, record, f"normaliser error: {type(exc).__name__}: {exc}")
-                return out
-            return self.on_mapped(record, outcome)
-        if topic == "otlp_logs":
-            try:
-                outcome = self.mapper.on_logs(record.value)
+                outcome = mapper(record.value)
             except Exception as exc:
                 self._dead_letter(out, record, f"normaliser error: {type(exc).__name__}: {exc}")
                 return out

@@ -43,9 +43,9 @@ def committed_offsets(bootstrap_servers: str, group: str, topic_partitions: list
 
 
 def fetch_range(bootstrap_servers: str, topic: str, partition: int, start: int, end: int, *,
-                max_fetch_bytes: int, limit: int = 2000, timeout_s: float = 60.0
-                ) -> list[tuple[int, bytes | None, bytes | None]]:
-    """Up to ``limit`` records from ``[start, end)`` of one partition as (offset, key, value),
+                max_fetch_bytes: int, timeout_s: float = 60.0) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Records from ``[start, end)`` of one partition as (offset, key, value), about
+    ``max_fetch_bytes`` of values at most (at least one record, whatever its size),
     read outside the group (no membership, no commits): the replay of a partition's state after
     a restore, in chunks. Records the log no longer holds (retention) are skipped: the first
     offset returned is then past ``start``."""
@@ -58,20 +58,22 @@ def fetch_range(bootstrap_servers: str, topic: str, partition: int, start: int, 
                              enable_auto_commit=False, max_partition_fetch_bytes=max_fetch_bytes,
                              fetch_max_bytes=max_fetch_bytes, auto_offset_reset="earliest")
     out: list[tuple[int, bytes | None, bytes | None]] = []
+    size = 0
     try:
         consumer.assign([tp])
         consumer.seek(tp, start)
         deadline = time.monotonic() + timeout_s
         position = start
-        while position < end and len(out) < limit:
+        while position < end and (not out or size < max_fetch_bytes):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"replay of {topic}[{partition}] {start}..{end} stopped at {position}")
             for message in consumer.poll(timeout_ms=500).get(tp, ()):
-                if message.offset >= end or len(out) >= limit:
+                if message.offset >= end or (out and size >= max_fetch_bytes):
                     position = end if message.offset >= end else position
                     break
                 if message.offset >= position:
                     out.append((message.offset, message.key, message.value))
+                    size += len(message.value or b"")
                     position = message.offset + 1
             else:
                 position = max(position, consumer.position(tp))

@@ -9,6 +9,16 @@ import pytest
 from stack_helpers import stack_settings
 
 from agentwatch.stack import Stack
+from tests.support.receivers import PagerDutyReceiver, SlackReceiver
+
+
+@pytest.fixture(scope="module")
+def receivers():
+    """Local PagerDuty and Slack receivers that record exactly what they were sent."""
+    pagerduty, slack = PagerDutyReceiver().up(), SlackReceiver().up()
+    yield pagerduty, slack
+    pagerduty.down()
+    slack.down()
 
 
 @pytest.fixture

@@ -24,3 +24,15 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, every_s
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s (last value {value!r})")
         time.sleep(every_s)
+
+
+def write_routes(path: Path, pagerduty, slack, routing_key: str = "faults-key") -> Path:
+    """Routes that page the local PagerDuty and Slack receivers for loop findings at once."""
+    path.write_text(
+        "destinations:\n"
+        f"  pd:\n    type: pagerduty\n    routing_key: {routing_key}\n    base_url: {pagerduty.url}\n"
+        f"    ca_bundle: {pagerduty.ca_path}\n"
+        f"  slack:\n    type: slack\n    webhook_url: {slack.url}/hook\n"
+        "routes:\n  - name: loops\n    match: {detector: agent_loop}\n    destinations: [pd, slack]\n"
+        "    group_wait_s: 0\n")
+    return path

@@ -13,9 +13,8 @@ import pytest
 from agentwatch.dashboards.grafana import dashboard_index
 from agentwatch.stack import Stack
 from bench.faults import loop_request, post_http, wait_for
-from tests.support.receivers import PagerDutyReceiver, SlackReceiver
 
-from stack_helpers import stack_settings
+from stack_helpers import stack_settings, write_routes
 
 pytestmark = pytest.mark.slow
 
@@ -23,25 +22,10 @@ GRAFANA = "http://grafana.example:3000"
 
 
 @pytest.fixture(scope="module")
-def receivers():
-    pagerduty, slack = PagerDutyReceiver().up(), SlackReceiver().up()
-    yield pagerduty, slack
-    pagerduty.down()
-    slack.down()
-
-
-@pytest.fixture(scope="module")
 def alerting_stack(tmp_path_factory, receivers):
     pagerduty, slack = receivers
     work = tmp_path_factory.mktemp("alert-links")
-    routes = work / "routes.yaml"
-    routes.write_text(
-        "destinations:\n"
-        f"  pd:\n    type: pagerduty\n    routing_key: links-key\n    base_url: {pagerduty.url}\n"
-        f"    ca_bundle: {pagerduty.ca_path}\n"
-        f"  slack:\n    type: slack\n    webhook_url: {slack.url}/hook\n"
-        "routes:\n  - name: loops\n    match: {detector: agent_loop}\n    destinations: [pd, slack]\n"
-        "    group_wait_s: 0\n")
+    routes = write_routes(work / "routes.yaml", pagerduty, slack, routing_key="links-key")
     settings = stack_settings(work / "data").model_copy(update={
         "alert_routes": routes, "alerts_state_dir": work / "alerts", "gpu_exporter": "off",
         "grafana_url": GRAFANA})

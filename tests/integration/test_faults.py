@@ -10,37 +10,16 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from agentwatch.stack import BrokerDied, Stack, StackError
 from bench.faults import (AckedTraffic, kill_child, kill_normalizer, llm_request, post_http,
                           run_fault, stored_span_ids, wait_for)
-from tests.support.receivers import PagerDutyReceiver, SlackReceiver
 
-from stack_helpers import stack_settings
+from stack_helpers import stack_settings, write_routes
 
 pytestmark = pytest.mark.slow
-
-
-def write_routes(path: Path, pagerduty: PagerDutyReceiver, slack: SlackReceiver) -> Path:
-    path.write_text(
-        "destinations:\n"
-        f"  pd:\n    type: pagerduty\n    routing_key: faults-key\n    base_url: {pagerduty.url}\n"
-        f"    ca_bundle: {pagerduty.ca_path}\n"
-        f"  slack:\n    type: slack\n    webhook_url: {slack.url}/hook\n"
-        "routes:\n  - name: loops\n    match: {detector: agent_loop}\n    destinations: [pd, slack]\n"
-        "    group_wait_s: 0\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def receivers():
-    pagerduty, slack = PagerDutyReceiver().up(), SlackReceiver().up()
-    yield pagerduty, slack
-    pagerduty.down()
-    slack.down()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 
 from agentwatch.broker import free_port
 from agentwatch.stack import Stack
+from bench.faults import post_http
 from tests.support.scaleout_stream import RecordedStream, recorded_stream
 
 from stack_helpers import stack_settings
@@ -36,20 +35,6 @@ SPAN_TABLES = ("llm_calls", "tool_calls", "agent_steps")
 @pytest.fixture(scope="module")
 def stream() -> RecordedStream:
     return recorded_stream(time.time())
-
-
-def post_export(port: int, body: bytes, timeout_s: float = 10.0) -> int:
-    """POST one OTLP/HTTP protobuf export; the HTTP status, or 0 when no answer came."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/traces", data=body, method="POST",
-                                     headers={"Content-Type": "application/x-protobuf"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 def supervise_until(stack: Stack, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -93,7 +78,7 @@ def send(stack: Stack, stream: RecordedStream, start: int, stop: int, timeout_s:
             sent = sum(len(ids) for ids in stream.export_span_ids[:i])
             supervise_until(stack, lambda: stored_span_ids(stack.settings.data_dir) >= sent, timeout_s,
                             f"spans of exports[:{i}] stored")
-        status = post_export(port, stream.exports[i])
+        status = post_http(port, stream.exports[i])
         assert status == 200, f"export {i} answered {status}"
 
 

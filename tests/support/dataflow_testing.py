@@ -556,10 +556,10 @@ def otlp_logs(records: Iterable[LogSpec]) -> bytes:
 
 
 class Ids:
-    """Distinct, non-zero trace and span ids from a seed."""
+    """Distinct, non-zero trace and span ids from a seed (or a generator the caller shares)."""
 
-    def __init__(self, seed: int) -> None:
-        self._rng = random.Random(seed)
+    def __init__(self, seed: int | random.Random) -> None:
+        self._rng = seed if isinstance(seed, random.Random) else random.Random(seed)
         self._seen: set[bytes] = set()
 
     def new(self, n: int) -> bytes:

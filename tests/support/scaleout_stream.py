@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from tests.support.dataflow_testing import Ids, SpanSpec, otlp_traces
 
 BUDGET_PROJECT = "budget-proj"
 BUDGET_DAILY_USD = 1.00
@@ -100,12 +99,6 @@ def call_cost(prices: dict[str, tuple[float, float]], model: str, input_tokens: 
     return (input_tokens * price_in + output_tokens * price_out) / 1_000_000
 
 
-def _attr(key: str, value: Any) -> KeyValue:
-    if isinstance(value, str):
-        return KeyValue(key=key, value=AnyValue(string_value=value))
-    return KeyValue(key=key, value=AnyValue(int_value=value))
-
-
 @dataclass
 class _Span:
     resource: tuple[str, str]  # (service, project)
@@ -118,39 +111,10 @@ class _Span:
     attributes: dict[str, Any]
 
 
-class _Ids:
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.seen: set[bytes] = set()
-
-    def new(self, n: int) -> bytes:
-        while True:
-            value = self.rng.randbytes(n)
-            if value not in self.seen and any(value):
-                self.seen.add(value)
-                return value
-
-
 def _export(spans: list[_Span]) -> bytes:
-    request = ExportTraceServiceRequest()
-    by_resource: dict[tuple[str, str], Any] = {}
-    for span in spans:
-        scope = by_resource.get(span.resource)
-        if scope is None:
-            resource_spans = request.resource_spans.add()
-            service, project = span.resource
-            resource_spans.resource.attributes.extend([_attr("service.name", service),
-                                                       _attr("agentwatch.project", project)])
-            scope = by_resource[span.resource] = resource_spans.scope_spans.add()
-            scope.scope.name = "scaleout-stream"
-        out = scope.spans.add()
-        out.trace_id, out.span_id, out.name = span.trace_id, span.span_id, span.name
-        if span.parent_id:
-            out.parent_span_id = span.parent_id
-        out.start_time_unix_nano = round(span.start_s * 1e9)
-        out.end_time_unix_nano = round(span.end_s * 1e9)
-        out.attributes.extend(_attr(k, v) for k, v in span.attributes.items())
-    return request.SerializeToString()
+    return otlp_traces(SpanSpec(s.trace_id, s.span_id, s.name, s.start_s, s.end_s, s.attributes, s.parent_id,
+                                (("service.name", s.resource[0]), ("agentwatch.project", s.resource[1])))
+                       for s in spans)
 
 
 def _first_ts(now: float, length_s: float) -> float:
@@ -165,7 +129,7 @@ def _first_ts(now: float, length_s: float) -> float:
 def recorded_stream(now: float, seed: int = 20260) -> RecordedStream:
     """The stream, with event times just before ``now`` (deterministic for a given ``now``)."""
     rng = random.Random(seed)
-    ids = _Ids(rng)
+    ids = Ids(rng)
     prices = model_prices()
     rounds = NESTED_TRACES // NESTED_TRACES_PER_ROUND + 1
     t0 = _first_ts(now, rounds * ROUND_S)
