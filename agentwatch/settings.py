@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentwatch.bounds import ValueBounds
@@ -25,6 +26,13 @@ class Settings(BaseSettings):
     # Collector (rotel) ports. Its receive limits follow from max_message_bytes (collectors/rotel.py).
     otlp_grpc_port: int = 4317
     otlp_http_port: int = 4318
+    # The address the receivers bind (an IP literal). Loopback: rotel cannot require a token, so
+    # any other address lets whoever reaches it send telemetry; `up` warns when it is not loopback.
+    otlp_bind_addr: str = "127.0.0.1"
+    # Bearer token OTLP senders must present, where the collector can check one (otelcol's
+    # bearertokenauth in docker-compose.yml reads the same variable; rotel cannot: see
+    # collectors/rotel.py RECEIVER_AUTH). Environment only, never passed to the workers.
+    otlp_token: SecretStr | None = None
 
     # Workers.
     workers: int = 1
