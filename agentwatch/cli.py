@@ -45,6 +45,9 @@ def main() -> None:
 
 @main.command()
 @stack_options
+@click.option("--otlp-bind", "otlp_bind_addr", metavar="IP",
+              help="Address the OTLP receivers bind [127.0.0.1]. Any other address is reachable by "
+                   "anyone who can reach this host: rotel cannot require a token (a warning says so).")
 def up(**flags: Any) -> None:
     """Run the stack in the foreground until Ctrl-C/SIGTERM.
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +35,8 @@ from typing import Any, Callable
 
 from agentwatch.broker import (DEFAULT_TOPICS, EmbeddedBroker, create_topics, ensure_port_free,
                                unconsumed_records, wait_for_port)
+from agentwatch.collectors.rotel import RECEIVER_AUTH
+from agentwatch.collectors.rotel import endpoint as otlp_endpoint
 from agentwatch.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -138,10 +142,44 @@ class SupervisorMetrics:
                                        registry=self.registry)
 
 
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr`` (an IP literal) reaches this host only."""
+    try:
+        return ipaddress.ip_address(addr.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def otlp_exposure_warning(bind_addr: str, token_set: bool, collector_checks_token: bool) -> str | None:
+    """What `up` must say before its OTLP receivers listen on ``bind_addr``; None when safe.
+
+    Loopback is safe. Another address is safe only with a token the collector checks; rotel
+    checks none (``collectors/rotel.py`` ``RECEIVER_AUTH``), so for it a token set is named as
+    not enforced rather than taken as protection.
+    """
+    if is_loopback(bind_addr) or (token_set and collector_checks_token):
+        return None
+    exposed = (f"warning: OTLP receivers bind {bind_addr}, not loopback: anyone who can reach this host's "
+               "OTLP ports can send spans and logs (fake costs, fake pages) or flood the pipeline.")
+    if not collector_checks_token:
+        why = (" The embedded collector (rotel) cannot require a token"
+               + (", so AGENTWATCH_OTLP_TOKEN is set but NOT enforced" if token_set else "")
+               + ". Bind 127.0.0.1 behind an authenticating proxy, restrict the ports with a firewall, "
+               "or run the compose stack (otelcol with a bearer token).")
+    else:
+        why = " Set AGENTWATCH_OTLP_TOKEN so that senders must present it."
+    return exposed + why
+
+
+# Never handed to children: workers do not authenticate senders, and the environment of a
+# process is readable by more than the process itself.
+_CHILD_ENV_EXCLUDE = {"otlp_token"}
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as AGENTWATCH_* variables, so child processes read the same config."""
     env = {}
-    for name, value in settings.model_dump(mode="json").items():
+    for name, value in settings.model_dump(mode="json", exclude=_CHILD_ENV_EXCLUDE).items():
         if value is not None:
             env[f"AGENTWATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     return env
@@ -192,14 +230,23 @@ class Stack:
         # Check every port first, so a clash is reported before anything starts.
         if not s.bootstrap_servers:
             ensure_port_free(s.broker_port, "--broker-port")
-        ensure_port_free(s.otlp_grpc_port, "--otlp-grpc-port")
-        ensure_port_free(s.otlp_http_port, "--otlp-http-port")
+        try:
+            otlp_endpoint(s.otlp_bind_addr, s.otlp_grpc_port)
+        except ValueError as exc:
+            raise StackError(str(exc)) from None
+        # ensure_port_free binds an IPv4 socket: an IPv6 address is probed on IPv4 loopback.
+        otlp_probe = _probe_host(s.otlp_bind_addr) if ":" not in s.otlp_bind_addr else "127.0.0.1"
+        ensure_port_free(s.otlp_grpc_port, "--otlp-grpc-port", otlp_probe)
+        ensure_port_free(s.otlp_http_port, "--otlp-http-port", otlp_probe)
         for port in self.worker_metrics_ports() + ([s.metrics_port + s.workers] if s.alert_routes and s.metrics_port else []):
             ensure_port_free(port, "--metrics-port")
         if self.supervisor_metrics_port():
             ensure_port_free(self.supervisor_metrics_port(), "--metrics-port")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.say(f"logs      {self.run_dir}")
+        warning = otlp_exposure_warning(s.otlp_bind_addr, s.otlp_token is not None, RECEIVER_AUTH)
+        if warning:
+            self.say(warning)
         try:
             if self.supervisor_metrics_port():
                 from agentwatch.dashboards.metrics import serve_metrics
@@ -222,8 +269,8 @@ class Stack:
         if self.supervisor_metrics_port():
             self.say(f"supervise restarts a child that dies (backoff {self.restart_policy.initial_backoff_s:g}s up to "
                      f"{self.restart_policy.max_backoff_s:g}s), /metrics on {self.supervisor_metrics_port()}")
-        self.say(f"ready in {time.monotonic() - started:.1f}s: OTLP gRPC 127.0.0.1:{s.otlp_grpc_port}, "
-                 f"HTTP 127.0.0.1:{s.otlp_http_port}; snapshots in {s.data_dir}")
+        self.say(f"ready in {time.monotonic() - started:.1f}s: OTLP gRPC {s.otlp_bind_addr}:{s.otlp_grpc_port}, "
+                 f"HTTP {s.otlp_bind_addr}:{s.otlp_http_port}; snapshots in {s.data_dir}")
         return self
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -238,13 +285,13 @@ class Stack:
 
         s = self.settings
         config = RotelConfig(brokers=self.bootstrap_servers, grpc_port=s.otlp_grpc_port, http_port=s.otlp_http_port,
-                             max_message_bytes=s.max_message_bytes,
+                             bind_addr=s.otlp_bind_addr, max_message_bytes=s.max_message_bytes,
                              pid_file=str(self.run_dir / "rotel.pid"))
         child = self._spawn("collector", config.command(), {"RUST_LOG": "warn"})
         self._collector_log = CollectorLogWatch(child.log_path)
         try:
-            wait_for_port(s.otlp_grpc_port, 10, child.proc)
-            wait_for_port(s.otlp_http_port, 10, child.proc)
+            for port in (s.otlp_grpc_port, s.otlp_http_port):
+                wait_for_listener(_probe_host(s.otlp_bind_addr), port, 10, child.proc)
         except (RuntimeError, TimeoutError) as exc:
             raise StackError(f"collector (rotel) failed to start: {exc}\n{child.tail()}") from exc
         self.say(f"collector rotel -> kafka topic otlp_spans (protobuf), OTLP :{s.otlp_grpc_port}/:{s.otlp_http_port}")
@@ -442,6 +489,30 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _probe_host(bind_addr: str) -> str:
+    """Where to reach a socket bound to ``bind_addr`` from this host (a wildcard: loopback)."""
+    ip = ipaddress.ip_address(bind_addr.strip("[]"))
+    if ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return str(ip)
+
+
+def wait_for_listener(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``host:port`` accepts connections (``broker.wait_for_port`` knows loopback only)."""
+    if host == "127.0.0.1":
+        return wait_for_port(port, timeout_s, proc)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f}s")
 
 
 def _popen(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

@@ -22,6 +22,13 @@ Known gap (rotel's tonic 0.12 server): the gRPC limit is checked on the *compres
 a ``grpc-encoding: gzip`` request whose decompressed size exceeds the record limit is accepted
 and then dropped. :class:`CollectorLogWatch` makes every such drop visible.
 
+Access: rotel's OTLP receivers cannot authenticate senders. ``rotel-agent start --help``
+(0.0.1-alpha10, the binary in PyPI ``rotel`` 0.0.1a15) offers no receiver option for a token,
+header check or TLS; its only authentication settings are on the exporter side
+(``--otlp-exporter-authenticator sigv4auth``, ``--otlp-exporter-custom-headers``). So the
+receivers bind loopback unless asked otherwise (``bind_addr``), and :data:`RECEIVER_AUTH` says
+that a token cannot be enforced here (tests/test_access.py checks the binary's help for a change).
+
 Cost, measured here (2 cores): 512-span requests pass rotel as fast as with batching (23.7-25.0k
 vs 14.2-22.0k spans/s, both bound by the sending client); 3,000 concurrent 1-span requests made
 3,000 records instead of 6-7, and a worker fed 1-span records manages ~620-700 spans/s against
@@ -30,6 +37,7 @@ vs 14.2-22.0k spans/s, both bound by the sending client); 3,000 concurrent 1-spa
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -43,6 +51,8 @@ HTTP_MAX_BODY_BYTES = 20 * MIB
 # same size for protobuf, smaller for JSON) and Kafka frames it (key, headers, batch header,
 # ~100 bytes). A whole MiB because the gRPC limit is set in whole MiB anyway.
 RECORD_SLACK_BYTES = 1 * MIB
+# Whether rotel's OTLP receivers can require a bearer token (see the module docstring): no.
+RECEIVER_AUTH = False
 
 
 def rotel_binary() -> str:
@@ -82,11 +92,26 @@ def check_receive_limits(max_message_bytes: int, grpc_max_recv_mib: int,
                 f"{http_max_body_bytes + RECORD_SLACK_BYTES:,}")
 
 
+def endpoint(addr: str, port: int) -> str:
+    """``addr:port`` as rotel parses it (a socket address: an IP literal, IPv6 in brackets).
+
+    >>> endpoint("127.0.0.1", 4317), endpoint("::", 4318)
+    ('127.0.0.1:4317', '[::]:4318')
+    """
+    try:
+        ip = ipaddress.ip_address(addr.strip("[]"))
+    except ValueError:
+        raise ValueError(f"OTLP bind address {addr!r} is not an IP address (rotel binds socket "
+                         "addresses, not host names): use e.g. 127.0.0.1, 0.0.0.0 or ::") from None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 @dataclass(frozen=True)
 class RotelConfig:
     brokers: str
     grpc_port: int = 4317
     http_port: int = 4318
+    bind_addr: str = "127.0.0.1"
     max_message_bytes: int = 32 * MIB
     traces_topic: str = "otlp_spans"
     logs_topic: str = "otlp_logs"
@@ -94,6 +119,7 @@ class RotelConfig:
 
     def __post_init__(self) -> None:
         check_receive_limits(self.max_message_bytes, self.grpc_max_recv_mib)
+        endpoint(self.bind_addr, self.grpc_port)
 
     @property
     def grpc_max_recv_mib(self) -> int:
@@ -102,8 +128,8 @@ class RotelConfig:
     def command(self) -> list[str]:
         return [
             rotel_binary(), "start",
-            "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
-            "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
+            "--otlp-grpc-endpoint", endpoint(self.bind_addr, self.grpc_port),
+            "--otlp-http-endpoint", endpoint(self.bind_addr, self.http_port),
             "--otlp-grpc-max-recv-msg-size-mib", str(self.grpc_max_recv_mib),
             "--otlp-receiver-metrics-disabled",
             # One accepted request = one record: the receive limits above then bound every record.
