@@ -131,6 +131,24 @@ class LlmMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class PiiDetection:
+    """Personal data or a secret found (and handled per the PII policy) in one field of a span
+    or log record: how many of one entity type. Never the value itself.
+    """
+
+    table: ClassVar[str] = "pii_detections"
+
+    ts: float
+    trace_id: str
+    span_id: str
+    service: str = ""
+    project: str = ""
+    entity_type: str = ""  # EMAIL, PHONE, CREDIT_CARD, ..., SECRET, or a custom type
+    field: str = ""  # <table>.<column> it was found in, e.g. llm_calls.prompt
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class GpuSample:
     """One NVML (or DCGM) reading.
 
@@ -189,7 +207,7 @@ class Finding:
         return f"{self.detector}:{self.kind}:{self.key}"
 
 
-EVENT_TYPES: tuple[type, ...] = (LlmCall, ToolCall, AgentStep, LlmMessage, GpuSample, Finding)
+EVENT_TYPES: tuple[type, ...] = (LlmCall, ToolCall, AgentStep, LlmMessage, GpuSample, PiiDetection, Finding)
 EVENT_BY_TABLE: dict[str, type] = {t.table: t for t in EVENT_TYPES}
 
 E = TypeVar("E")
