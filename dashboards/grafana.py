@@ -222,13 +222,15 @@ def overview_dashboard() -> dict[str, Any]:
 
 
 def drift_dashboard() -> dict[str, Any]:
-    """Latest drift score against its threshold, per monitored key, over time."""
+    """Latest drift score against its threshold, per monitored key, check (skew against the
+    reference, drift against previous windows) and deciding statistic, over time. Every check
+    sets them, calm or not, so a calm key shows how far it is from alarming."""
     d = (_base("agentwatch / Drift", "agentwatch-drift",
                "Embedding and distribution drift scores against their thresholds.")
          .with_variable(_label_variable("key", "agentwatch_drift_score"))
          .with_panel(_stat("Keys over threshold", "short", [_q(
-             'count(agentwatch_drift_score{key=~"$key"} > agentwatch_drift_threshold) '
-             "or vector(0)", "keys", instant=True)],
+             'count(count by (key) (agentwatch_drift_score{key=~"$key"} > '
+             'agentwatch_drift_threshold)) or vector(0)', "keys", instant=True)],
              thresholds=[(None, "green"), (1, "red")]))
          .with_panel(_stat("Drift findings in range", "short", [_q(
              f'sum(increase(agentwatch_findings_total{{detector=~"{DRIFT_DETECTORS}"}}'
@@ -239,8 +241,9 @@ def drift_dashboard() -> dict[str, Any]:
              span=12))
          .with_row(Row("Score vs threshold per key"))
          .with_panel(_timeseries("Drift: $key", "short", [
-             _q('agentwatch_drift_score{key=~"$key"}', "score {{method}}"),
-             _q('agentwatch_drift_threshold{key=~"$key"}', "threshold {{method}}")],
+             _q('agentwatch_drift_score{key=~"$key"}', "score {{check}} {{statistic}}"),
+             _q('agentwatch_drift_threshold{key=~"$key"}',
+                "threshold {{check}} {{statistic}}")],
              span=12, height=8)
              .repeat("key").repeat_direction("v")
              .override_by_regexp("threshold.*", [
@@ -265,7 +268,10 @@ def drift_dashboard() -> dict[str, Any]:
          .with_panel(_timeseries("Windows checked and dropped / s", "ops", [
              _q(f"sum(rate(agentwatch_drift_windows_closed_total[{_RATE}]))", "closed"),
              _q(f"sum by (reason) (rate(agentwatch_drift_windows_dropped_total[{_RATE}]))",
-                "dropped {{reason}}", ref_id="B")])))
+                "dropped {{reason}}", ref_id="B")]))
+         .with_panel(_timeseries("Drift checks / s by key and check", "ops", [_q(
+             f'sum by (key, check) (rate(agentwatch_drift_checks_total{{key=~"$key"}}[{_RATE}]))',
+             "{{key}} {{check}}")], span=12)))
     return to_json(d)
 
 

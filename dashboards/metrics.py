@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from agentwatch.events import Finding, GpuSample, LlmCall, ToolCall
 
 if TYPE_CHECKING:
-    from agentwatch.detectors.drift import DriftEvidence
+    from agentwatch.detectors.drift import DriftCheck
     from agentwatch.detectors.vram import VramLeakEvidence, VramLeakResolvedEvidence
 
 OTHER = "other"
@@ -240,11 +240,19 @@ class PipelineMetrics:
             counter("agentwatch_findings_resolved_total", "Findings resolved (condition cleared).",
                     ["detector"]),
             fixed=(False,))
+        # Set by every drift check, raised or calm, one series per deciding statistic, so a
+        # calm key shows how close it is to alarming; skew and drift are separate series.
+        drift_labels = ["key", "check", "statistic"]
         self._drift = gauges(
-            gauge("agentwatch_drift_score", "Latest drift score per monitored key.",
-                  ["key", "method"]),
+            gauge("agentwatch_drift_score", "Latest score of each deciding drift statistic per "
+                  "monitored key and check (skew: against the reference, drift: against the "
+                  "previous windows).", drift_labels),
             gauge("agentwatch_drift_threshold", "Threshold the latest drift score is compared "
-                  "with.", ["key", "method"]))
+                  "with (the check raises when a score exceeds its threshold).", drift_labels))
+        self._drift_checks = counters(
+            counter("agentwatch_drift_checks_total", "Drift checks run per monitored key and "
+                    "check (skew, drift), raised or calm.", ["key", "check"]),
+            fixed=(False, True))
 
         vram_labels = ["host", "gpu", "pid", "process"]
         self._vram_used = gauges(gauge(
@@ -363,7 +371,8 @@ class PipelineMetrics:
             histogram.observe(n)
 
     def observe_findings(self, findings: Sequence[Finding]) -> None:
-        """Count findings; keep the latest drift scores and the VRAM trend gauges."""
+        """Count findings; keep the VRAM trend gauges (drift gauges follow the checks:
+        :meth:`observe_drift_checks`)."""
         raised: dict[tuple[str, str], int] = {}
         resolved: dict[str, int] = {}
         evidence_of, gauges_of = _evidence_gauges() if findings else (None, {})
@@ -383,11 +392,25 @@ class PipelineMetrics:
         for detector, n in resolved.items():
             self._findings_resolved.children((self._label(detector),))[0].inc(n)
 
-    def _observe_drift(self, finding: Finding, evidence: DriftEvidence) -> None:
-        score, threshold = self._drift.children(
-            (self._label(finding.key), self._label(evidence.method)), finding.ts)
-        score.set(finding.value)
-        threshold.set(finding.threshold)
+    def observe_drift_checks(self, checks: Sequence[DriftCheck]) -> None:
+        """Count drift checks and set the latest score and threshold of each deciding
+        statistic (:attr:`agentwatch.detectors.drift.DriftDetector.last_checks`).
+
+        Called from the one thread that runs the drift detectors; nothing else touches these
+        families, so they need no lock.
+        """
+        for check in checks:
+            key, kind = self._label(check.key), self._label(check.kind)
+            self._drift_checks.children((key, kind))[0].inc()
+            scores = check.evidence.scores
+            for statistic in check.evidence.deciding:
+                verdict = scores.get(statistic)
+                if verdict is None:  # vocabulary statistics of a reference without texts
+                    continue
+                score, threshold = self._drift.children((key, kind, self._label(statistic)),
+                                                        check.ts)
+                score.set(_gauge_value(verdict.get("score")))
+                threshold.set(_gauge_value(verdict.get("threshold")))
 
     def _vram_labels(self, evidence: VramLeakEvidence | VramLeakResolvedEvidence
                      ) -> tuple[str, str, str, str]:
@@ -468,13 +491,16 @@ def _evidence_gauges() -> tuple[Callable[[Finding], Any], dict[type, Callable[..
     seconds of start-up), which processes that only serve ``/metrics`` (notifier, supervisor)
     never need.
     """
-    from agentwatch.detectors.drift import DriftEvidence
     from agentwatch.detectors.findings import evidence_of
     from agentwatch.detectors.vram import VramLeakEvidence, VramLeakResolvedEvidence
 
-    return evidence_of, {DriftEvidence: PipelineMetrics._observe_drift,
-                         VramLeakEvidence: PipelineMetrics._observe_vram_leak,
+    return evidence_of, {VramLeakEvidence: PipelineMetrics._observe_vram_leak,
                          VramLeakResolvedEvidence: PipelineMetrics._observe_vram_resolved}
+
+
+def _gauge_value(value: Any) -> float:
+    # Evidence writes non-finite numbers as null; a gauge reads them back as NaN.
+    return float(value) if value is not None else float("nan")
 
 
 class WorkerStateCollector:

@@ -31,6 +31,11 @@ The other statistics have closed-form nulls:
 
 A finding is raised when a test in ``skew_decide_on`` / ``drift_decide_on`` rejects at
 ``alpha`` divided among the deciding tests (Bonferroni), and resolved when it stops doing so.
+Its ``value`` and ``threshold`` are those of the statistic that decided (the rejecting one with
+the smallest p-value, named in the evidence's ``statistic``), so a raised finding always has
+``value > threshold``; every other statistic is in the evidence. Every check, raised or calm,
+is also readable after :meth:`DriftDetector.update` as :attr:`DriftDetector.last_checks`, so a
+worker can show how close a calm key is to alarming.
 
 Examples
 --------
@@ -111,9 +116,12 @@ class DriftEvidence(Evidence):
     ``scores`` maps each statistic (``mmd``, ``centroid_cosine``, ``classifier_auc``, ...) to its
     ``score``, ``threshold``, ``p_value`` (most) and ``drifted`` verdict, plus what that statistic
     needs to be read (``gamma``, ``component_threshold``, ...); non-finite numbers are ``None``.
-    ``decided_by`` lists the deciding statistics that rejected; ``examples`` the window's
-    prompts least like the comparison (``text``, ``nearest_similarity``). ``reference`` and
-    ``reference_size`` are set for skew, ``history_windows`` and ``history_from_ts`` for drift.
+    ``decided_by`` lists the deciding statistics that rejected; ``statistic`` is the one whose
+    score and threshold the finding carries as its ``value`` and ``threshold`` (see
+    :func:`deciding_statistic`; absent in evidence written before it existed). ``examples`` the
+    window's prompts least like the comparison (``text``, ``nearest_similarity``).
+    ``reference`` and ``reference_size`` are set for skew, ``history_windows`` and
+    ``history_from_ts`` for drift.
     """
 
     method: str
@@ -131,6 +139,26 @@ class DriftEvidence(Evidence):
     reference_size: int | None = None
     history_windows: int | None = None
     history_from_ts: float | None = None
+    statistic: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DriftCheck:
+    """One comparison of a window, raised or calm: what :attr:`DriftDetector.last_checks` holds.
+
+    ``kind`` is ``skew`` or ``drift``; ``value`` and ``threshold`` are those of ``statistic``
+    (:func:`deciding_statistic`), ``drifted`` whether a deciding statistic rejected, and
+    ``evidence`` the full comparison (the evidence a finding of this check carries).
+    """
+
+    key: str
+    kind: str
+    ts: float
+    statistic: str
+    value: float
+    threshold: float
+    drifted: bool
+    evidence: DriftEvidence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +426,30 @@ class NullTail:
         return float(stats.pearson3.sf(observed, self.skew, loc=self.mean, scale=self.std))
 
 
+def deciding_statistic(scores: Mapping[str, Mapping[str, Any]], deciding: Sequence[str]) -> str:
+    """The statistic a check's verdict is reported by: among the deciding statistics that
+    rejected (else among all deciding ones present), the one with the smallest p-value, the
+    first in ``deciding`` on a tie. p-values compare across statistics; scores do not. When
+    no deciding statistic could be computed (vocabulary statistics of a reference without
+    texts), ``mmd``, which every check computes.
+
+    >>> scores = {"mmd": {"p_value": 0.2, "drifted": False},
+    ...           "ood_share": {"p_value": 1e-6, "drifted": True}}
+    >>> deciding_statistic(scores, ("mmd", "ood_share"))
+    'ood_share'
+    >>> deciding_statistic({"mmd": {"p_value": 0.2, "drifted": False}}, ("mmd", "ood_share"))
+    'mmd'
+    """
+    present = [s for s in deciding if s in scores]
+    rejected = [s for s in present if scores[s]["drifted"]]
+
+    def p_value(name: str) -> float:
+        p = scores[name].get("p_value")
+        return float(p) if p is not None and math.isfinite(p) else math.inf
+
+    return min(rejected or present, key=p_value) if present else "mmd"
+
+
 # ---------------------------------------------------------------------------------------------
 # The detector
 
@@ -580,6 +632,7 @@ class DriftDetector:
         self._references: dict[str, _Reference] = {}
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()
         self._labels: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._last_checks: tuple[DriftCheck, ...] = ()
 
     # -- references ---------------------------------------------------------------------------
 
@@ -626,9 +679,16 @@ class DriftDetector:
     def reference_keys(self) -> tuple[str, ...]:
         return tuple(self._references)
 
+    @property
+    def last_checks(self) -> tuple[DriftCheck, ...]:
+        """The checks the latest :meth:`update` made (skew, then drift), raised or calm;
+        ``()`` when it checked nothing (window too small, no reference and no history yet)."""
+        return self._last_checks
+
     # -- the contract ---------------------------------------------------------------------------
 
     def update(self, event: EmbeddedWindow) -> Sequence[Finding]:
+        self._last_checks = ()
         vectors = np.asarray(event.vectors, dtype=np.float64)
         if vectors.ndim != 2 or len(vectors) != len(event.texts):
             raise ValueError("EmbeddedWindow.vectors must be (len(texts), dim)")
@@ -840,22 +900,27 @@ class DriftDetector:
                 result: dict[str, Any], deciding: Sequence[str]) -> list[Finding]:
         scores = result["scores"]
         rejected = [s for s in deciding if s in scores and scores[s]["drifted"]]
-        primary = scores["mmd"]
+        statistic = deciding_statistic(scores, deciding)
+        value = float(scores[statistic]["score"])
+        threshold = float(scores[statistic]["threshold"])
         result = _jsonable(result)
         result["examples"] = tuple(result["examples"])
-        evidence = DriftEvidence(
+        typed = DriftEvidence(
             method=DRIFT_METHOD, decided_by=tuple(rejected), deciding=tuple(deciding),
             alpha=_jsonable(self.alpha), window_start_ts=_jsonable(float(event.start_ts)),
-            window_seen=int(event.seen), **result).to_mapping()
+            window_seen=int(event.seen), statistic=statistic, **result)
+        self._last_checks += (DriftCheck(event.key, kind, float(event.ts), statistic, value,
+                                         threshold, bool(rejected), typed),)
+        evidence = typed.to_mapping()
         if rejected:
             state.active.add(kind)
             severity = Severity.CRITICAL if len(rejected) > 1 else Severity.WARNING
             return [Finding(self.name, event.key, kind, severity, float(event.ts),
-                            primary["score"], primary["threshold"], evidence)]
+                            value, threshold, evidence)]
         if kind in state.active:
             state.active.discard(kind)
             return [Finding(self.name, event.key, kind, Severity.INFO, float(event.ts),
-                            primary["score"], primary["threshold"], evidence, resolved=True)]
+                            value, threshold, evidence, resolved=True)]
         return []
 
 

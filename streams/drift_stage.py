@@ -37,7 +37,10 @@ class DriftStage:
         threading.Thread(target=lambda: self.embedder.dimension, name="embed-preload", daemon=True).start()
 
     def check(self, due: list[tuple[Any, list[Any]]], now: float) -> list[Any]:
-        """Embed the due windows and run each partition's drift detector (in the executor)."""
+        """Embed the due windows and run each partition's drift detector (in the executor).
+
+        Every check, raised or calm, goes to the drift gauges and counters here, in this one
+        thread; the findings go back to the event loop to be written and sent."""
         from agentwatch.reference import load_bound_references
         from agentwatch.streams.drift_sampler import embed_windows
 
@@ -53,7 +56,11 @@ class DriftStage:
                 except (OSError, ValueError) as exc:
                     log.warning("reference sets not loaded: %s", exc)
             embedded = embed_windows(windows, self.embedder)
+            checks: list[Any] = []
             with self.dataflow.drift_lock:
                 for window in embedded:
                     findings.extend(detector.update(window))
+                    checks.extend(detector.last_checks)
+            if self.dataflow.metrics is not None:
+                self.dataflow.metrics.observe_drift_checks(checks)
         return findings

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import urllib.request
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from agentwatch.broker import free_port
 from agentwatch.dashboards.metrics import PipelineMetrics, serve_metrics
-from agentwatch.detectors.drift import DriftEvidence
+from agentwatch.detectors.drift import (DriftCheck, DriftDetector, DriftEvidence,
+                                        EmbeddedWindow, deciding_statistic)
 from agentwatch.detectors.vram import (MIB, VramLeakDetector, VramLeakEvidence,
                                        VramLeakResolvedEvidence)
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity, ToolCall
@@ -111,7 +113,7 @@ def test_tool_status_survives_folding(reg):
              {"service": "other", "tool": "other", "status": "other"}) == 1
 
 
-def test_findings_counts_and_drift_gauges(reg):
+def test_findings_counts_and_touch_no_drift_gauge(reg):
     m = PipelineMetrics(reg)
     m.observe_findings([
         Finding(detector="loops", key="t1", kind="repeat", severity=Severity.WARNING, ts=1,
@@ -123,31 +125,96 @@ def test_findings_counts_and_drift_gauges(reg):
         Finding(detector="drift", key="project=a", kind="drift",
                 severity=Severity.CRITICAL, ts=4, value=0.3, threshold=0.1,
                 evidence=_drift_evidence()),
-        Finding(detector="drift", key="project=a", kind="drift",
-                severity=Severity.INFO, ts=5, value=0.05, threshold=0.1,
-                evidence=_drift_evidence(), resolved=True),
     ])
     v = reg.get_sample_value
     assert v("agentwatch_findings_total", {"detector": "loops", "severity": "warning"}) == 2
     assert v("agentwatch_findings_resolved_total", {"detector": "loops"}) == 1
     assert v("agentwatch_findings_total",
              {"detector": "drift", "severity": "critical"}) == 1
-    # The latest score wins, resolved or not.
-    assert v("agentwatch_drift_score", {"key": "project=a", "method": "mmd"}) == 0.05
-    assert v("agentwatch_drift_threshold", {"key": "project=a", "method": "mmd"}) == 0.1
+    # Drift gauges follow the checks (observe_drift_checks), which every finding came from.
+    assert v("agentwatch_drift_score", {"key": "project=a", "check": "drift",
+                                        "statistic": "mmd"}) is None
+
+
+def _check(key: str, kind: str, ts: float, scores: dict, deciding=("mmd",)) -> DriftCheck:
+    full = {name: {"score": score, "threshold": threshold, "p_value": 0.5,
+                   "drifted": score > threshold}
+            for name, (score, threshold) in scores.items()}
+    statistic = deciding_statistic(full, deciding)
+    evidence = DriftEvidence(
+        method="m", decided_by=tuple(s for s in deciding if full[s]["drifted"]),
+        deciding=deciding, alpha=0.01, window_start_ts=ts - 60, window_seen=200, scores=full,
+        window_size=200, comparison_size=400, alpha_per_test=0.005, examples=(),
+        statistic=statistic)
+    return DriftCheck(key, kind, ts, statistic, full[statistic]["score"],
+                      full[statistic]["threshold"], bool(evidence.decided_by), evidence)
+
+
+def test_drift_checks_set_skew_and_drift_series_apart_and_count_calm_checks(reg):
+    m = PipelineMetrics(reg)
+    m.observe_drift_checks([
+        # A critical skew decided by the OOD share, and a calm drift check of the same window.
+        _check("service=a", "skew", 60, {"mmd": (0.002, 0.008), "ood_share": (0.17, 0.14),
+                                         "classifier_auc": (0.7, 0.6)},
+               deciding=("mmd", "ood_share")),
+        _check("service=a", "drift", 60, {"mmd": (0.0, 0.009)}),
+    ])
+    m.observe_drift_checks([_check("service=a", "drift", 120, {"mmd": (0.001, 0.01)})])
+    v = reg.get_sample_value
+
+    def series(name, kind, statistic):
+        return v(name, {"key": "service=a", "check": kind, "statistic": statistic})
+
+    assert series("agentwatch_drift_score", "skew", "ood_share") == 0.17
+    assert series("agentwatch_drift_threshold", "skew", "ood_share") == 0.14
+    assert series("agentwatch_drift_score", "skew", "mmd") == 0.002
+    # Only the deciding statistics get series; the others stay in the evidence.
+    assert series("agentwatch_drift_score", "skew", "classifier_auc") is None
+    # The calm drift checks did not overwrite the skew series; the latest one wins.
+    assert series("agentwatch_drift_score", "drift", "mmd") == 0.001
+    assert series("agentwatch_drift_threshold", "drift", "mmd") == 0.01
+    assert v("agentwatch_drift_checks_total", {"key": "service=a", "check": "skew"}) == 1
+    assert v("agentwatch_drift_checks_total", {"key": "service=a", "check": "drift"}) == 2
+
+
+def test_drift_checks_of_real_detector_update_the_gauges_every_window(reg):
+    rng = np.random.default_rng(0)
+    m = PipelineMetrics(reg)
+    detector = DriftDetector(history_windows=1, permutations=100)
+    detector.set_reference("service=shop", rng.normal(size=(300, 8)))
+    v = reg.get_sample_value
+    outcomes = set()
+    # Five calm windows, then three moved by 2 sd on one axis.
+    for i in range(8):
+        vectors = rng.normal(size=(60, 8))
+        vectors[:, 0] += 2.0 if i >= 5 else 0.0
+        window = EmbeddedWindow("service=shop", 60.0 * (i + 1), ("q",) * 60, vectors)
+        detector.update(window)
+        m.observe_drift_checks(detector.last_checks)
+        outcomes.update(c.drifted for c in detector.last_checks)
+        for check in detector.last_checks:
+            labels = {"key": "service=shop", "check": check.kind, "statistic": check.statistic}
+            assert v("agentwatch_drift_score", labels) == check.value
+            assert v("agentwatch_drift_threshold", labels) == check.threshold
+    assert outcomes == {True, False}, "both calm and raised checks set the gauges"
+    assert v("agentwatch_drift_checks_total", {"key": "service=shop", "check": "skew"}) == 8
+    assert v("agentwatch_drift_checks_total", {"key": "service=shop", "check": "drift"}) == 7
 
 
 def test_gauge_family_evicts_least_recently_set(reg):
     m = PipelineMetrics(reg, max_label_sets=2)
     for i, key in enumerate(["a", "b", "a", "c"]):
-        m.observe_findings([Finding(detector="drift", key=key, kind="drift",
-                                    severity=Severity.INFO, ts=i, value=i, threshold=1,
-                                    evidence=_drift_evidence("psi"))])
+        m.observe_drift_checks([_check(key, "drift", i, {"mmd": (i, 1)})])
     v = reg.get_sample_value
-    assert v("agentwatch_drift_score", {"key": "b", "method": "psi"}) is None
-    assert v("agentwatch_drift_score", {"key": "a", "method": "psi"}) == 2
-    assert v("agentwatch_drift_threshold", {"key": "b", "method": "psi"}) is None
-    assert v("agentwatch_drift_score", {"key": "c", "method": "psi"}) == 3
+
+    def score(key):
+        return v("agentwatch_drift_score", {"key": key, "check": "drift", "statistic": "mmd"})
+
+    assert score("b") is None
+    assert score("a") == 2
+    assert v("agentwatch_drift_threshold", {"key": "b", "check": "drift",
+                                            "statistic": "mmd"}) is None
+    assert score("c") == 3
 
 
 def test_vram_gauges_from_samples_and_findings(reg):

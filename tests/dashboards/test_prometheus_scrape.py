@@ -159,15 +159,26 @@ def test_scraped_values_match_the_fed_events(prometheus):
     (eta,) = _query(prometheus, "agentwatch_vram_seconds_to_threshold")
     assert float(eta["value"][1]) == vram.evidence["eta_s"]
 
-    latest_drift = {f.key: f for f in batches.findings if f.detector.startswith("drift")}
-    for key, finding in latest_drift.items():
-        (score,) = _query(prometheus, f'agentwatch_drift_score{{key="{key}"}}')
-        (threshold,) = _query(prometheus, f'agentwatch_drift_threshold{{key="{key}"}}')
-        assert float(score["value"][1]) == finding.value
-        assert float(threshold["value"][1]) == finding.threshold
+    # The latest check of each key and check kind, one series per deciding statistic.
+    latest = {(c.key, c.kind): c for c in batches.drift_checks}
+    expected = {(key, kind, name): (verdict["score"], verdict["threshold"])
+                for (key, kind), check in latest.items()
+                for name, verdict in check.evidence.scores.items()}
+    scraped = {}
+    for name in ("agentwatch_drift_score", "agentwatch_drift_threshold"):
+        for r in _query(prometheus, f'{name}{{key!~"project=live.*"}}'):
+            m = r["metric"]
+            scraped.setdefault((m["key"], m["check"], m["statistic"]), {})[name] = float(
+                r["value"][1])
+    assert {k: (v["agentwatch_drift_score"], v["agentwatch_drift_threshold"])
+            for k, v in scraped.items()} == expected
     over = _query(prometheus, "agentwatch_drift_score > agentwatch_drift_threshold")
-    assert {r["metric"]["key"] for r in over} == {
-        k for k, f in latest_drift.items() if f.value > f.threshold}
+    assert {(r["metric"]["key"], r["metric"]["check"], r["metric"]["statistic"])
+            for r in over} == {k for k, (score, threshold) in expected.items()
+                               if score > threshold}
+    (checks,) = _query(prometheus, 'agentwatch_drift_checks_total{key="project=support/'
+                                   'model=claude-sonnet-4",check="drift"}')
+    assert float(checks["value"][1]) == 2
 
     (folded,) = _query(prometheus, "sum(agentwatch_metric_label_sets_folded_total)")
     assert float(folded["value"][1]) > 0, "the fixture's fuzz tools must hit the cardinality cap"

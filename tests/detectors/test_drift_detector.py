@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from agentwatch.detectors.drift import DriftDetector, EmbeddedWindow
+from agentwatch.detectors.drift import (DECIDING_STATISTICS, DriftDetector, EmbeddedWindow,
+                                        deciding_statistic)
+from agentwatch.detectors.findings import evidence_of
 from agentwatch.events import Finding, Severity
 
 DIM = 16
@@ -70,20 +72,26 @@ def test_no_reference_means_no_skew_and_first_window_is_warm_up():
     assert [[f.kind for f in found] for found in out] == [[], [], [], ["drift"], ["drift"]]
 
 
-def test_out_of_distribution_rows_decide_and_are_the_examples():
+def _out_of_distribution_window():
+    """12 of 100 rows far from a reference that never uses the last 4 dimensions."""
     rng = np.random.default_rng(3)
-    detector = DriftDetector(permutations=100, max_examples=4)
     reference, texts = _reference()
     reference[:, -4:] = 0.0  # the reference never uses the last 4 dimensions
-    detector.set_reference(KEY, reference, texts)
     vectors = rng.normal(size=(100, DIM))
     vectors[:, -4:] = 0.0
     far = [7, 21, 50, 77, 90, 95, 3, 33, 66, 99, 12, 44]
     # Far rows live only in the unused dimensions: cosine similarity 0 to every reference row.
     vectors[far] = 0.0
     vectors[np.ix_(far, range(DIM - 4, DIM))] = rng.normal(size=(len(far), 4))
-    texts = tuple(f"far {i}" if i in far else f"calm {i}" for i in range(100))
-    found = detector.update(EmbeddedWindow(KEY, 60.0, texts, vectors))
+    window_texts = tuple(f"far {i}" if i in far else f"calm {i}" for i in range(100))
+    return (reference, texts), EmbeddedWindow(KEY, 60.0, window_texts, vectors), far
+
+
+def test_out_of_distribution_rows_decide_and_are_the_examples():
+    detector = DriftDetector(permutations=100, max_examples=4)
+    reference, window, far = _out_of_distribution_window()
+    detector.set_reference(KEY, *reference)
+    found = detector.update(window)
     skew = [f for f in found if f.kind == "skew"]
     assert len(skew) == 1
     evidence = skew[0].evidence
@@ -188,3 +196,105 @@ def test_registered():
 
     assert DETECTORS["drift"] is DriftDetector
     assert DriftDetector.accepts == (EmbeddedWindow,)
+
+
+def test_out_of_distribution_share_alone_decides_with_its_own_value_and_threshold():
+    # The case of issue 15: the MMD stays under its threshold, the OOD share does not, and the
+    # finding must carry the OOD share's numbers so that value > threshold finds it.
+    detector = DriftDetector(permutations=100)
+    reference, window, far = _out_of_distribution_window()
+    detector.set_reference(KEY, *reference)
+    (skew,) = detector.update(window)
+    evidence = evidence_of(skew)
+    mmd, ood = evidence.scores["mmd"], evidence.scores["ood_share"]
+    assert evidence.decided_by == ("ood_share",) and mmd["score"] < mmd["threshold"]
+    assert evidence.statistic == "ood_share"
+    # Every far row has similarity 0 to the reference, so each counts as out of distribution.
+    assert skew.value == ood["score"] >= len(far) / 100
+    assert skew.threshold == ood["threshold"] and skew.value > skew.threshold
+
+
+def test_the_rejecting_statistic_with_the_smallest_p_value_decides():
+    detector = DriftDetector(permutations=100)
+    detector.set_reference(KEY, *_reference())
+    (skew,) = detector.update(_window(np.random.default_rng(2), 60.0, shift=10.0))
+    evidence = evidence_of(skew)
+    p = {name: evidence.scores[name]["p_value"] for name in evidence.decided_by}
+    assert len(p) == 2 and evidence.statistic == min(p, key=p.get)
+    decided = evidence.scores[evidence.statistic]
+    assert (skew.value, skew.threshold) == (decided["score"], decided["threshold"])
+
+
+def test_deciding_statistic_prefers_rejections_then_p_values_then_order():
+    scores = {"mmd": {"p_value": 0.001, "drifted": False},
+              "ood_share": {"p_value": 0.002, "drifted": True},
+              "classifier_auc": {"p_value": 0.002, "drifted": True},
+              "vocab_jsd": {"p_value": None, "drifted": True}}
+    assert deciding_statistic(scores, ("mmd", "ood_share", "classifier_auc")) == "ood_share"
+    assert deciding_statistic(scores, ("mmd", "classifier_auc", "ood_share")) == "classifier_auc"
+    assert deciding_statistic(scores, ("vocab_jsd", "ood_share")) == "ood_share"
+    assert deciding_statistic(scores, ("new_token_share",)) == "mmd"
+
+
+@pytest.mark.parametrize("statistic", [s for s in DECIDING_STATISTICS if s != "ood_share"])
+def test_each_deciding_statistic_reports_its_own_value_and_threshold(statistic):
+    detector = DriftDetector(history_windows=1, permutations=100, skew_decide_on=(statistic,),
+                             drift_decide_on=(statistic,))
+    detector.set_reference(KEY, *_reference())
+    found = [f for out in _run(detector, _stream()) for f in out]
+    assert {f.kind for f in found if not f.resolved} == {"skew", "drift"}
+    assert any(f.resolved for f in found)
+    for finding in found:
+        evidence = evidence_of(finding)
+        assert evidence.statistic == statistic
+        own = evidence.scores[statistic]
+        assert (finding.value, finding.threshold) == (own["score"], own["threshold"])
+        assert (finding.value > finding.threshold) is (not finding.resolved)
+
+
+def test_value_over_threshold_in_sql_finds_every_raised_finding():
+    duckdb = pytest.importorskip("duckdb")
+    found = []
+    for kwargs in ({}, {"skew_decide_on": ("classifier_auc",),
+                        "drift_decide_on": ("centroid_euclidean",)}):
+        detector = DriftDetector(history_windows=1, permutations=100, **kwargs)
+        detector.set_reference(KEY, *_reference())
+        found += [f for out in _run(detector, _stream()) for f in out]
+    detector = DriftDetector(permutations=100)
+    reference, window, _ = _out_of_distribution_window()
+    detector.set_reference(KEY, *reference)
+    found += detector.update(window)
+    rows = [(i, f.evidence["statistic"], f.value, f.threshold, f.resolved)
+            for i, f in enumerate(found)]
+    assert {r[1] for r in rows} == {"mmd", "ood_share", "classifier_auc", "centroid_euclidean"}
+    db = duckdb.connect()
+    db.execute("CREATE TABLE findings (i INT, statistic TEXT, value DOUBLE, threshold DOUBLE, "
+               "resolved BOOLEAN)")
+    db.executemany("INSERT INTO findings VALUES (?, ?, ?, ?, ?)", rows)
+    alarms = {i for (i,) in db.execute("SELECT i FROM findings WHERE value > threshold").fetchall()}
+    assert alarms == {i for i, f in enumerate(found) if not f.resolved}
+
+
+def test_every_check_is_readable_after_update_raised_or_calm():
+    detector = DriftDetector(history_windows=1, permutations=100)
+    detector.set_reference(KEY, *_reference())
+    drifted = []
+    for window in _stream():
+        found = detector.update(window)
+        raised = {f.kind: f for f in found if not f.resolved}
+        drifted.append([(c.kind, c.drifted) for c in detector.last_checks])
+        for check in detector.last_checks:
+            assert (check.key, check.ts) == (KEY, window.ts)
+            assert check.statistic in check.evidence.deciding
+            own = check.evidence.scores[check.statistic]
+            assert (check.value, check.threshold) == (own["score"], own["threshold"])
+            assert (check.value > check.threshold) is check.drifted
+            if check.kind in raised:
+                assert (raised[check.kind].value, raised[check.kind].threshold) == (
+                    check.value, check.threshold)
+    calm = [("skew", False), ("drift", False)]
+    assert drifted == [[("skew", False)], calm, calm, calm, calm,
+                       [("skew", True), ("drift", True)], [("skew", True), ("drift", False)],
+                       [("skew", True), ("drift", False)]]
+    detector.update(_window(np.random.default_rng(9), 600.0, size=10))
+    assert detector.last_checks == ()

@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector, serve_metrics
-from agentwatch.detectors.drift import DriftEvidence
+from agentwatch.detectors.drift import DriftCheck, DriftEvidence, deciding_statistic
 from agentwatch.detectors.vram import VramLeakEvidence
 from agentwatch.streams.drift_sampler import DriftSampler
 from agentwatch.events import Finding, GpuSample, LlmCall, Severity, ToolCall
@@ -37,14 +37,32 @@ class Batches:
     llm_calls: list[LlmCall] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    drift_checks: list[DriftCheck] = field(default_factory=list)
     gpu_samples: list[GpuSample] = field(default_factory=list)
 
 
 def _drift_evidence() -> dict[str, Any]:
-    # The typed evidence the metrics read back (method "mmd" labels the drift gauges).
     return DriftEvidence(method="mmd", decided_by=(), deciding=("mmd",), alpha=0.01,
                          window_start_ts=0.0, window_seen=200, scores={}, window_size=200,
                          comparison_size=200, alpha_per_test=0.01, examples=()).to_mapping()
+
+
+def drift_check(key: str, kind: str, ts: float, scores: dict[str, tuple[float, float]],
+                p_values: dict[str, float] | None = None) -> DriftCheck:
+    """A check as DriftDetector.last_checks holds it; every statistic in ``scores`` decides
+    and rejects when its score exceeds its threshold."""
+    full = {name: {"score": score, "threshold": threshold,
+                   "p_value": (p_values or {}).get(name, 0.5), "drifted": score > threshold}
+            for name, (score, threshold) in scores.items()}
+    deciding = tuple(scores)
+    statistic = deciding_statistic(full, deciding)
+    evidence = DriftEvidence(
+        method="mmd", decided_by=tuple(s for s in deciding if full[s]["drifted"]),
+        deciding=deciding, alpha=0.01, window_start_ts=ts - 60.0, window_seen=200,
+        scores=full, window_size=200, comparison_size=200, alpha_per_test=0.01 / len(deciding),
+        examples=(), statistic=statistic)
+    return DriftCheck(key, kind, ts, statistic, full[statistic]["score"],
+                      full[statistic]["threshold"], bool(evidence.decided_by), evidence)
 
 
 def deterministic_batches() -> Batches:
@@ -70,11 +88,11 @@ def deterministic_batches() -> Batches:
         b.tool_calls.append(ToolCall(ts=T0 + 40, trace_id=f"{999:032x}", span_id=f"{500 + i:016x}",
                                      service="fuzz", tool_name=f"made_up_tool_{i:02d}"))
     b.findings += [
-        Finding(detector="drift", key="project=shop/model=gpt-4o", kind="mmd",
+        Finding(detector="drift", key="project=shop/model=gpt-4o", kind="skew",
                 severity=Severity.WARNING, ts=T0 + 50, value=0.18, threshold=0.12,
                 evidence=_drift_evidence()),
         Finding(detector="drift", key="project=support/model=claude-sonnet-4",
-                kind="mmd", severity=Severity.INFO, ts=T0 + 50, value=0.04, threshold=0.12,
+                kind="drift", severity=Severity.INFO, ts=T0 + 50, value=0.04, threshold=0.12,
                 evidence=_drift_evidence(), resolved=True),
         Finding(detector="agent_loop", key=f"{3:032x}", kind="repeated_tool_call",
                 severity=Severity.WARNING, ts=T0 + 51, value=5, threshold=3),
@@ -91,6 +109,18 @@ def deterministic_batches() -> Batches:
                     threshold_mib=72 * 1024.0, total_mib=80 * 1024.0, eta_s=1800.0,
                     above_threshold=False, window_s=600.0, points=20, inferences=0,
                     inferences_from="", mib_per_inference=None).to_mapping()),
+    ]
+    # The checks behind those drift findings, and calm ones: shop's skew is decided by the OOD
+    # share while its MMD stays under its threshold, and its drift check stays calm.
+    b.drift_checks += [
+        drift_check("project=shop/model=gpt-4o", "skew", T0 + 50,
+                    {"mmd": (0.004, 0.008), "ood_share": (0.18, 0.12)},
+                    p_values={"mmd": 0.2, "ood_share": 1e-4}),
+        drift_check("project=shop/model=gpt-4o", "drift", T0 + 50, {"mmd": (0.003, 0.009)}),
+        drift_check("project=support/model=claude-sonnet-4", "drift", T0 + 40,
+                    {"mmd": (0.2, 0.12)}),
+        drift_check("project=support/model=claude-sonnet-4", "drift", T0 + 50,
+                    {"mmd": (0.04, 0.12)}),
     ]
     for step in range(5):
         ts = T0 + 10 * step
@@ -110,6 +140,7 @@ def feed_deterministic(metrics: PipelineMetrics) -> None:
     metrics.observe_llm_calls(b.llm_calls)
     metrics.observe_tool_calls(b.tool_calls)
     metrics.observe_findings(b.findings)
+    metrics.observe_drift_checks(b.drift_checks)
     metrics.observe_gpu_samples(b.gpu_samples)
     metrics.observe_trace_steps(service="checkout", steps=[2, 3, 3, 5, 8, 21])
     metrics.observe_dead_letter(topic="otlp_spans", reason="undecodable_protobuf", n=2)
@@ -139,11 +170,11 @@ def feed_live_round(metrics: PipelineMetrics, round_no: int) -> None:
                 severity=Severity.WARNING, ts=ts, value=4, threshold=3),
         Finding(detector="hallucinated_tool", key=f"{round_no:032x}", kind="undeclared_tool",
                 severity=Severity.CRITICAL, ts=ts, value=1, threshold=0),
-        # Stays under its threshold, so tests know exactly which keys are drifting.
-        Finding(detector="drift", key="project=live/model=gpt-4o", kind="mmd",
-                severity=Severity.INFO, ts=ts, value=0.05 + 0.005 * (round_no % 10),
-                threshold=0.12, evidence=_drift_evidence()),
     ])
+    # A calm key: checked every round, under its threshold, so tests know exactly which keys
+    # are drifting.
+    metrics.observe_drift_checks([drift_check("project=live/model=gpt-4o", "drift", ts, {
+        "mmd": (0.05 + 0.005 * (round_no % 10), 0.12)})])
     metrics.observe_dead_letter(topic="otlp_spans", reason="undecodable_protobuf")
     metrics.observe_delivery(destination="slack", ok=True)
     metrics.observe_delivery(destination="slack", ok=round_no % 4 != 0)
