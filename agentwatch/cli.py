@@ -19,6 +19,18 @@ def _settings(**overrides: Any) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _pipeline_settings(**overrides: Any) -> Settings:
+    """Settings of a command that runs the pipeline: its PII policy is checked before anything starts."""
+    from agentwatch.streams.pii import PiiConfigError
+
+    settings = _settings(**overrides)
+    try:
+        settings.pii_policy()
+    except PiiConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings
+
+
 def stack_options(func):
     """Flags shared by ``up`` and ``demo``; each overrides its AGENTWATCH_* variable."""
     options = [
@@ -59,7 +71,7 @@ def up(**flags: Any) -> None:
     from agentwatch.broker import PortInUseError
     from agentwatch.stack import Stack, StackError
 
-    settings = _settings(**flags)
+    settings = _pipeline_settings(**flags)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -97,7 +109,7 @@ def demo(duration: float, rate: float, incidents: tuple[str, ...], seed: int, **
     from agentwatch.demo import run_demo
     from agentwatch.stack import StackError
 
-    settings = _settings(**flags)
+    settings = _pipeline_settings(**flags)
     try:
         run_demo(settings, duration_s=duration, rate=rate, incidents=incidents, seed=seed, say=click.echo)
     except PortInUseError as exc:
@@ -351,7 +363,7 @@ def worker(worker_index: int, metrics_port: int, ready_file: Path | None, bootst
     """Run one Faust worker (the supervisor starts these; compose runs them directly)."""
     from agentwatch.streams.worker import run_worker
 
-    settings = _settings(bootstrap_servers=bootstrap_servers)
+    settings = _pipeline_settings(bootstrap_servers=bootstrap_servers)
     if not settings.bootstrap_servers:
         raise click.ClickException("worker needs --bootstrap-servers or AGENTWATCH_BOOTSTRAP_SERVERS")
     run_worker(settings, worker_index=worker_index, metrics_port=metrics_port, ready_file=ready_file,

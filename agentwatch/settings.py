@@ -84,7 +84,21 @@ class Settings(BaseSettings):
     commit_interval_s: float = 1.0
     consumer_fetch_max_wait_ms: int = 100  # bounds the latency each Kafka hop adds (see streams/app.py)
 
+    # Personal data and secrets in prompts, responses, tool arguments/results, messages and
+    # errors: "redact" (placeholders such as <EMAIL>), "hash" (keyed HMAC tokens; needs
+    # pii_hash_key) or "off". pii refines it per entity type and project, adds custom patterns
+    # and allow-lists: JSON, or the path of a YAML/JSON file (see streams/pii/policy.py).
+    pii_mode: str = "redact"
+    pii: str = ""
+    pii_hash_key: SecretStr = SecretStr("")
+
     # Plausibility bounds of event numbers (tokens, latency, cost, GPU readings); a value outside
     # them is nulled, flagged, counted and dead-lettered. JSON, kinds not named keep their
     # defaults, e.g. AGENTWATCH_VALUE_BOUNDS='{"tokens": [0, 50000000]}'. See agentwatch/bounds.py.
     value_bounds: ValueBounds = ValueBounds()
+
+    def pii_policy(self) -> Any:
+        """The validated PII policy (raises ``PiiConfigError`` naming what is wrong)."""
+        from agentwatch.streams.pii import PiiPolicy
+
+        return PiiPolicy.from_settings(self.pii_mode, self.pii, self.pii_hash_key.get_secret_value())

@@ -278,6 +278,14 @@ class PipelineMetrics:
                     "their rows and dead-lettered, by table, field and reason.",
                     ["table", "field", "reason"]),
             fixed=(True, True, True))
+        # Entity types and fields are closed vocabularies (the recognisers, the policy's custom
+        # types, the text columns), so they survive folding; services do not.
+        self._pii = counters(
+            counter("agentwatch_pii_detections_total",
+                    "Personal data and secrets found in span and log texts (and handled per the PII "
+                    "policy before storage), by entity type, service and field.",
+                    ["entity_type", "service", "field"]),
+            fixed=(True, False, True))
         # A plain counter: no labels, so nothing to cap.
         self._normalizer_restarts = counter("agentwatch_normalizer_restarts_total",
                                             "Normaliser processes started again after the previous "
@@ -315,6 +323,11 @@ class PipelineMetrics:
         if spans > 0:
             items.inc(spans)
         self._processing.children((self._label(topic),))[0].observe(max(seconds, 0.0))
+
+    def observe_pii_detections(self, detections: Sequence[Any]) -> None:
+        """Count PII detections (``PiiDetection`` events) by entity type, service and field."""
+        for d in detections:
+            self._pii.children((self._label(d.entity_type), self._label(d.service), self._label(d.field)))[0].inc(d.count)
 
     def observe_llm_calls(self, calls: Sequence[LlmCall]) -> None:
         """Count calls, tokens by direction, cost and errors per service/model/project."""

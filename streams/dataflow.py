@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import msgspec
 import orjson
 
-from agentwatch.events import AgentStep, Finding, GpuSample, LlmCall, ToolCall
+from agentwatch.events import AgentStep, Finding, GpuSample, LlmCall, PiiDetection, ToolCall
 from agentwatch.streams.pipeline import (VALUE_REJECTED_REASON, RecordOutcome, decode_event_rows,
                                          decode_events_checked, dumps_lenient, partition_for,
                                          value_rejection_dead_letters)
@@ -54,7 +54,8 @@ USAGE_TOPIC = "usage"
 DLQ_REASON_HEADER = "agentwatch.dlq.reason"
 CHECKPOINT_FORMAT = "agentwatch.partition-state"
 CHECKPOINT_VERSION = 1
-_EVENT_CLASS = {"llm_calls": LlmCall, "tool_calls": ToolCall, "agent_steps": AgentStep, "gpu_samples": GpuSample}
+_EVENT_CLASS = {"llm_calls": LlmCall, "tool_calls": ToolCall, "agent_steps": AgentStep, "gpu_samples": GpuSample,
+                "pii_detections": PiiDetection}
 # Usage records are decoded straight into typed events: their values were checked and nulled
 # where the trace stage (or the GPU records' decode) read them.
 _USAGE_DECODERS: dict[str, Any] = {}
@@ -372,6 +373,9 @@ class Dataflow:
         a crash is noticed (the session timeout) plus a commit interval: at 2,000 spans/s per
         partition, 20,000 spans cover 10 s.
     metrics : PipelineMetrics, optional
+    redactor : Redactor, optional
+        Masks personal data and secrets in dead letters, which keep the record as it came (the
+        same length, so a protobuf still decodes): nothing stored holds a detected value.
     """
 
     def __init__(self, *, partitions: Mapping[str, int], build_detectors: Callable[[], Sequence[Any]],
@@ -379,7 +383,7 @@ class Dataflow:
                  checkpoints: Any = None, drift_sampler: Callable[[], Any] | None = None,
                  alert_record: Callable[[Finding], bytes] | None = None, metrics: Any = None,
                  value_bounds: Any = None, max_message_bytes: int = 1_000_000, log_epoch: str = "",
-                 trace_memory: int = 100_000, dedup_spans: int = 20_000) -> None:
+                 trace_memory: int = 100_000, dedup_spans: int = 20_000, redactor: Any = None) -> None:
         from agentwatch.detectors.runner import DetectorRunner
 
         self.partitions = dict(partitions)
@@ -395,6 +399,7 @@ class Dataflow:
         self.drift_sampler = drift_sampler if self.topology.drift_field else None
         self.alert_record = alert_record
         self.metrics = metrics
+        self.redactor = redactor if redactor is not None and redactor.policy.enabled else None
         self.value_bounds = value_bounds
         self.max_record_bytes = int(max_message_bytes * 0.9)
         self.trace_states: dict[int, TracePartition] = {}
@@ -576,6 +581,15 @@ class Dataflow:
             out.sends.append(Send(topic, partition, payload))
         self.counts["spans"] += outcome.spans
         self.counts["records"] += 1
+        if outcome.pii_rows:
+            # Counted where the text was redacted: rows with the record, per-service detectors
+            # through the usage topic like every other keyed event.
+            rows = outcome.pii_rows
+            out.rows.append(Rows("pii_detections", dumps_lenient(rows), len(rows)))
+            detections = [PiiDetection(**row) for row in rows]
+            if self.metrics is not None:
+                self.metrics.observe_pii_detections(detections)
+            self._forward_usage(out, record, "pii_detections", detections)
         if outcome.dead_letter_reason:
             self._dead_letter(out, record, outcome.dead_letter_reason)
         self._reject_values(out, record, outcome.rejections)
@@ -771,6 +785,12 @@ class Dataflow:
 
     def _dead_letter(self, out: StepOutput, record: Record, reason: str) -> None:
         value = record.value or b""
+        if self.redactor is not None and value:
+            value, masked = self.redactor.mask_bytes(value)
+            if masked and self.metrics is not None:
+                self.metrics.observe_pii_detections(
+                    [PiiDetection(ts=0.0, trace_id="", span_id="", entity_type=entity, field="dead_letter")
+                     for entity in masked])
         headers = dead_letter_headers(record, reason)
         if len(value) > self.max_record_bytes:
             # The headers would push a record near the broker's limit over it: keep its start and say so.

@@ -14,6 +14,11 @@ Everything kept across batches (that memory, the memos of parsed prompts and too
 the attribute-layout plans) is capped in approximate bytes as well as entries, and a value too
 large to be worth keeping (a multi-megabyte prompt) is not memoised at all.
 
+Free text (prompts, responses, messages, tool arguments and results, errors) goes through the
+PII :class:`~agentwatch.streams.pii.Redactor` when one is given, before it is cut to
+``max_text_chars``: what leaves the normaliser holds placeholders, never a detected value, and
+each detection is counted in :attr:`NormalizedBatch.pii_rows` (type and field, not the value).
+
 Numbers (tokens, latency, cost) are checked against :class:`~agentwatch.bounds.ValueBounds`
 as rows are built: an implausible one is nulled in the row, named in its ``invalid_fields`` and
 reported in :attr:`NormalizedBatch.rejections`; the span still becomes its row.
@@ -31,6 +36,8 @@ from agentwatch.bounds import (DEFAULT_BOUNDS, FROM_INVALID_TOKENS, NOT_A_NUMBER
                                ValueBounds, ValueRejection, check_number, format_flags, keepable, typed_row)
 from agentwatch.detectors.bounded import BoundedMemo, approx_size
 from agentwatch.events import AgentStep, LlmCall, LlmMessage, ToolCall
+from agentwatch.streams.pii import Redactor
+from agentwatch.streams.pii.redactor import MARGIN_CHARS
 from agentwatch.streams import semconv as sc
 from agentwatch.streams.otlp import any_value, attributes
 from agentwatch.streams.pricing import PricingTable
@@ -68,6 +75,8 @@ class NormalizedBatch:
     failures: list[tuple[str, str]] = field(default_factory=list)
     # Values nulled in the rows above because they were implausible (the rows still count).
     rejections: list[ValueRejection] = field(default_factory=list)
+    # What the PII redactor found in the rows above: PiiDetection rows (type and field, no value).
+    pii_rows: list[dict[str, Any]] = field(default_factory=list)
 
     # The events hold 0 where the rows hold a nulled value, as decoded events do.
     @property
@@ -122,12 +131,15 @@ class Normalizer:
         Byte budget of the attribute-layout plans, split evenly over LLM, tool and agent spans.
         An instrumentation emits a handful of layouts of a few hundred bytes of names each;
         8 MiB holds thousands, and a span with hostile random attribute names cannot grow it.
+    redactor
+        Replaces personal data and secrets in every free-text field (None: texts kept as sent).
     """
 
     def __init__(self, pricing: PricingTable, *, max_text_chars: int = 8192,
                  parent_memory: int = 100_000, value_bounds: ValueBounds | None = None,
                  parent_memory_bytes: int = 32 * _MIB, prompt_memo_bytes: int = 32 * _MIB,
-                 tool_definitions_memo_bytes: int = 16 * _MIB, layout_memo_bytes: int = 8 * _MIB) -> None:
+                 tool_definitions_memo_bytes: int = 16 * _MIB, layout_memo_bytes: int = 8 * _MIB,
+                 redactor: Redactor | None = None) -> None:
         for name, value in (("max_text_chars", max_text_chars), ("parent_memory", parent_memory),
                             ("parent_memory_bytes", parent_memory_bytes), ("prompt_memo_bytes", prompt_memo_bytes),
                             ("tool_definitions_memo_bytes", tool_definitions_memo_bytes),
@@ -136,6 +148,9 @@ class Normalizer:
                 raise ValueError(f"{name} must be >= 0")
         self.pricing = pricing
         self.max_text_chars = max_text_chars
+        self.redactor = redactor if redactor is not None and redactor.policy.enabled else None
+        # Detections in the row being built: (field, entity types), turned into pii rows with it.
+        self._found: list[tuple[str, tuple[str, ...]]] = []
         self.value_bounds = value_bounds if value_bounds is not None else DEFAULT_BOUNDS
         llm = {f.name: f for f in self.value_bounds.limits(LlmCall.table).nullable}
         self._token_limits = tuple(llm[name] for name in (
@@ -223,19 +238,22 @@ class Normalizer:
                 if role == "llm":
                     parent_key = (trace_id, parent_id)
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
-                    batch.llm_call_rows.append(
-                        self._llm_call(span, merged, header, span_id, parent_id, rejected))
+                    row = self._llm_call(span, merged, header, span_id, parent_id, rejected)
+                    batch.llm_call_rows.append(row)
                     if self.parent_memory and parent_key not in remembered:  # first come, first forgotten
                         remembered.put(parent_key, None)
                 elif role == "tool":
-                    batch.tool_call_rows.append(
-                        self._tool_call(span, attrs, header, span_id, parent_id, rejected))
+                    row = self._tool_call(span, attrs, header, span_id, parent_id, rejected)
+                    batch.tool_call_rows.append(row)
                 else:
-                    batch.agent_step_rows.append(
-                        self._agent_step(span, attrs, header, span_id, parent_id, rejected))
+                    row = self._agent_step(span, attrs, header, span_id, parent_id, rejected)
+                    batch.agent_step_rows.append(row)
             except Exception as exc:
+                self._found.clear()
                 batch.failures.append((span_id, f"{type(exc).__name__}: {exc}"))
                 continue
+            if self._found:
+                self._pii_rows(batch.pii_rows, row)
             if rejected:
                 batch.rejections += rejected
         return batch
@@ -243,7 +261,6 @@ class Normalizer:
     def _llm_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                   parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """An :class:`LlmCall` row."""
-        clip = self.max_text_chars
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, provider,
          operation, host) = self._llm_fields.values(attrs)
         request_model = _str(request_model)
@@ -281,12 +298,38 @@ class Normalizer:
             "cache_read_tokens": cache_read,
             "reasoning_tokens": reasoning,
             "cost_usd": cost, "priced": priced,
-            "latency_ms": latency, "status": status, "error": error[:clip],
-            "prompt": prompt[:clip], "response": response[:clip],
-            "tool_definitions": self._tool_definitions_json(attrs),
-            "requested_tool_calls": _dump(requested),
+            "latency_ms": latency, "status": status, "error": self._text(error, "llm_calls.error", header),
+            "prompt": self._text(prompt, "llm_calls.prompt", header),
+            "response": self._text(response, "llm_calls.response", header),
+            "tool_definitions": self._text(self._tool_definitions_json(attrs), "llm_calls.tool_definitions", header,
+                                           clip=False),
+            "requested_tool_calls": self._text(_dump(requested), "llm_calls.requested_tool_calls", header,
+                                               clip=False),
             "invalid_fields": format_flags(flags) if flags else "",
         }
+
+    def _text(self, text: str, where: str, header: Mapping[str, Any], *, clip: bool = True) -> str:
+        """A free-text field as stored: redacted (detections noted for the row), cut to max_text_chars.
+
+        JSON fields (``clip=False``) are not cut: a cut would leave invalid JSON. Placeholders
+        contain no quote or backslash, so redacting inside a JSON string keeps it valid.
+        """
+        limit = self.max_text_chars if clip else None
+        if self.redactor is None or not text:
+            return text if limit is None else text[:limit]
+        out, detected = self.redactor.redact(text, project=header["project"], limit=limit)
+        if detected:
+            self._found.append((where, detected))
+        return out
+
+    def _pii_rows(self, rows: list[dict[str, Any]], row: Mapping[str, Any]) -> None:
+        """The detections noted while ``row`` was built, one PiiDetection row per field and type."""
+        for where, detected in self._found:
+            for entity, count in collections.Counter(detected).items():
+                rows.append({"ts": row["ts"], "trace_id": row["trace_id"], "span_id": row["span_id"],
+                             "service": row.get("service", ""), "project": row.get("project", ""),
+                             "entity_type": entity, "field": where, "count": count})
+        self._found.clear()
 
     def _ts(self, end: int) -> float:
         # ts identifies the row (its hour partition, every detector's clock): nothing to null it
@@ -318,7 +361,8 @@ class Normalizer:
             messages = _json_value(raw)
             if not isinstance(messages, list) or not messages:
                 return _prompt_text(attrs, span)  # unusable here: the other conventions decide
-            prompt = _last_message_text(messages, "user")[: self.max_text_chars]
+            # The margin lets the redactor see an entity the cut would halve.
+            prompt = _last_message_text(messages, "user")[: self.max_text_chars + MARGIN_CHARS]
             self._prompt_memo.put(raw, prompt)
         return prompt
 
@@ -336,7 +380,6 @@ class Normalizer:
     def _tool_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                    parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """A :class:`ToolCall` row."""
-        clip = self.max_text_chars
         name, host, call_id, arguments, result = self._tool_fields.values(attrs)
         name = _str(name) or _str(attrs.get(sc.TRACELOOP_ENTITY))
         if not name:
@@ -349,9 +392,9 @@ class Normalizer:
         return {
             **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "host": _str(host) or header["host"], "tool_name": name,
-            "call_id": _str(call_id), "arguments": _str(arguments)[:clip],
-            "result": _str(result)[:clip],
-            "latency_ms": latency, "status": status, "error": error[:clip],
+            "call_id": _str(call_id), "arguments": self._text(_str(arguments), "tool_calls.arguments", header),
+            "result": self._text(_str(result), "tool_calls.result", header),
+            "latency_ms": latency, "status": status, "error": self._text(error, "tool_calls.error", header),
             "invalid_fields": format_flags(flags) if flags else "",
         }
 
@@ -376,19 +419,23 @@ class Normalizer:
             "host": _str(host) or header["host"], "operation": operation,
             "name": span.name, "start_ts": start_ts,
             "latency_ms": latency, "status": status,
-            "error": error[: self.max_text_chars],
+            "error": self._text(error, "agent_steps.error", header),
             "invalid_fields": format_flags(flags) if flags else "",
         }
 
     # -- logs ---------------------------------------------------------------------------------
 
-    def normalize_logs(self, request: Any) -> tuple[int, list[LlmMessage]]:
-        """(log records seen, messages): the GenAI message events among the log records."""
+    def normalize_logs(self, request: Any, pii_rows: list[dict[str, Any]] | None = None
+                       ) -> tuple[int, list[LlmMessage]]:
+        """(log records seen, messages): the GenAI message events among the log records.
+
+        What the redactor found in message contents is added to ``pii_rows`` when given.
+        """
         seen = 0
         messages: list[LlmMessage] = []
-        clip = self.max_text_chars
         for resource_logs in request.resource_logs:
-            service = _str(attributes(resource_logs.resource.attributes).get("service.name"))
+            resource = _resource_context(attributes(resource_logs.resource.attributes))
+            service = resource["service"]
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
                     seen += 1
@@ -399,9 +446,17 @@ class Normalizer:
                     body = any_value(record.body) if record.HasField("body") else None
                     role, content = _message_role_content(event_name, body, attrs)
                     ts = (record.time_unix_nano or record.observed_time_unix_nano) / 1e9
-                    messages.append(LlmMessage(
+                    message = LlmMessage(
                         ts=ts, trace_id=record.trace_id.hex(), span_id=record.span_id.hex(),
-                        service=service, event_name=event_name, role=role, content=content[:clip]))
+                        service=service, event_name=event_name, role=role,
+                        content=self._text(content, "llm_messages.content", resource))
+                    messages.append(message)
+                    if self._found:
+                        if pii_rows is not None:
+                            self._pii_rows(pii_rows, {"ts": ts, "trace_id": message.trace_id,
+                                                      "span_id": message.span_id, "service": service,
+                                                      "project": resource["project"]})
+                        self._found.clear()
         return seen, messages
 
 

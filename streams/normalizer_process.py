@@ -18,7 +18,7 @@ _CHILD_PIPELINE: SpanPipeline | None = None
 
 
 def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[str, int],
-                value_bounds: Any = None) -> None:
+                value_bounds: Any = None, pii_policy: Any = None) -> None:
     global _CHILD_PIPELINE
     from agentwatch.stack import _die_with_parent
 
@@ -37,8 +37,11 @@ def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[
     gc.freeze()
     gc.set_threshold(10_000, 20, 100)
     pricing = PricingTable.load(pricing_path)
-    _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars, value_bounds=value_bounds),
-                                   partitions)
+    from agentwatch.streams.pii import Redactor
+
+    redactor = Redactor(pii_policy) if pii_policy is not None else None
+    _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars, value_bounds=value_bounds,
+                                              redactor=redactor), partitions)
 
 
 def _child_on_traces(payload: bytes) -> RecordOutcome:
@@ -48,7 +51,7 @@ def _child_on_traces(payload: bytes) -> RecordOutcome:
 def _without_batch(outcome: RecordOutcome) -> RecordOutcome:
     """The outcome the agent uses; the typed batch stays behind (it would cost a pickle)."""
     return RecordOutcome(outputs=outcome.outputs, dead_letter_reason=outcome.dead_letter_reason,
-                         spans=outcome.spans, rejections=outcome.rejections)
+                         spans=outcome.spans, rejections=outcome.rejections, pii_rows=outcome.pii_rows)
 
 
 class NormalizerDied(RuntimeError):
@@ -73,7 +76,7 @@ class NormalizerProcess:
                  on_restart: Callable[[str], None] | None = None,
                  work: Callable[[bytes], RecordOutcome] | None = None) -> None:
         self.initargs = (str(settings.pricing_path) if settings.pricing_path else None, settings.max_text_chars,
-                         dict(partitions), settings.value_bounds)
+                         dict(partitions), settings.value_bounds, settings.pii_policy())
         self.max_deaths_alone = max_deaths_alone
         self.on_restart = on_restart
         self.work = work or _child_on_traces  # a module-level function: the child imports it by name

@@ -38,6 +38,8 @@ class RecordOutcome:
     spans: int = 0
     batch: NormalizedBatch | None = None
     rejections: list[ValueRejection] = field(default_factory=list)
+    # PiiDetection rows: what the redactor found (and replaced) in this record's texts.
+    pii_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +384,8 @@ class SpanPipeline:
         except UndecodableRecord as exc:
             return RecordOutcome(dead_letter_reason=f"undecodable otlp_spans record: {exc}")
         batch = self.normalizer.normalize_traces(request)
-        outcome = RecordOutcome(spans=batch.spans, batch=batch, rejections=batch.rejections)
+        outcome = RecordOutcome(spans=batch.spans, batch=batch, rejections=batch.rejections,
+                                pii_rows=batch.pii_rows)
         for table, rows in (("llm_calls", batch.llm_call_rows), ("tool_calls", batch.tool_call_rows),
                             ("agent_steps", batch.agent_step_rows)):
             outcome.outputs += encode_by_partition(table, rows, self.partitions[table], _row_trace_id)
@@ -397,5 +400,7 @@ class SpanPipeline:
             request = decode_logs(payload)
         except UndecodableRecord as exc:
             return RecordOutcome(dead_letter_reason=f"undecodable otlp_logs record: {exc}")
-        _, messages = self.normalizer.normalize_logs(request)
-        return RecordOutcome(outputs=encode_by_partition("llm_messages", messages, self.partitions["llm_messages"]))
+        pii_rows: list[dict[str, Any]] = []
+        _, messages = self.normalizer.normalize_logs(request, pii_rows)
+        return RecordOutcome(outputs=encode_by_partition("llm_messages", messages, self.partitions["llm_messages"]),
+                             pii_rows=pii_rows)

@@ -21,13 +21,15 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
     from agentwatch.streams.dataflow import Dataflow
     from agentwatch.streams.drift_sampler import DriftSampler, SamplerCounters
     from agentwatch.streams.normalize import Normalizer
+    from agentwatch.streams.pii import Redactor
     from agentwatch.streams.partition_checkpoint import PartitionCheckpointStore
     from agentwatch.streams.pipeline import SpanPipeline
     from agentwatch.streams.pricing import PricingTable
 
     partitions = dict(DEFAULT_TOPICS)
+    redactor = Redactor(settings.pii_policy())
     mapper = SpanPipeline(Normalizer(PricingTable.load(settings.pricing_path), max_text_chars=settings.max_text_chars,
-                                     value_bounds=settings.value_bounds), partitions)
+                                     value_bounds=settings.value_bounds, redactor=redactor), partitions)
     counters = SamplerCounters()  # one set of drift-sampling counters for every partition's sampler
 
     def drift_sampler() -> DriftSampler:
@@ -54,7 +56,7 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
                         drift_key_fields=settings.drift_key_fields, mapper=mapper, checkpoints=checkpoints,
                         drift_sampler=drift_sampler, alert_record=alert_record, metrics=metrics,
                         value_bounds=settings.value_bounds, max_message_bytes=settings.max_message_bytes,
-                        log_epoch=settings.log_epoch)
+                        log_epoch=settings.log_epoch, redactor=redactor)
     dataflow.sampler_counters = SimpleNamespace(counters=counters)  # what the metrics collector reads
     return dataflow
 
