@@ -3,6 +3,8 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 DURATION ?= 60
+# Empty: a clean baseline, then the default mix of incidents (agentwatch demo --help);
+# INCIDENT=none keeps the whole run clean; INCIDENT="loop drift" injects those only.
 INCIDENT ?=
 
 .PHONY: install demo test bench system-deps clean

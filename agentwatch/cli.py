@@ -95,15 +95,20 @@ def up(**flags: Any) -> None:
 @click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds of demo traffic.")
 @click.option("--rate", type=float, default=20.0, show_default=True, help="Agent runs (traces) per second.")
 @click.option("--incident", "incidents", multiple=True,
-              type=click.Choice(["cost_spike", "retry_storm", "loop", "unknown_tool", "errors", "drift", "vram_leak"]),
-              help="Inject an incident through the real OTel SDK path (repeatable).")
+              type=click.Choice(["cost_spike", "retry_storm", "loop", "unknown_tool", "errors", "drift", "vram_leak",
+                                 "none"]),
+              help="Inject an incident from half-way through the real OTel SDK path (repeatable). Default: loop, "
+                   "unknown_tool, retry_storm, cost_spike and drift; 'none' for a clean run.")
 @click.option("--seed", type=int, default=7, show_default=True)
 def demo(duration: float, rate: float, incidents: tuple[str, ...], seed: int, **flags: Any) -> None:
     """Start the stack, send simulated agent traffic, print a summary.
 
     Traffic is a simulated agent application on the real OpenTelemetry SDK, exporting OTLP to
     the collector: several services, projects, users and models, tool-calling agents, prompts
-    from the CLINC150 data set. Snapshots stay in the data dir afterwards.
+    from the CLINC150 data set. A clean baseline runs for the first half, incidents are injected
+    in the second, and the summary ends with a table of each incident against the finding it
+    raised and how long that took (and the alert's delivery with --alert-routes). Snapshots
+    stay in the data dir afterwards.
     """
     from agentwatch.broker import PortInUseError
     from agentwatch.demo import run_demo
@@ -111,7 +116,10 @@ def demo(duration: float, rate: float, incidents: tuple[str, ...], seed: int, **
 
     settings = _pipeline_settings(**flags)
     try:
-        run_demo(settings, duration_s=duration, rate=rate, incidents=incidents, seed=seed, say=click.echo)
+        if "none" in incidents and len(incidents) > 1:
+            raise click.BadParameter("'none' cannot be combined with other incidents", param_hint="--incident")
+        chosen = None if not incidents else () if incidents == ("none",) else incidents
+        run_demo(settings, duration_s=duration, rate=rate, incidents=chosen, seed=seed, say=click.echo)
     except PortInUseError as exc:
         raise click.ClickException(str(exc)) from exc
     except StackError as exc:

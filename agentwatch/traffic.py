@@ -88,6 +88,8 @@ class TrafficStats:
     llm_calls: int = 0
     tool_calls: int = 0
     incidents: dict[str, int] = field(default_factory=dict)
+    # Incident -> start time (unix ns) of the first run it was injected into.
+    first_injected_ns: dict[str, int] = field(default_factory=dict)
 
 
 class AgentTraffic:
@@ -131,13 +133,13 @@ class AgentTraffic:
         domain = self.rng.choice(svc.domains)
         if "drift" in self.incidents and incident_phase and svc.name == self.services[0].name:
             domain = "oos"  # users start asking things the bank assistant was never built for
-            self._count("drift")
+            self._count("drift", now_ns)
         prompt = self.rng.choice(self.prompts.get(domain) or self.prompts["oos"])
         tools = list(svc.tools)
         token_scale = 1
         if "cost_spike" in self.incidents and incident_phase and svc.name == self.services[-1].name:
             token_scale = 25  # a prompt-template change stuffs the whole history into context
-            self._count("cost_spike")
+            self._count("cost_spike", now_ns)
         tracer = self.tracers[svc.name]
         t = now_ns
         root = tracer.start_span(f"invoke_agent {svc.agent}", start_time=t, attributes={
@@ -149,11 +151,11 @@ class AgentTraffic:
         wanted_tool = self.rng.choice(tools)
         if "unknown_tool" in self.incidents and incident_phase and self.rng.random() < 0.05:
             wanted_tool = "delete_customer_records"  # the model invents a tool nobody declared
-            self._count("unknown_tool")
+            self._count("unknown_tool", now_ns)
         repeats = 1
         if "loop" in self.incidents and incident_phase and self.rng.random() < 0.03:
             repeats = 6  # the agent keeps calling the same tool with the same arguments
-            self._count("loop")
+            self._count("loop", now_ns)
         arguments = json.dumps(_arguments_for(wanted_tool, self.rng))
         failing = "errors" in self.incidents and incident_phase and svc.name == self.services[1].name \
             and self.rng.random() < 0.4
@@ -163,12 +165,12 @@ class AgentTraffic:
             if wanted_tool in TOOL_SCHEMAS:
                 t = self._tool(tracer, ctx, t, wanted_tool, arguments, error=failing)
         if failing:
-            self._count("errors")
+            self._count("errors", now_ns)
         t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
                        tool_call=None, error=failing)
         if "retry_storm" in self.incidents and incident_phase and self.rng.random() < 0.02:
             # A client timed out and its SDK retried the identical request four more times.
-            self._count("retry_storm")
+            self._count("retry_storm", now_ns)
             input_tokens = self.rng.randint(300, 900) * token_scale
             for _ in range(4):
                 t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
@@ -226,8 +228,9 @@ class AgentTraffic:
     def _ms(self, low: int, high: int) -> int:
         return self.rng.randint(low, high) * 1_000_000
 
-    def _count(self, incident: str) -> None:
+    def _count(self, incident: str, now_ns: int) -> None:
         self.stats.incidents[incident] = self.stats.incidents.get(incident, 0) + 1
+        self.stats.first_injected_ns.setdefault(incident, now_ns)
 
 
 def _arguments_for(tool: str, rng: random.Random) -> dict[str, Any]:
