@@ -64,6 +64,27 @@ def luhn_valid(text: str) -> bool:
     return total % 10 == 0
 
 
+def _issuer_known(digits: str) -> bool:
+    # Issuer prefixes (IIN) of the card networks, by length: Visa 4 (13, 16, 19); Mastercard
+    # 51-55 and 2221-2720; Amex 34/37 (15); Diners 30/36/38/39 (14); JCB 35 and the 15-digit
+    # 1800/2131; Discover, UnionPay and Maestro 6/5/35 (16-19). A timestamp in milliseconds
+    # (13 digits from 1), an ISBN-13 (978...) or a zero-padded id is none of these.
+    n, first, two, four = len(digits), digits[0], digits[:2], int(digits[:4])
+    if n == 13:
+        return first == "4"
+    if n == 14:
+        return two in ("30", "36", "38", "39")
+    if n == 15:
+        return two in ("34", "37") or digits[:4] in ("1800", "2131")
+    return first in "456" or two == "35" or (n == 16 and 2221 <= four <= 2720)
+
+
+def card_valid(text: str) -> bool:
+    """A payment card number: Luhn-valid (see :func:`luhn_valid`) with a card network's prefix
+    for its length."""
+    return luhn_valid(text) and _issuer_known(_digits(text))
+
+
 # ISO 13616 lengths of the countries that issue IBANs (SWIFT IBAN registry).
 IBAN_LENGTHS = {
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27,
@@ -154,13 +175,17 @@ def email_valid(text: str) -> bool:
 def phone_valid(text: str) -> bool:
     """A telephone number: 7-15 digits (E.164's maximum), international ones at least 8, and not
     a calendar date written with separators (``2026-11-29``, ``29.11.2026``)."""
-    digits = _digits(text)
+    digits = _digits(text.split("x")[0])  # an extension (x1234) is not part of the number
     if not 7 <= len(digits) <= 15:
         return False
     if text.startswith("+") and len(digits) < 8:
         return False
-    groups = [g for g in _split_groups(text) if g]
+    groups = [g for g in _split_groups(text.split("x")[0]) if g]
     if len(groups) == 3 and _looks_like_date(groups):
+        return False
+    # Three groups of four are a slice of a 16-digit number (a card failing Luhn, a UUID's
+    # digit-only groups), not a phone number, except for 050 personal numbers (Korea, Japan).
+    if [len(g) for g in groups] == [4, 4, 4] and not text.startswith(("050", "+", "(")):
         return False
     return True
 
@@ -194,7 +219,9 @@ def _looks_like_date(groups: list[str]) -> bool:
 # earlier recogniser in this list.
 BUILTIN_RECOGNIZERS: tuple[Recognizer, ...] = (
     # PEM private keys: the whole block; a block cut off (by the text limit) is redacted to the end.
-    Recognizer("SECRET", rb"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY-----[A-Za-z0-9+/=\s\\:,-]*"
+    # The body never takes a "-" followed by another (so it stops at the END line), but keeps
+    # the hyphens of headers such as "DEK-Info: AES-128-CBC".
+    Recognizer("SECRET", rb"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY-----(?:[A-Za-z0-9+/=\s\\:,]|-[A-Za-z0-9])*"
                          rb"(?:-----END [A-Z0-9 ]{0,40}PRIVATE KEY-----)?"),
     # Anthropic (sk-ant-...), OpenAI project/service/admin and legacy keys.
     Recognizer("SECRET", rb"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"),
@@ -202,32 +229,48 @@ BUILTIN_RECOGNIZERS: tuple[Recognizer, ...] = (
     Recognizer("SECRET", rb"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b"),
     Recognizer("SECRET", rb"\bxox[abposre]-[A-Za-z0-9-]{10,255}"),
     Recognizer("SECRET", rb"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,200}"),
-    Recognizer("SECRET", rb"\bAIza[0-9A-Za-z_-]{35}\b"),
+    Recognizer("SECRET", rb"\bAIza[0-9A-Za-z_-]{35}"),
     # JWTs: header and payload are enough (a token cut by the text limit is still one).
     Recognizer("SECRET", rb"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*)?"),
-    # key=value and "key": "value" pairs; the key stays readable.
-    Recognizer("SECRET", rb"\b(?:password|passwd|passphrase|pwd|secret|client_secret|api[_-]?key|access[_-]?token"
-                         rb"|auth[_-]?token|private[_-]?key|aws_secret_access_key)[\"']?\s{0,4}[:=]\s{0,4}[\"']?"
-                         rb"([^\s\"',;}<>]{3,256})", group=1, caseless=True),
+    # key=value and "key": "value" pairs; the key stays readable. The key may carry prefixes
+    # (DB_PASSWORD, MYSQL_ROOT_PASSWORD); the value is printable ASCII up to a quote, comma,
+    # semicolon, brace or angle bracket (so it never runs on into the sentence around it).
+    Recognizer("SECRET", rb"\b(?:[a-z0-9]{1,20}_){0,3}(?:password|passwd|passphrase|pwd|secret|client_secret|api[_-]?key"
+                         rb"|access[_-]?token|auth[_-]?token|private[_-]?key|aws_secret_access_key)[\"']?\s{0,4}[:=]\s{0,4}"
+                         rb"[\"']?([A-Za-z0-9!#$%&()*+./:=?@^_`|~\[\]\\-]{3,256})", group=1, caseless=True),
     Recognizer("EMAIL", rb"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                         rb"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){0,8}\.[A-Za-z]{2,24}\b",
                email_valid),
-    Recognizer("CREDIT_CARD", rb"\b\d(?:[ -]?\d){12,18}\b", luhn_valid),
-    Recognizer("IBAN", rb"\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{4}){2,7}(?:[ -]?[A-Z0-9]{1,3})?\b", iban_valid),
+    # Before the cards: 13 bare digits passing both checks are far likelier a resident number
+    # than one of the 13-digit Visa numbers no longer issued.
     Recognizer("KR_RRN", rb"\b\d{2}[01]\d[0-3]\d-?[1-8]\d{6}\b", kr_rrn_valid),
+    # Card numbers as printed: bare, in groups of four (4-4-4-4, 4-4-4-4-3, 4-4-4-1), or Amex and
+    # Diners' 4-6-5 / 4-6-4. Other groupings (YYMMDD-GNNNNNN, 3-7-7 order numbers) are no card.
+    Recognizer("CREDIT_CARD", rb"\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2}[ -]\d{1,4}(?:[ -]\d{3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b",
+               card_valid),
+    Recognizer("IBAN", rb"\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{4}){2,7}(?:[ -]?[A-Z0-9]{1,3})?\b", iban_valid),
     Recognizer("US_SSN", rb"\b\d{3}-\d{2}-\d{4}\b|\b\d{3} \d{2} \d{4}\b", us_ssn_valid),
     Recognizer("IP_ADDRESS", rb"\b(?:\d{1,3}\.){3}\d{1,3}\b", ipv4_valid),
     # Full (eight groups) or compressed (with "::") IPv6 addresses.
     Recognizer("IP_ADDRESS", rb"\b[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){7}\b"
                              rb"|(?:\b[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6})?::(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6}\b)?",
                ipv6_valid),
-    # International (+CC), Korean mobile (010-1234-5678, 01012345678), and national numbers
-    # written in groups: (555) 555-0100, 555-555-0100, 03-1234-5678, 020 7946 0958, 0171 1234567,
-    # 01 23 45 67 89.
-    Recognizer("PHONE", rb"\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]?\d{2,5}){1,4}\b", phone_valid),
-    Recognizer("PHONE", rb"\b01[016789][ .-]?\d{3,4}[ .-]?\d{4}\b", phone_valid),
-    Recognizer("PHONE", rb"(?:\(\d{2,5}\) ?|\b\d{2,5}[ .-])\d{3,4}[ .-]\d{3,4}\b", phone_valid),
-    Recognizer("PHONE", rb"\b0\d{2,4}[ /-]\d{5,8}\b|\b0\d(?:[ .]\d{2}){4}\b", phone_valid),
+    # International (+CC, or 00 CC), Korean mobile (010-1234-5678, 01012345678), and national
+    # numbers written in groups: (555) 555-0100, 555-555-0100, 03-1234-5678, 020 7946 0958,
+    # 0171 1234567, (0306) 9990089, 01 23 45 67 89; an extension (x1234) goes with the number.
+    # Bare national numbers only with their trunk 0 (0238891532, 01414960454): ten bare digits
+    # without one (5551234567) read the same as an order number or a Unix time, and are left.
+    Recognizer("PHONE", rb"\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]?\d{2,5}){1,4}(?:x\d{1,5})?\b"
+                        rb"|\b00[1-9]\d{0,2}(?:[ .-]\d{1,5}){2}(?:[ .-]\d{2,5}){1,2}(?:x\d{1,5})?\b", phone_valid),
+    # Grouped numbers run on over further "-digits" groups, so that a slice of a longer number
+    # (016-1420415 of the order number 016-1420415-3965944, 4364-9570-0092 of a card failing
+    # Luhn) reaches the validator whole and fails its length. Nor do they start after "digits-":
+    # 030-06940 in the ISBN 978-7-030-06940-5 is no phone number.
+    Recognizer("PHONE", rb"\b01[016789][ .-]?\d{3,4}[ .-]?\d{4}(?:-\d{1,8})*\b", phone_valid),
+    Recognizer("PHONE", rb"(?:\(\d{2,5}\) ?|\b\d{2,5}[ .-])\d{3,4}[ .-]\d{3,4}(?:-\d{1,8})*(?:x\d{1,5})?\b"
+                        rb"|\(0\d{1,4}\) ?\d{4,8}\b", phone_valid),
+    Recognizer("PHONE", rb"(?:^|[^0-9A-Za-z_-])(0\d{2,4}[ /-]\d{5,8}(?:-\d{1,8})*|0\d(?:[ .]\d{2}){4}|0[1-9]\d{8,9})\b",
+               phone_valid, group=1),
 )
 
 ENTITY_TYPES: tuple[str, ...] = tuple(dict.fromkeys(r.entity for r in BUILTIN_RECOGNIZERS))
