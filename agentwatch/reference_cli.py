@@ -78,6 +78,11 @@ def add_command(name: str, from_file: Path | None, from_query: str | None, colum
         texts = random.Random(seed).sample(texts, limit)
     if len(texts) < 10:
         raise click.ClickException(f"need at least 10 non-empty texts, got {len(texts)}")
+    # Redacted as the pipeline redacts prompts: the set then compares like with like (raw PII in
+    # the reference and placeholders in the windows would read as skew), and stores no raw value.
+    texts, found = _redacted(texts)
+    if found:
+        click.echo("redacted before storing: " + ", ".join(f"{n} {entity}" for entity, n in found.most_common()))
     embedder = _embedder(model, threads)
     started = time.perf_counter()
     vectors = embedder.encode(texts)
@@ -87,6 +92,26 @@ def add_command(name: str, from_file: Path | None, from_query: str | None, colum
     click.echo(f"reference {info.name}: {info.rows} texts x {info.dim} dims "
                f"({info.rows / max(elapsed, 1e-9):.0f} texts/s)"
                + (f", bound to {key}" if key else ""))
+
+
+def _redacted(texts: list[str]) -> tuple[list[str], Any]:
+    """The texts under the PII policy of the environment (AGENTWATCH_PII_MODE, AGENTWATCH_PII)."""
+    from collections import Counter
+
+    from agentwatch.settings import Settings
+    from agentwatch.streams.pii import PiiConfigError, Redactor
+
+    try:
+        redactor = Redactor(Settings().pii_policy())
+    except PiiConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    found: Counter[str] = Counter()
+    out = []
+    for text in texts:
+        redacted, detected = redactor.redact(text)
+        out.append(redacted)
+        found.update(detected)
+    return out, found
 
 
 @reference_group.command("list")

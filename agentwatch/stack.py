@@ -182,6 +182,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(mode="json", exclude=_CHILD_ENV_EXCLUDE).items():
         if value is not None:
             env[f"AGENTWATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    # Secrets dump masked ("**********"); the workers need this one's value to hash alike.
+    env["AGENTWATCH_PII_HASH_KEY"] = settings.pii_hash_key.get_secret_value()
     return env
 
 
