@@ -14,6 +14,7 @@ from agentwatch.detectors.cost import (BudgetDetector, BudgetEvidence, CostAnoma
 from agentwatch.detectors.drift import DriftDetector, DriftEvidence
 from agentwatch.detectors.evidence import Evidence
 from agentwatch.detectors.loops import LoopDetector, LoopEvidence
+from agentwatch.detectors.pii import PiiExposureDetector, PiiExposureEvidence
 from agentwatch.detectors.slo import SloDetector, SloEvidence
 from agentwatch.detectors.tools import HallucinatedToolDetector, ToolEvidence
 from agentwatch.detectors.vram import (VramLeakDetector, VramLeakEvidence,
@@ -22,7 +23,7 @@ from agentwatch.events import Finding
 
 AnyEvidence: TypeAlias = (CostSpikeEvidence | BudgetEvidence | RetryStormEvidence | LoopEvidence
                           | ToolEvidence | SloEvidence | VramLeakEvidence
-                          | VramLeakResolvedEvidence | DriftEvidence)
+                          | VramLeakResolvedEvidence | DriftEvidence | PiiExposureEvidence)
 
 # Detector name -> (evidence of its findings, evidence of its resolutions).
 EVIDENCE_TYPES: dict[str, tuple[type[Evidence], type[Evidence]]] = {
@@ -34,6 +35,7 @@ EVIDENCE_TYPES: dict[str, tuple[type[Evidence], type[Evidence]]] = {
     SloDetector.name: (SloEvidence, SloEvidence),
     VramLeakDetector.name: (VramLeakEvidence, VramLeakResolvedEvidence),
     DriftDetector.name: (DriftEvidence, DriftEvidence),
+    PiiExposureDetector.name: (PiiExposureEvidence, PiiExposureEvidence),
 }
 
 

@@ -14,6 +14,7 @@ from agentwatch.detectors.base import Detector
 from agentwatch.detectors.cost import BudgetDetector, CostAnomalyDetector, RetryStormDetector
 from agentwatch.detectors.drift import DriftDetector
 from agentwatch.detectors.loops import LoopDetector
+from agentwatch.detectors.pii import PiiExposureDetector
 from agentwatch.detectors.slo import SloDetector
 from agentwatch.detectors.tools import HallucinatedToolDetector
 from agentwatch.detectors.vram import VramLeakDetector
@@ -27,6 +28,7 @@ DETECTORS: dict[str, type] = {
     HallucinatedToolDetector.name: HallucinatedToolDetector,
     SloDetector.name: SloDetector,
     VramLeakDetector.name: VramLeakDetector,
+    PiiExposureDetector.name: PiiExposureDetector,
 }
 
 

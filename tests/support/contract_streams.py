@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from agentwatch.detectors.drift import EmbeddedWindow
-from agentwatch.events import GpuSample, LlmCall, ToolCall
+from agentwatch.events import GpuSample, LlmCall, PiiDetection, ToolCall
 from tests.support.synthetic import START_TS, agent_traffic, tool_definitions_json
 
 MIB = 1 << 20
@@ -225,6 +225,44 @@ def drift(seed: int) -> ContractStream:
                           state_cap=params["max_keys"])
 
 
+def pii_exposure(seed: int) -> ContractStream:
+    """A service with a steady trickle of emails (and phone numbers from its first minutes),
+    then its first secret after the warm-up, an email burst, and the trickle again."""
+    rng = random.Random(seed)
+    params = {"warmup_s": 600.0, "window_s": 60.0, "baseline_windows": 5, "max_services": 20,
+              "max_keys": 40}
+    t0 = 60.0 * math.floor(START_TS / 60.0)
+
+    def pii(ts: float, entity: str, count: int = 1, service: str = "shop",
+            field: str = "llm_calls.prompt") -> PiiDetection:
+        return PiiDetection(ts=ts, trace_id=f"t{ts:.3f}", span_id="s", service=service,
+                            project="p", entity_type=entity, field=field, count=count)
+
+    def calls(start: float, minutes: int) -> list[Any]:
+        out: list[Any] = []
+        for m in range(minutes):
+            base = start + 60.0 * m
+            out += [LlmCall(ts=base + 10.0 * i, trace_id=f"c{base + 10.0 * i:.0f}", span_id="s",
+                            service="shop") for i in range(6)]
+            out += [pii(base + rng.uniform(1.0, 59.0), "EMAIL", rng.randint(1, 2))]
+        return sorted(out, key=lambda e: e.ts)
+
+    # 15 quiet minutes: <= 2 emails a minute, under min_count 5; PHONE is learned in warm-up.
+    warmup = calls(t0, 15)
+    warmup += [pii(t0 + 125.0, "PHONE", 1, field="llm_calls.response")]
+    warmup.sort(key=lambda e: e.ts)
+    t1 = t0 + 900.0
+    events: list[Any] = [pii(t1 + 5.0, "SECRET", 1, field="tool_calls.arguments")]
+    events += [pii(t1 + 10.0 + 2.0 * i, "EMAIL", rng.randint(1, 3)) for i in range(8)]  # burst
+    events += calls(t1 + 60.0, 4)
+    flood: list[Any] = []
+    for i in range(600):
+        flood.append(LlmCall(ts=t0 + i, trace_id=f"f{i}", span_id="s", service=f"svc{i}"))
+        flood.append(pii(t0 + i + 0.5, "EMAIL" if i % 2 else "PHONE", service=f"svc{i // 2}"))
+    return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
+                          state_cap=params["max_services"] + params["max_keys"])
+
+
 # Detector name -> its contract stream. Keyed by the names in DETECTORS (the suite checks both
 # lists agree), written out so a new detector needs a line here.
 CONTRACT_STREAMS: dict[str, Callable[[int], ContractStream]] = {
@@ -236,4 +274,5 @@ CONTRACT_STREAMS: dict[str, Callable[[int], ContractStream]] = {
     "slo": slo,
     "vram_leak": vram_leak,
     "drift": drift,
+    "pii_exposure": pii_exposure,
 }
