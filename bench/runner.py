@@ -359,6 +359,7 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
     from bench.detector_state import bench_detectors, bench_trace_state
     from bench.faults import bench_faults
     from bench.metrics import bench_metrics
+    from bench.pii import pii_section
     from bench.vram import bench_vram
 
     return [
@@ -378,6 +379,8 @@ def _extra_sections(quick: bool) -> list[tuple[str, Callable[[], Any]]]:
         ("metrics_overhead", bench_metrics),
         ("detector_checkpoint", lambda: bench_checkpoint(n_traces=20_000 if quick else 60_000)),
         ("faults", lambda: bench_faults(rounds=1 if quick else 2)),
+        # Recogniser precision/recall per type and redaction speed (bench/pii.py).
+        ("pii", lambda: pii_section(quick)),
     ]
 
 
