@@ -41,57 +41,107 @@ def reference_group() -> None:
 
 
 @reference_group.command("add")
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="jsonl / json / csv / tsv / parquet file with a text column.")
 @click.option("--from-query", "from_query", help="SQL over the snapshots (view llm_calls, ...).")
+@click.option("--set", "more_sets", multiple=True,
+              type=(str, click.Path(exists=True, dir_okay=False, path_type=Path)),
+              metavar="NAME FILE", help="One more set from a file, embedded in the same call "
+              "(the model loads once); repeatable. Bind its key with `reference bind`.")
 @click.option("--column", default=None, help="Text column [default: text, prompt, query, ...].")
-@click.option("--key", default=None, help="Bind the set to this drift key (e.g. service=shop).")
-@click.option("--limit", type=int, default=None, help="Keep at most this many texts (seeded).")
+@click.option("--key", default=None, help="Bind set NAME to this drift key (e.g. service=shop).")
+@click.option("--limit", type=int, default=None, help="Keep at most this many texts per set "
+              "(seeded).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--replace", is_flag=True, help="Overwrite an existing set of that name.")
+@click.option("--replace", is_flag=True, help="Overwrite existing sets of those names.")
 @click.option("--threads", type=int, default=None, help="torch threads for embedding.")
 @MODEL_OPTION
 @DATA_DIR_OPTION
-def add_command(name: str, from_file: Path | None, from_query: str | None, column: str | None,
-                key: str | None, limit: int | None, seed: int, replace: bool,
-                threads: int | None, model: str | None, data_dir: Path) -> None:
-    """Embed texts and store them as reference set NAME."""
-    if (from_file is None) == (from_query is None):
+def add_command(name: str | None, from_file: Path | None, from_query: str | None,
+                more_sets: tuple[tuple[str, Path], ...], column: str | None, key: str | None,
+                limit: int | None, seed: int, replace: bool, threads: int | None,
+                model: str | None, data_dir: Path) -> None:
+    """Embed texts and store them as reference set NAME (and every --set NAME FILE).
+
+    Every source is read and checked before the model loads, and the model loads once for all
+    of them.
+    """
+    if name is None:
+        if from_file is not None or from_query is not None or key is not None:
+            raise click.UsageError("--from, --from-query and --key need NAME")
+        if not more_sets:
+            raise click.UsageError("give NAME with --from FILE or --from-query SQL, or --set NAME FILE")
+    elif (from_file is None) == (from_query is None):
         raise click.UsageError("give exactly one of --from FILE or --from-query SQL")
     store = ReferenceStore(data_dir)
-    try:
-        store.path_of(name)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="NAME") from exc
-    if store.path_of(name).exists() and not replace:
-        raise click.ClickException(f"reference {name!r} exists; pass --replace")
-    try:
-        if from_file is not None:
-            texts, source = read_texts(from_file, column), f"file:{from_file}"
-        else:
-            texts, source = texts_from_query(data_dir, from_query, column), f"query:{from_query}"
-    except (ValueError, KeyError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    texts = [t for t in texts if t.strip()]
-    if limit is not None and len(texts) > limit:
-        texts = random.Random(seed).sample(texts, limit)
-    if len(texts) < 10:
-        raise click.ClickException(f"need at least 10 non-empty texts, got {len(texts)}")
-    # Redacted as the pipeline redacts prompts: the set then compares like with like (raw PII in
-    # the reference and placeholders in the windows would read as skew), and stores no raw value.
-    texts, found = _redacted(texts)
-    if found:
-        click.echo("redacted before storing: " + ", ".join(f"{n} {entity}" for entity, n in found.most_common()))
+    jobs: list[tuple[str, str | None, list[str], str]] = []  # name, key, texts, source
+    named = ([(name, key, from_file, from_query)] if name is not None else []) + [
+        (n, None, f, None) for n, f in more_sets]
+    for set_name, set_key, file, query in named:
+        try:
+            path = store.path_of(set_name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="NAME") from exc
+        if path.exists() and not replace:
+            raise click.ClickException(f"reference {set_name!r} exists; pass --replace")
+        if any(job[0] == set_name for job in jobs):
+            raise click.ClickException(f"set {set_name!r} given twice")
+        try:
+            if file is not None:
+                texts, source = read_texts(file, column), f"file:{file}"
+            else:
+                texts, source = texts_from_query(data_dir, query, column), f"query:{query}"
+        except (ValueError, KeyError) as exc:
+            raise click.ClickException(f"{set_name}: {exc}") from exc
+        texts = [t for t in texts if t.strip()]
+        if limit is not None and len(texts) > limit:
+            texts = random.Random(seed).sample(texts, limit)
+        if len(texts) < 10:
+            raise click.ClickException(f"{set_name}: need at least 10 non-empty texts, got "
+                                       f"{len(texts)}")
+        # Redacted as the pipeline redacts prompts: the set then compares like with like (raw PII in
+        # the reference and placeholders in the windows would read as skew), and stores no raw value.
+        texts, found = _redacted(texts)
+        if found:
+            click.echo(f"{set_name}: redacted before storing: "
+                       + ", ".join(f"{n} {entity}" for entity, n in found.most_common()))
+        jobs.append((set_name, set_key, texts, source))
     embedder = _embedder(model, threads)
-    started = time.perf_counter()
-    vectors = embedder.encode(texts)
-    elapsed = time.perf_counter() - started
-    info = store.add(name, texts, vectors, model=embedder.model_name, source=source, key=key,
-                     replace=replace)
-    click.echo(f"reference {info.name}: {info.rows} texts x {info.dim} dims "
-               f"({info.rows / max(elapsed, 1e-9):.0f} texts/s)"
-               + (f", bound to {key}" if key else ""))
+    for set_name, set_key, texts, source in jobs:
+        started = time.perf_counter()
+        vectors = encode_with_progress(embedder, texts, f"embedding {set_name}")
+        elapsed = time.perf_counter() - started
+        info = store.add(set_name, texts, vectors, model=embedder.model_name, source=source,
+                         key=set_key, replace=replace)
+        click.echo(f"reference {info.name}: {info.rows} texts x {info.dim} dims "
+                   f"({info.rows / max(elapsed, 1e-9):.0f} texts/s)"
+                   + (f", bound to {set_key}" if set_key else ""))
+
+
+# Texts per progress step: a multiple of the embedder's batch so chunking adds no batches.
+PROGRESS_CHUNK = 256
+
+
+def encode_with_progress(embedder: Any, texts: Sequence[str], label: str) -> np.ndarray:
+    """``embedder.encode(texts)``, with a rich progress bar on stderr when it is a terminal."""
+    import sys
+
+    if not sys.stderr.isatty() or len(texts) <= PROGRESS_CHUNK:
+        return embedder.encode(texts)
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    parts = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=len(texts))
+        for start in range(0, len(texts), PROGRESS_CHUNK):
+            chunk = texts[start:start + PROGRESS_CHUNK]
+            parts.append(np.asarray(embedder.encode(chunk)))
+            bar.advance(task, len(chunk))
+    return np.concatenate(parts, axis=0)
 
 
 def _redacted(texts: list[str]) -> tuple[list[str], Any]:

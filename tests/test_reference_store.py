@@ -128,3 +128,74 @@ def test_cli_add_list_show_remove_and_report(tmp_path):
     assert out.stat().st_size > 10_000 and "mmd=" in result.output
     result = runner.invoke(reference_group, ["remove", "golden", *data])
     assert result.exit_code == 0 and ReferenceStore(tmp_path / "data").list() == []
+
+
+class _CountingEmbedder:
+    """Deterministic vectors per text; counts how often a model was loaded."""
+
+    loads = 0
+    model_name = "fake-model"
+
+    def __init__(self) -> None:
+        type(self).loads += 1
+
+    def encode(self, texts):
+        return np.array([[len(t), sum(map(ord, t)) % 97, 1.0] for t in texts], dtype=np.float32)
+
+
+def test_cli_add_several_sets_loads_the_model_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("agentwatch.reference_cli._embedder",
+                        lambda model, threads: _CountingEmbedder())
+    _CountingEmbedder.loads = 0
+    files = {}
+    for name, verb in (("a", "freeze"), ("b", "pay"), ("c", "renew")):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(json.dumps({"text": f"{verb} {t}"}) for t in TEXTS))
+    data = ["--data-dir", str(tmp_path / "data")]
+    result = CliRunner().invoke(reference_group, [
+        "add", "a", "--from", str(files["a"]), "--key", "service=a",
+        "--set", "b", str(files["b"]), "--set", "c", str(files["c"]), *data])
+    assert result.exit_code == 0, result.output
+    assert _CountingEmbedder.loads == 1
+    store = ReferenceStore(tmp_path / "data")
+    assert [i.name for i in store.list()] == ["a", "b", "c"]
+    assert store.bindings() == {"service=a": "a"}
+    loaded = store.load("b")
+    assert loaded.texts[0] == f"pay {TEXTS[0]}"
+    np.testing.assert_array_equal(loaded.vectors, _CountingEmbedder().encode(loaded.texts))
+
+
+def test_cli_add_checks_every_set_before_loading_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr("agentwatch.reference_cli._embedder",
+                        lambda model, threads: _CountingEmbedder())
+    _CountingEmbedder.loads = 0
+    good, short = tmp_path / "good.jsonl", tmp_path / "short.jsonl"
+    good.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    short.write_text(json.dumps({"text": "only one"}))
+    result = CliRunner().invoke(reference_group, [
+        "add", "--set", "good", str(good), "--set", "short", str(short),
+        "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code != 0 and "short: need at least 10" in result.output
+    assert _CountingEmbedder.loads == 0 and ReferenceStore(tmp_path / "data").list() == []
+    result = CliRunner().invoke(reference_group, ["add", "--key", "service=x", "--set", "good",
+                                                  str(good), "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code != 0 and "need NAME" in result.output
+
+
+def test_progress_on_a_terminal_gives_the_same_vectors(monkeypatch):
+    import io
+    import sys
+
+    from agentwatch.reference_cli import PROGRESS_CHUNK, encode_with_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    texts = [f"text {i}" for i in range(PROGRESS_CHUNK * 2 + 7)]
+    embedder = _CountingEmbedder()
+    vectors = encode_with_progress(embedder, texts, "embedding x")
+    np.testing.assert_array_equal(vectors, embedder.encode(texts))
+    assert "embedding x" in terminal.getvalue()
