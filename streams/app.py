@@ -221,27 +221,34 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     @app.agent(raw_topic(app, "otlp_spans"), name="agentwatch.map_spans")
     async def map_spans(stream: faust.StreamT) -> None:
         # Records go to the normaliser process in small groups, in order; while it decodes, this
-        # loop sends the previous group's events. Offsets commit once this agent returns to the
-        # stream (Faust's own acknowledgement): the records' events were handed to the producer.
+        # loop sends the previous group's events. A record is acknowledged once its events are
+        # handed to the producer and its rows (the PII detections found in it) are in Parquet.
+        stream = stream.noack()
+
+        def acknowledge(event: Any) -> Callable[[], Awaitable[None]]:
+            return lambda: stream.ack(event)
+
         async for events in stream.take_events(16, within=0.005):
             started = time.perf_counter()
             records = [_record(event) for event in events]
             pending = [None if empty_record_reason(r.value) else asyncio.ensure_future(normalize(r.value))
                        for r in records]
             outputs: list[tuple[str, int, bytes]] = []
+            after_sends: list[tuple[StepOutput, Any]] = []
             spans = 0
-            for record, future in zip(records, pending):
+            for record, future, event in zip(records, pending, events):
                 if future is None:
-                    await apply(dataflow.on_record(record))  # the empty-record dead letter
+                    await apply(dataflow.on_record(record), acknowledge(event))  # the empty-record dead letter
                     continue
                 try:
                     outcome = await future
                 except NormalizerDied as exc:
-                    await apply(dataflow.dead_letter(record, f"normaliser died: {exc}"))
+                    await apply(dataflow.dead_letter(record, f"normaliser died: {exc}"), acknowledge(event))
                     continue
                 except Exception as exc:  # never let one record kill the worker
                     log.exception("normaliser failed on a record")
-                    await apply(dataflow.dead_letter(record, f"normaliser error: {type(exc).__name__}: {exc}"))
+                    await apply(dataflow.dead_letter(record, f"normaliser error: {type(exc).__name__}: {exc}"),
+                                acknowledge(event))
                     continue
                 out = dataflow.on_mapped(record, outcome)
                 spans += outcome.spans
@@ -249,14 +256,18 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
                 # every record costs producer, broker and consumers the same whatever its size.
                 outputs += [(s.topic, s.partition, s.value) for s in out.sends if s.key is None and not s.headers]
                 await send([s for s in out.sends if s.key is not None or s.headers])
+                after_sends.append((StepOutput(rows=out.rows), event))
             await send([Send(t, p, v) for t, p, v in merge_event_records(outputs, int(settings.max_message_bytes * 0.9))])
+            for rows, event in after_sends:
+                await apply(rows, acknowledge(event))
             if metrics is not None:
                 metrics.observe_batch(topic="otlp_spans", spans=spans, seconds=time.perf_counter() - started)
 
     @app.agent(raw_topic(app, "otlp_logs"), name="agentwatch.map_logs")
     async def map_logs(stream: faust.StreamT) -> None:
+        stream = stream.noack()
         async for event in stream.events():
-            await apply(dataflow.on_record(_record(event)))
+            await apply(dataflow.on_record(_record(event)), lambda event=event: stream.ack(event))
 
     # Replay reads about two records' worth at a time: bounded memory whatever a record's size.
     replay_chunk_bytes = settings.max_message_bytes * 2
