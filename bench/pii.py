@@ -245,7 +245,7 @@ class EntityFactory:
             return "AIza" + _rand(rng, _B64URL, 35), "SECRET/google", None
         if kind == "jwt":
             header = _b64url(json.dumps({"alg": rng.choice(("HS256", "RS256")), "typ": "JWT"}).encode())
-            payload = _b64url(json.dumps({"sub": str(rng.randint(1, 10**9)), "iat": rng.randint(1.6e9, 1.8e9),
+            payload = _b64url(json.dumps({"sub": str(rng.randint(1, 10**9)), "iat": rng.randint(1_600_000_000, 1_800_000_000),
                                           "role": rng.choice(("admin", "user"))}).encode())
             return f"{header}.{payload}.{_b64url(rng.randbytes(32))}", "SECRET/jwt", None
         if kind == "pem":
