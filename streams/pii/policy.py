@@ -92,7 +92,11 @@ class PiiPolicy:
                 if mode not in MODES:
                     raise PiiConfigError(f"AGENTWATCH_PII {where}.{entity}: mode must be one of "
                                          f"{', '.join(MODES)}, not {mode!r}")
+        from agentwatch.streams.pii.recognizers import Recognizer
+        from agentwatch.streams.pii.redactor import compile_pattern  # imports this module
+
         for custom in self.custom:
+            compile_pattern(Recognizer(custom.entity, custom.pattern.encode()))
             if not _ENTITY_NAME.fullmatch(custom.entity):
                 raise PiiConfigError(f"AGENTWATCH_PII custom: entity {custom.entity!r} must be upper case "
                                      "letters, digits and _ (it becomes the placeholder <NAME>)")

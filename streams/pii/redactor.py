@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import re2
 
@@ -74,15 +74,11 @@ class Redactor:
         self.policy = policy
         custom = tuple(Recognizer(c.entity, c.pattern.encode()) for c in policy.custom)
         self.recognizers: tuple[Recognizer, ...] = tuple(recognizers) + custom
-        self._compiled = []
-        for recognizer in self.recognizers:
-            try:
-                self._compiled.append(re2.compile((b"(?i)" if recognizer.caseless else b"") + recognizer.pattern))
-            except re2.error as exc:
-                raise PiiConfigError(f"PII recogniser {recognizer.entity} {recognizer.pattern!r}: {exc}") from None
+        self._compiled = [compile_pattern(r) for r in self.recognizers]
         self.engine = "hyperscan" if engine != "re2" and hyperscan is not None else "re2"
         self._prefilter = _HyperscanPrefilter(self.recognizers) if self.engine == "hyperscan" \
             else _Re2Prefilter(self.recognizers)
+        self._allow = frozenset(a.casefold() for a in policy.allow)
         self._allow_patterns = tuple(re.compile(p) for p in policy.allow_patterns)
         self._project_modes: dict[str, dict[str, str]] = {}
 
@@ -96,10 +92,9 @@ class Redactor:
         """
         if not self.policy.enabled or len(text) < 5:
             return (text if limit is None else text[:limit]), _NO_DETECTIONS
-        safe_chars = None
-        if limit is not None and len(text) > limit + MARGIN_CHARS:
+        cut = limit is not None and len(text) > limit
+        if cut and len(text) > limit + MARGIN_CHARS:
             text = text[:limit + MARGIN_CHARS]
-            safe_chars = limit
         data = text.encode("utf-8", "surrogatepass")
         hits = self._prefilter.hits(data)
         if not hits:
@@ -107,7 +102,9 @@ class Redactor:
         matches = self._matches(data, hits)
         if not matches:
             return (text if limit is None else text[:limit]), _NO_DETECTIONS
-        safe_end = len(data) if safe_chars is None else len(text[:safe_chars].encode("utf-8", "surrogatepass"))
+        # With a cut, text from the limit on is not kept: what starts there is neither emitted nor
+        # counted. (Scanning past it is what lets an entity the cut crosses be seen whole.)
+        safe_end = len(text[:limit].encode("utf-8", "surrogatepass")) if cut else len(data)
         modes = self._modes(project)
         pieces: list[bytes] = []
         detected: list[str] = []
@@ -183,8 +180,7 @@ class Redactor:
         return found
 
     def _allowed(self, value: str) -> bool:
-        policy = self.policy
-        if policy.allow and value.casefold() in policy.allow:
+        if self._allow and value.casefold() in self._allow:
             return True
         return any(p.fullmatch(value) for p in self._allow_patterns)
 
@@ -201,6 +197,19 @@ class Redactor:
             digest = hmac.new(self.policy.hash_key, entity.encode() + b"\0" + value, hashlib.sha256).hexdigest()
             return f"<{entity}:{digest[:16]}>".encode()
         return f"<{entity}>".encode()
+
+
+def compile_pattern(recognizer: Recognizer) -> Any:
+    """The recogniser's RE2 program; an invalid pattern is a :class:`PiiConfigError` naming it."""
+    options = re2.Options()
+    options.log_errors = False  # the error is raised here, with the recogniser's name
+    options.case_sensitive = not recognizer.caseless
+    try:
+        return re2.compile(recognizer.pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise PiiConfigError(f"PII pattern of {recognizer.entity} "
+                             f"({recognizer.pattern.decode(errors='replace')!r}) is not valid RE2: {reason}") from None
 
 
 class _HyperscanPrefilter:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
@@ -179,9 +178,8 @@ def test_a_gap_of_a_billion_windows_is_bounded_work() -> None:
     det = PiiExposureDetector(key_ttl_s=1e12)  # the key must outlive the gap
     for w in range(12):
         det.update(pii(300.0 * w + 10, count=2))
-    start = time.perf_counter()
+    # Folded in O(1): a window at a time, this would not finish within the test timeout.
     found = det.update(pii(300.0 * 1e9, count=6))
-    assert time.perf_counter() - start < 0.05
     assert [(f.value, f.threshold) for f in found] == [(6.0, 5.0)]
     assert found[0].evidence["baseline"] == 0.0
 
