@@ -51,6 +51,10 @@ _MIB = 1 << 20
 _PROMPT_MEMO_ENTRIES = 4096
 _TOOL_DEFINITIONS_MEMO_ENTRIES = 1024
 _LAYOUT_MEMO_ENTRIES = 4096  # per span role
+_REDACTION_MEMO_ENTRIES = 4096
+# Below this a text is scanned again rather than memoised: the scan costs about what hashing it
+# for the memo does.
+_REDACTION_MEMO_MIN_CHARS = 256
 # OTLP ids are 16 and 8 bytes, a 48-character key; a parent key far longer than that comes from a
 # malformed id and is not remembered.
 _MAX_PARENT_KEY_BYTES = 4096
@@ -133,17 +137,23 @@ class Normalizer:
         8 MiB holds thousands, and a span with hostile random attribute names cannot grow it.
     redactor
         Replaces personal data and secrets in every free-text field (None: texts kept as sent).
+    redaction_memo_bytes
+        Byte budget of the memo of redacted texts. An agent re-sends its user's prompt with
+        every model call of a run and its tool definitions with every call, so most long texts
+        were redacted a moment ago; 32 MiB holds the 4096 entries at ~4 KB each (texts and
+        their redacted copies).
     """
 
     def __init__(self, pricing: PricingTable, *, max_text_chars: int = 8192,
                  parent_memory: int = 100_000, value_bounds: ValueBounds | None = None,
                  parent_memory_bytes: int = 32 * _MIB, prompt_memo_bytes: int = 32 * _MIB,
                  tool_definitions_memo_bytes: int = 16 * _MIB, layout_memo_bytes: int = 8 * _MIB,
-                 redactor: Redactor | None = None) -> None:
+                 redactor: Redactor | None = None, redaction_memo_bytes: int = 32 * _MIB) -> None:
         for name, value in (("max_text_chars", max_text_chars), ("parent_memory", parent_memory),
                             ("parent_memory_bytes", parent_memory_bytes), ("prompt_memo_bytes", prompt_memo_bytes),
                             ("tool_definitions_memo_bytes", tool_definitions_memo_bytes),
-                            ("layout_memo_bytes", layout_memo_bytes)):
+                            ("layout_memo_bytes", layout_memo_bytes),
+                            ("redaction_memo_bytes", redaction_memo_bytes)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0")
         self.pricing = pricing
@@ -151,6 +161,9 @@ class Normalizer:
         self.redactor = redactor if redactor is not None and redactor.policy.enabled else None
         # Detections in the row being built: (field, entity types), turned into pii rows with it.
         self._found: list[tuple[str, tuple[str, ...]]] = []
+        self.redaction_memo_bytes = redaction_memo_bytes
+        self._redaction_memo: BoundedMemo[tuple[str, bool, str], tuple[str, tuple[str, ...]]] = BoundedMemo(
+            _REDACTION_MEMO_ENTRIES, redaction_memo_bytes)
         self.value_bounds = value_bounds if value_bounds is not None else DEFAULT_BOUNDS
         llm = {f.name: f for f in self.value_bounds.limits(LlmCall.table).nullable}
         self._token_limits = tuple(llm[name] for name in (
@@ -182,7 +195,8 @@ class Normalizer:
         """Everything this normaliser keeps across batches, by name (for tests and diagnostics)."""
         return {"llm_parents": self._llm_parents, "prompts": self._prompt_memo,
                 "tool_definitions": self._tool_definitions_memo, "llm_layouts": self._llm_fields.memo,
-                "tool_layouts": self._tool_fields.memo, "step_layouts": self._step_fields.memo}
+                "tool_layouts": self._tool_fields.memo, "step_layouts": self._step_fields.memo,
+                "redactions": self._redaction_memo}
 
     # -- traces -------------------------------------------------------------------------------
 
@@ -317,7 +331,15 @@ class Normalizer:
         limit = self.max_text_chars if clip else None
         if self.redactor is None or not text:
             return text if limit is None else text[:limit]
-        out, detected = self.redactor.redact(text, project=header["project"], limit=limit)
+        if len(text) < _REDACTION_MEMO_MIN_CHARS:
+            out, detected = self.redactor.redact(text, project=header["project"], limit=limit)
+        else:
+            key = (header["project"], clip, text)
+            done = self._redaction_memo.get(key)
+            if done is None:
+                done = self.redactor.redact(text, project=header["project"], limit=limit)
+                self._redaction_memo.put(key, done)
+            out, detected = done
         if detected:
             self._found.append((where, detected))
         return out

@@ -156,3 +156,20 @@ def test_a_dead_letter_keeps_its_length_and_decodes_but_holds_no_detected_value(
     assert CARD.encode() not in letters[0].value and EMAIL.encode() not in letters[0].value
     decoded = decode_traces(letters[0].value)  # still a valid request, values masked
     assert sum(len(ss.spans) for rs in decoded.resource_spans for ss in rs.scope_spans) == 2
+
+
+def test_a_text_redacted_from_the_memo_is_still_counted_per_occurrence_and_per_project_policy():
+    # Agents re-send the user's prompt with every call: long texts are redacted once, from the memo
+    # after that, and every occurrence is still counted under its own project's modes.
+    policy = PiiPolicy(projects={"analytics": {"EMAIL": "hash"}}, hash_key=b"k" * 32)
+    long_prompt = "please look up my order history " * 10 + EMAIL
+    ids = Ids(8)
+    spans = [llm_span(ids, ids.trace(), long_prompt, project=p) for p in ("shop", "shop", "analytics")]
+    norm = normalizer(policy)
+    batch = norm.normalize_traces(decode_traces(otlp_traces(spans)))
+    prompts = [r["prompt"] for r in batch.llm_call_rows]
+    assert prompts[0] == prompts[1] and prompts[0].endswith("<EMAIL>")
+    assert prompts[2].split()[-1].startswith("<EMAIL:")
+    assert [(r["project"], r["entity_type"]) for r in batch.pii_rows] == [
+        ("shop", "EMAIL"), ("shop", "EMAIL"), ("analytics", "EMAIL")]
+    assert len(norm.memos()["redactions"]) == 2
