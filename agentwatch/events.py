@@ -131,6 +131,28 @@ class LlmMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One ``gen_ai.evaluation.result`` event: a score an evaluator gave a model call's output.
+
+    ``score`` is None when the evaluator gave only a label.
+    """
+
+    table: ClassVar[str] = "evaluations"
+
+    ts: float
+    trace_id: str
+    span_id: str  # the evaluated span
+    service: str = ""
+    project: str = ""
+    name: str = ""  # gen_ai.evaluation.name, e.g. "relevance"
+    score: float | None = None  # gen_ai.evaluation.score.value
+    label: str = ""  # gen_ai.evaluation.score.label
+    explanation: str = ""  # gen_ai.evaluation.explanation (redacted like every text)
+    prompt_name: str = ""
+    prompt_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class PiiDetection:
     """Personal data or a secret found (and handled per the PII policy) in one field of a span
     or log record: how many of one entity type. Never the value itself.
@@ -207,7 +229,8 @@ class Finding:
         return f"{self.detector}:{self.kind}:{self.key}"
 
 
-EVENT_TYPES: tuple[type, ...] = (LlmCall, ToolCall, AgentStep, LlmMessage, GpuSample, PiiDetection, Finding)
+EVENT_TYPES: tuple[type, ...] = (LlmCall, ToolCall, AgentStep, LlmMessage, GpuSample, PiiDetection, Evaluation,
+                                 Finding)
 EVENT_BY_TABLE: dict[str, type] = {t.table: t for t in EVENT_TYPES}
 
 E = TypeVar("E")
