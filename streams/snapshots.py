@@ -40,7 +40,8 @@ from agentwatch.streams.pipeline import dumps_lenient, join_json_arrays
 log = logging.getLogger(__name__)
 
 _ARROW_TYPES = {str: pa.string(), "str": pa.string(), float: pa.float64(), "float": pa.float64(),
-                int: pa.int64(), "int": pa.int64(), bool: pa.bool_(), "bool": pa.bool_()}
+                int: pa.int64(), "int": pa.int64(), bool: pa.bool_(), "bool": pa.bool_(),
+                "float | None": pa.float64(), "int | None": pa.int64()}  # nullable columns
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN"}
 
 # Tables that hold free-form records (alerts come from the alerting package, whose fields may grow).
