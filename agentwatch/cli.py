@@ -348,16 +348,20 @@ def import_from_checkout(module: str, command: str) -> Any:
 def bench(output: Path, quick: bool, section: str | None) -> None:
     """Measure throughput (decode, normalise, end to end), latency, memory and fault recovery;
     write bench/results.json. Runs from a source checkout (its bench/ and tests/ folders)."""
+    from agentwatch.progress import progress
+
     runner = import_from_checkout("bench.runner", "agentwatch bench")
     run_bench, run_section = runner.run_bench, runner.run_section
 
     if section:
         try:
-            run_section(output, section, quick=quick, say=click.echo)
+            with progress(f"bench {section}", plain=click.echo) as step:
+                run_section(output, section, quick=quick, say=step)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--section") from exc
         return
-    run_bench(output, quick=quick, say=click.echo)
+    with progress("bench", plain=click.echo) as step:
+        run_bench(output, quick=quick, say=step)
 
 
 @main.command(hidden=True)

@@ -439,10 +439,12 @@ def evaluate_command(seeds_calm: int, seeds_shift: int, shifts: str, clinc_dir: 
         if found is None:
             raise click.ClickException("CLINC150 not found beside the checkout; pass --clinc-dir")
         clinc_dir = found.parent
+    from agentwatch.progress import progress
+
     try:
-        result = evaluate_clinc(clinc_dir, seeds_calm=seeds_calm, seeds_shift=seeds_shift,
-                                shifts=shares, cache_dir=cache_dir,
-                                progress=lambda line: click.echo(line, err=True))
+        with progress("drift evaluate") as step:
+            result = evaluate_clinc(clinc_dir, seeds_calm=seeds_calm, seeds_shift=seeds_shift,
+                                    shifts=shares, cache_dir=cache_dir, progress=step)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     output.parent.mkdir(parents=True, exist_ok=True)
