@@ -386,11 +386,13 @@ def _register_subcommands() -> None:
     from agentwatch.alerts.cli import notify, silence
     from agentwatch.collectors.gpu_exporter import gpu_exporter
     from agentwatch.dashboards.push import dashboards_group
+    from agentwatch.doctor import doctor
     from agentwatch.pii_cli import pii_group
     from agentwatch.reference_cli import drift_group, reference_group
 
     for command in (notify, silence, gpu_exporter, dashboards_group, reference_group, drift_group, pii_group):
         main.add_command(command)
+    main.add_command(doctor)
 
 
 _register_subcommands()
