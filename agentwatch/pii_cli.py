@@ -66,10 +66,12 @@ def scan_command(file: Path | None, sql: str | None, column: str | None, example
             continue
         for d in detections:
             counts[(d.entity, where)] += 1
-        redacted, _ = redactor.redact(text)
+        # Placeholders from the detections, not the policy's output: under `keep`, `hash` for
+        # some types or AGENTWATCH_PII_MODE=off that output still holds the value.
+        masked = _masked(text, detections)
         for entity in sorted({d.entity for d in detections}):
             if len(shown[entity]) < examples:
-                shown[entity].append(_excerpt(redacted, entity))
+                shown[entity].append(_excerpt(masked, entity))
     if fmt == "json":
         sys.stdout.buffer.write(orjson.dumps({
             "texts": texts,
@@ -87,6 +89,18 @@ def scan_command(file: Path | None, sql: str | None, column: str | None, example
                 click.echo(f"  {line}")
 
 
+def _masked(text: str, detections: Iterable[Any]) -> str:
+    """``text`` with every detection replaced by ``<ENTITY>`` (detections do not overlap)."""
+    pieces, position = [], 0
+    for d in sorted(detections, key=lambda d: d.start):
+        if d.start < position:
+            continue
+        pieces += [text[position:d.start], f"<{d.entity}>"]
+        position = d.end
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
 def _excerpt(redacted: str, entity: str, width: int = 120) -> str:
     at = redacted.find(f"<{entity}")
     start = max(0, at - width // 2)
@@ -100,8 +114,15 @@ def _query_texts(data_dir: Path, sql: str, column: str | None) -> Iterator[tuple
     try:
         table = query_snapshots(data_dir, sql)
     except Exception as exc:  # DuckDB's errors name the problem in the query
-        raise click.ClickException(f"query failed: {exc}") from None
+        raise click.ClickException(f"query failed: {_safe_error(exc)}") from None
     yield from _table_texts(table, column)
+
+
+def _safe_error(exc: Exception) -> str:
+    """An error message with any PII in it redacted (DuckDB's cast errors quote the value)."""
+    from agentwatch.streams.pii import PiiPolicy, Redactor
+
+    return Redactor(PiiPolicy()).redact(str(exc))[0]
 
 
 def _table_texts(table: Any, column: str | None) -> Iterator[tuple[str, str]]:
@@ -130,7 +151,12 @@ def _file_texts(path: Path, column: str | None) -> Iterator[tuple[str, str]]:
     if suffix in (".jsonl", ".ndjson", ".json") and column:
         from agentwatch.reference import read_texts
 
-        for text in read_texts(path, column):
+        try:
+            texts = read_texts(path, column)
+        except ValueError as exc:  # its message quotes the whole row, raw values and all
+            raise click.ClickException(f"{path.name}: cannot read column {column!r} from every row "
+                                       f"({type(exc).__name__}: {_safe_error(exc)})") from None
+        for text in texts:
             yield column, text
         return
     with path.open(encoding="utf-8", errors="replace") as lines:
@@ -156,16 +182,23 @@ def redact_snapshots_command(data_dir: Path, dry_run: bool) -> None:
     files = sorted(_snapshot_files(data_dir))
     totals: collections.Counter[str] = collections.Counter()
     changed = 0
+    unreadable: list[str] = []
     with click.progressbar(files, label="redacting snapshots", file=sys.stderr,
                            show_pos=True, item_show_func=lambda p: p.name if p else None) as bar:
         for path in bar:
-            found = _redact_file(path, redactor, dry_run=dry_run)
+            try:
+                found = _redact_file(path, redactor, dry_run=dry_run)
+            except click.ClickException as exc:  # the other files are still redacted
+                unreadable.append(exc.message)
+                continue
             if found:
                 changed += 1
                 totals.update(found)
     verb = "would change" if dry_run else "rewrote"
     click.echo(f"{len(files)} files scanned, {verb} {changed}; "
                + (", ".join(f"{n} {entity}" for entity, n in totals.most_common()) or "nothing to redact"))
+    if unreadable:
+        raise click.ClickException("; ".join(unreadable))
 
 
 def _snapshot_files(data_dir: Path) -> Iterable[Path]:
@@ -180,46 +213,69 @@ def _snapshot_files(data_dir: Path) -> Iterable[Path]:
 
 
 def _redact_file(path: Path, redactor: Any, *, dry_run: bool) -> collections.Counter[str]:
+    """Entity counts of what redacting ``path`` replaces (values kept by the policy not counted);
+    the file is rewritten only when a value changes, so a second run leaves it alone."""
     found: collections.Counter[str] = collections.Counter()
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        columns = []
+        # Per-project overrides apply row by row, as the normaliser applied them.
+        projects = (table.column("project").to_pylist() if "project" in table.column_names
+                    else [""] * table.num_rows)
+        columns, changed = [], False
         for i, schema_field in enumerate(table.schema):
             column = table.column(i)
             if pa.types.is_string(schema_field.type) or pa.types.is_large_string(schema_field.type):
                 values = column.to_pylist()
-                redacted = [_redact_value(v, redactor, found) for v in values]
+                redacted = [_redact_value(v, redactor, found, project or "")
+                            for v, project in zip(values, projects)]
                 if redacted != values:
                     column = pa.chunked_array([pa.array(redacted, schema_field.type)])
+                    changed = True
             columns.append(column)
-        if found and not dry_run:
+        if changed and not dry_run:
             _replace(path, lambda tmp: pq.write_table(pa.Table.from_arrays(columns, schema=table.schema), tmp))
         return found
-    data = orjson.loads(path.read_bytes())
-    redacted = _redact_json(data, redactor, found)
-    if found and not dry_run:
-        _replace(path, lambda tmp: Path(tmp).write_bytes(orjson.dumps(redacted)))
+    raw = path.read_bytes()
+    try:
+        data, dumps = orjson.loads(raw), orjson.dumps
+    except orjson.JSONDecodeError:
+        # Written by Python's json where orjson refused (NaN, integers beyond 64 bits, a lone
+        # surrogate): read and written back the same way, so those values survive.
+        import json
+
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise click.ClickException(f"{path}: not JSON ({exc}); nothing in it was redacted") from None
+        dumps = lambda value: json.dumps(value).encode()  # noqa: E731
+    redacted = _redact_json(data, redactor, found, "")
+    if redacted != data and not dry_run:
+        _replace(path, lambda tmp: Path(tmp).write_bytes(dumps(redacted)))
     return found
 
 
-def _redact_value(value: Any, redactor: Any, found: collections.Counter[str]) -> Any:
+def _redact_value(value: Any, redactor: Any, found: collections.Counter[str], project: str) -> Any:
     if not isinstance(value, str) or not value:
         return value
-    out, detected = redactor.redact(value)
-    found.update(detected)
+    out, detected = redactor.redact(value, project=project)
+    if out != value:
+        modes = redactor.policy.modes_for(project)
+        found.update(e for e in detected if modes.get(e, "redact") != "keep")
     return out
 
 
-def _redact_json(value: Any, redactor: Any, found: collections.Counter[str]) -> Any:
+def _redact_json(value: Any, redactor: Any, found: collections.Counter[str], project: str) -> Any:
     if isinstance(value, str):
-        return _redact_value(value, redactor, found)
+        return _redact_value(value, redactor, found, project)
     if isinstance(value, list):
-        return [_redact_json(v, redactor, found) for v in value]
+        return [_redact_json(v, redactor, found, project) for v in value]
     if isinstance(value, dict):
-        return {k: _redact_json(v, redactor, found) for k, v in value.items()}
+        if isinstance(value.get("project"), str):
+            project = value["project"]  # a quarantined row: its own project's overrides
+        return {k: _redact_json(v, redactor, found, project) for k, v in value.items()}
     return value
 
 
