@@ -41,7 +41,7 @@ ABOVE_MAX = "above_max"  # includes everything beyond int64
 REASONS = (NOT_A_NUMBER, NAN, INFINITE, BELOW_MIN, ABOVE_MAX)
 # A cost computed from a token count that was rejected: nulled, flagged, not counted again.
 FROM_INVALID_TOKENS = "from_invalid_tokens"
-PRICED_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens")
+PRICED_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
 
 class ValueBounds(BaseModel):
@@ -54,10 +54,10 @@ class ValueBounds(BaseModel):
     The defaults are what real models and machines allow, with headroom, so that nothing real
     is ever rejected and nothing absurd gets through:
 
-    - ``tokens`` (each of input, output, cache read, reasoning, per call): the largest context
+    - ``tokens`` (each of input, output, cache read, cache write, reasoning, per call): the largest context
       windows offered are 1-2M tokens (Gemini 1.5 Pro 2M) and 10M (Llama 4 Scout); one call
       cannot read or write more than its context holds. 10M per field.
-    - ``latency_ms`` (model calls, tool calls, agent steps): synchronous provider APIs time out
+    - ``latency_ms`` (model calls, tool calls, agent steps, time to first token): synchronous provider APIs time out
       within minutes, batch APIs complete within 24 h, long agent runs take hours. One day.
     - ``cost_usd`` per call: 10M input tokens at the most expensive list price today
       (o1-pro, $150 per 1M input, $600 per 1M output, at most ~100k output tokens) is ~$1,560.
@@ -133,9 +133,12 @@ class FieldLimit:
     low: float
     high: float
     integral: bool
+    optional: bool = False  # the event field is ``T | None``: None is "not reported", not a rejection
 
     @property
-    def placeholder(self) -> int | float:
+    def placeholder(self) -> int | float | None:
+        if self.optional:
+            return None
         return 0 if self.integral else 0.0
 
 
@@ -159,7 +162,8 @@ class TableLimits:
 # table -> field -> bounds kind. Nullable fields measure something; "row" fields identify the row.
 NULLABLE_FIELDS: Mapping[str, Mapping[str, str]] = {
     "llm_calls": {"input_tokens": "tokens", "output_tokens": "tokens", "cache_read_tokens": "tokens",
-                  "reasoning_tokens": "tokens", "cost_usd": "cost_usd", "latency_ms": "latency_ms"},
+                  "reasoning_tokens": "tokens", "cache_write_tokens": "tokens", "cost_usd": "cost_usd",
+                  "latency_ms": "latency_ms", "time_to_first_token_ms": "latency_ms"},
     "tool_calls": {"latency_ms": "latency_ms"},
     "agent_steps": {"start_ts": "timestamp_s", "latency_ms": "latency_ms"},
     "llm_messages": {},
@@ -179,11 +183,15 @@ ROW_FIELDS: Mapping[str, Mapping[str, str]] = {
     "gpu_samples": {"ts": "timestamp_s", "gpu": "gpu_index", "pid": "pid"},
 }
 _INTEGRAL_KINDS = frozenset({"tokens", "gpu_memory_bytes", "gpu_index", "pid"})
+# Fields whose event type is ``T | None``: absent reads None, and only a present value is checked.
+OPTIONAL_FIELDS: Mapping[str, frozenset[str]] = {"llm_calls": frozenset({"time_to_first_token_ms"})}
 
 
 def _table_limits(bounds: ValueBounds, table: str) -> TableLimits:
+    optional = OPTIONAL_FIELDS.get(table, frozenset())
+
     def build(fields: Mapping[str, str]) -> tuple[FieldLimit, ...]:
-        return tuple(FieldLimit(name, *getattr(bounds, kind), kind in _INTEGRAL_KINDS)
+        return tuple(FieldLimit(name, *getattr(bounds, kind), kind in _INTEGRAL_KINDS, name in optional)
                      for name, kind in fields.items())
 
     nullable, row = build(NULLABLE_FIELDS.get(table, {})), build(ROW_FIELDS.get(table, {}))
@@ -200,7 +208,8 @@ def _compile_within(limits: tuple[FieldLimit, ...]) -> Callable[[Any], bool]:
     if not limits:
         return lambda event: True
     source = "lambda e: " + " and ".join(
-        f"{limit.low!r} <= e.{limit.name} <= {limit.high!r}" for limit in limits)
+        f"(e.{limit.name} is None or {limit.low!r} <= e.{limit.name} <= {limit.high!r})" if limit.optional
+        else f"{limit.low!r} <= e.{limit.name} <= {limit.high!r}" for limit in limits)
     return eval(source, {"__builtins__": {}})  # noqa: S307 - see the docstring
 
 

@@ -47,6 +47,9 @@ class LlmCall:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     reasoning_tokens: int = 0
+    # Tokens written to the provider's prompt cache (Anthropic cache creation); part of
+    # input_tokens like cache reads, priced at the model's cache-write rate.
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     priced: bool = False  # False when the model is missing from the pricing table (cost 0)
     latency_ms: float = 0.0
@@ -58,6 +61,16 @@ class LlmCall:
     tool_definitions: str = ""
     # JSON text: [{"name": str, "arguments": str, "id": str}, ...] the model asked to call.
     requested_tool_calls: str = ""
+    # Time to the first streamed chunk in ms (gen_ai.response.time_to_first_chunk is in seconds);
+    # None when the call was not streamed or the instrumentation does not record it.
+    time_to_first_token_ms: float | None = None
+    finish_reason: str = ""  # the first of gen_ai.response.finish_reasons, as the provider wrote it
+    prompt_name: str = ""  # managed prompt (gen_ai.prompt.name, Langfuse, OpenLLMetry)
+    prompt_version: str = ""
+    # JSON text: {"text_input": n, "image_input": n, "audio_output": n, ...} from
+    # gen_ai.usage.<modality>.<input|output>_tokens; "" when none was reported. Their sum fills
+    # input_tokens / output_tokens only when the totals are absent.
+    modality_tokens: str = ""
     invalid_fields: str = ""  # "field:reason,..." for values nulled as implausible (see above)
 
 
@@ -79,7 +92,11 @@ class ToolCall:
     host: str = ""
     tool_name: str = ""
     call_id: str = ""
-    arguments: str = ""  # as sent, usually JSON text
+    arguments: str = ""  # the call's arguments as JSON text, unwrapped from framework envelopes
+    # "" (JSON text as sent, or none), "json" (unwrapped or converted to a JSON object), or
+    # "unknown": what the instrumentation recorded is not readable as the call's arguments (a
+    # positional list, a bare string); kept as sent in ``arguments``, never judged against a schema.
+    arguments_format: str = ""
     result: str = ""
     latency_ms: float = 0.0
     status: str = "ok"

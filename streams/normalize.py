@@ -19,6 +19,15 @@ PII :class:`~agentwatch.streams.pii.Redactor` when one is given, before it is cu
 ``max_text_chars``: what leaves the normaliser holds placeholders, never a detected value, and
 each detection is counted in :attr:`NormalizedBatch.pii_rows` (type and field, not the value).
 
+Tool-call arguments are unwrapped from the envelopes frameworks record them in (OpenLLMetry's
+``{"args": [...], "kwargs": {...}}`` and LangChain ``{"input_str": ...}``, OpenInference's bare
+input string, OpenLIT's Python repr); what cannot be read as the call's arguments is kept as
+sent and marked ``arguments_format="unknown"``, which the tool detector does not judge.
+
+``gen_ai.evaluation.result`` events (span events or log records) become :class:`Evaluation`
+rows (:attr:`NormalizedBatch.evaluation_rows`); a ``gen_ai.client.inference.operation.details``
+span event lends its messages and tool definitions to its span.
+
 Numbers (tokens, latency, cost) are checked against :class:`~agentwatch.bounds.ValueBounds`
 as rows are built: an implausible one is nulled in the row, named in its ``invalid_fields`` and
 reported in :attr:`NormalizedBatch.rejections`; the span still becomes its row.
@@ -26,7 +35,9 @@ reported in :attr:`NormalizedBatch.rejections`; the span still becomes its row.
 
 from __future__ import annotations
 
+import ast
 import collections
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -60,6 +71,12 @@ _REDACTION_MEMO_MIN_CHARS = 256
 _MAX_PARENT_KEY_BYTES = 4096
 # Unpriced models are counted by name; a "name" longer than this is not one, and is cut.
 _UNPRICED_NAME_CHARS = 256
+# Identifiers read from attributes (finish reason, prompt name and version, evaluation name and
+# label) are cut to this: a real one is far shorter.
+_NAME_CHARS = 256
+# A Python repr of tool arguments (OpenLIT) is parsed with ast.literal_eval only below this size:
+# parsing builds a syntax tree several times the text's size.
+_LITERAL_MAX_CHARS = 65_536
 
 
 @dataclass
@@ -81,6 +98,8 @@ class NormalizedBatch:
     rejections: list[ValueRejection] = field(default_factory=list)
     # What the PII redactor found in the rows above: PiiDetection rows (type and field, no value).
     pii_rows: list[dict[str, Any]] = field(default_factory=list)
+    # Evaluation rows: gen_ai.evaluation.result span events.
+    evaluation_rows: list[dict[str, Any]] = field(default_factory=list)
 
     # The events hold 0 where the rows hold a nulled value, as decoded events do.
     @property
@@ -167,9 +186,12 @@ class Normalizer:
         self.value_bounds = value_bounds if value_bounds is not None else DEFAULT_BOUNDS
         llm = {f.name: f for f in self.value_bounds.limits(LlmCall.table).nullable}
         self._token_limits = tuple(llm[name] for name in (
-            "input_tokens", "output_tokens", "cache_read_tokens", "reasoning_tokens"))
+            "input_tokens", "output_tokens", "cache_read_tokens", "reasoning_tokens", "cache_write_tokens"))
         self._cost_limit = llm["cost_usd"]
         self._latency_limit = llm["latency_ms"]
+        self._ttft_limit = llm["time_to_first_token_ms"]
+        tokens = llm["input_tokens"]  # each modality's count is a token count
+        self._modality_limit = FieldLimit("modality_tokens", tokens.low, tokens.high, True)
         self._start_ts_limit = next(f for f in self.value_bounds.limits(AgentStep.table).nullable
                                     if f.name == "start_ts")
         self._ts_low, self._ts_high = self.value_bounds.timestamp_s
@@ -210,6 +232,9 @@ class Normalizer:
         genai_context: list[tuple[dict[str, Any], str]] = []
         # Non-GenAI spans that carry trace context (a web server root span with enduser.id).
         other_context: list[tuple[dict[str, Any], str]] = []
+        # gen_ai.evaluation.result span events: (event attributes, its span's attributes, resource,
+        # trace id, span id, event time in ns).
+        evaluations: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any], str, str, int]] = []
         for resource_spans in request.resource_spans:
             resource = _resource_context(attributes(resource_spans.resource.attributes))
             for scope_spans in resource_spans.scope_spans:
@@ -217,6 +242,8 @@ class Normalizer:
                     batch.spans += 1
                     try:
                         attrs = attributes(span.attributes)
+                        if span.events:
+                            _read_span_events(span, attrs, resource, evaluations)
                         role = _span_role(attrs)
                         if role is not None:
                             trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
@@ -232,7 +259,7 @@ class Normalizer:
                             other_context.append((attrs, span.trace_id.hex()))
                     except Exception as exc:  # hostile attribute content must not sink the batch
                         batch.failures.append((span.span_id.hex(), f"{type(exc).__name__}: {exc}"))
-        if not staged:
+        if not staged and not evaluations:
             return batch
 
         trace_context = _trace_context(genai_context + other_context)
@@ -270,38 +297,84 @@ class Normalizer:
                 self._pii_rows(batch.pii_rows, row)
             if rejected:
                 batch.rejections += rejected
+        for event_attrs, span_attrs, resource, trace_id, span_id, time_ns in evaluations:
+            header = headers.get((trace_id, id(resource)))
+            if header is None:
+                header = headers[(trace_id, id(resource))] = _row_header(
+                    trace_id, resource, trace_context.get(trace_id, _NO_CONTEXT))
+            try:
+                row = self._evaluation(event_attrs, span_attrs, time_ns, header, span_id)
+            except Exception as exc:
+                self._found.clear()
+                batch.failures.append((span_id, f"evaluation event: {type(exc).__name__}: {exc}"))
+                continue
+            if row is not None:
+                batch.evaluation_rows.append(row)
+                if self._found:
+                    self._pii_rows(batch.pii_rows, row)
         return batch
+
+    def _evaluation(self, attrs: Mapping[str, Any], context: Mapping[str, Any], time_ns: int,
+                    header: Mapping[str, Any], span_id: str) -> dict[str, Any] | None:
+        """An :class:`Evaluation` row from a ``gen_ai.evaluation.result`` event's attributes.
+
+        ``context`` holds the evaluated span's attributes (its prompt name and version); the
+        event's own win. None when the event names no evaluation and carries no score or label.
+        """
+        name = _str(attrs.get(sc.EVALUATION_NAME))[:_NAME_CHARS]
+        score = _score(attrs.get(sc.EVALUATION_SCORE))
+        label = _str(attrs.get(sc.EVALUATION_LABEL))[:_NAME_CHARS]
+        if not name and score is None and not label:
+            return None
+        prompt_name = _first(attrs, sc.PROMPT_NAME) or _first(context, sc.PROMPT_NAME)
+        prompt_version = _first(attrs, sc.PROMPT_VERSION) or _first(context, sc.PROMPT_VERSION)
+        return {"ts": self._ts(time_ns), "trace_id": header["trace_id"], "span_id": span_id,
+                "service": header["service"], "project": header["project"], "name": name, "score": score,
+                "label": label,
+                "explanation": self._text(_str(attrs.get(sc.EVALUATION_EXPLANATION)), "evaluations.explanation",
+                                          header),
+                "prompt_name": _str(prompt_name)[:_NAME_CHARS], "prompt_version": _str(prompt_version)[:_NAME_CHARS]}
 
     def _llm_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                   parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """An :class:`LlmCall` row."""
-        (request_model, model, input_tokens, output_tokens, cache_read, reasoning, provider,
-         operation, host) = self._llm_fields.values(attrs)
+        values = self._llm_fields.values(attrs)
+        (request_model, model, input_tokens, output_tokens, cache_read, reasoning, cache_write, provider,
+         operation, host, ttft_s, ttft_ms, finish, prompt_name, prompt_version) = values[:15]
         request_model = _str(request_model)
         model = _str(model) or request_model
         flags: dict[str, str] = {}
-        tokens = [input_tokens, output_tokens, cache_read, reasoning]
+        trace_id = header["trace_id"]
+        modality = ""
+        counts = values[15:]
+        if counts.count(None) != len(counts):  # usage by modality reported
+            modality, input_tokens, output_tokens = self._modality_tokens(
+                counts, input_tokens, output_tokens, flags, trace_id, span_id, rejections)
+        tokens = [input_tokens, output_tokens, cache_read, reasoning, cache_write]
         for i, limit in enumerate(self._token_limits):
             raw = tokens[i]
             if type(raw) is int and limit.low <= raw <= limit.high:
                 continue  # the common case, checked inline
-            tokens[i] = _attr_count(raw, limit, flags, LlmCall.table, header["trace_id"], span_id, rejections)
-        input_tokens, output_tokens, cache_read, reasoning = tokens
+            tokens[i] = _attr_count(raw, limit, flags, LlmCall.table, trace_id, span_id, rejections)
+        input_tokens, output_tokens, cache_read, reasoning, cache_write = tokens
         if flags.keys().isdisjoint(PRICED_TOKEN_FIELDS):
-            cost, priced = self.pricing.cost_usd(model, input_tokens, output_tokens, cache_read)
+            cost, priced = self.pricing.cost_usd(model, input_tokens, output_tokens, cache_read, cache_write)
             limit = self._cost_limit
             if not limit.low <= cost <= limit.high:
-                cost = _rejected(cost, limit, flags, LlmCall.table, header["trace_id"], span_id, rejections)
+                cost = _rejected(cost, limit, flags, LlmCall.table, trace_id, span_id, rejections)
         else:  # a price times an implausible count is not a cost
             cost, priced = None, self.pricing.cost_usd(model, 0, 0)[1]
             flags["cost_usd"] = FROM_INVALID_TOKENS
         if not priced and model and len(self.unpriced_models) < 1000:
             self.unpriced_models[model[:_UNPRICED_NAME_CHARS]] += 1
+        ttft = None
+        if ttft_s is not None or ttft_ms is not None:
+            ttft = self._ttft(ttft_s, ttft_ms, flags, trace_id, span_id, rejections)
         prompt = self._prompt(attrs, span)
         response, requested = _response(attrs, span)
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
-        latency = self._latency(start, end, flags, LlmCall.table, header["trace_id"], span_id, rejections)
+        latency = self._latency(start, end, flags, LlmCall.table, trace_id, span_id, rejections)
         return {
             **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "host": _str(host) or header["host"],
@@ -311,6 +384,7 @@ class Normalizer:
             "input_tokens": input_tokens, "output_tokens": output_tokens,
             "cache_read_tokens": cache_read,
             "reasoning_tokens": reasoning,
+            "cache_write_tokens": cache_write,
             "cost_usd": cost, "priced": priced,
             "latency_ms": latency, "status": status, "error": self._text(error, "llm_calls.error", header),
             "prompt": self._text(prompt, "llm_calls.prompt", header),
@@ -319,8 +393,65 @@ class Normalizer:
                                            clip=False),
             "requested_tool_calls": self._text(_dump(requested), "llm_calls.requested_tool_calls", header,
                                                clip=False),
+            "time_to_first_token_ms": ttft,
+            "finish_reason": _finish_reason(finish) if finish is not None else "",
+            "prompt_name": _str(prompt_name)[:_NAME_CHARS] if prompt_name is not None else "",
+            "prompt_version": _str(prompt_version)[:_NAME_CHARS] if prompt_version is not None else "",
+            "modality_tokens": modality,
             "invalid_fields": format_flags(flags) if flags else "",
         }
+
+    def _modality_tokens(self, counts: list[Any], input_tokens: Any, output_tokens: Any, flags: dict[str, str],
+                         trace_id: str, span_id: str, rejections: list[ValueRejection]) -> tuple[str, Any, Any]:
+        """(modality_tokens JSON, input tokens, output tokens).
+
+        Each count is checked like a token field (an implausible one is left out of the JSON and
+        reported under ``modality_tokens``). The plausible ones' sums stand in for the input or
+        output total only where that total is absent: a total, when sent, already counts them.
+        """
+        limit = self._modality_limit
+        checked: dict[str, int] = {}
+        sums = [0, 0]  # input, output
+        rejected: dict[str, str] = {}
+        for (_, name), raw in zip(sc.MODALITY_TOKENS, counts):
+            if raw is None or raw == "":
+                continue
+            count = _attr_count(raw, limit, rejected, LlmCall.table, trace_id, span_id, rejections)
+            if count is None:
+                continue
+            checked[name] = count
+            sums[name.endswith("_output")] += count
+        if rejected:
+            flags.update(rejected)
+        if not checked:
+            return "", input_tokens, output_tokens
+        if input_tokens is None or input_tokens == "":
+            input_tokens = sums[0]
+        if output_tokens is None or output_tokens == "":
+            output_tokens = sums[1]
+        return _dump(checked), input_tokens, output_tokens
+
+    def _ttft(self, seconds: Any, millis: Any, flags: dict[str, str], trace_id: str, span_id: str,
+              rejections: list[ValueRejection]) -> float | None:
+        """Time to first token in ms, from seconds (semconv) or milliseconds (Vercel AI SDK)."""
+        raw, scale = (seconds, 1000.0) if seconds is not None and seconds != "" else (millis, 1.0)
+        if raw is None or raw == "":
+            return None
+        limit = self._ttft_limit
+        number = raw
+        if isinstance(raw, (str, bytes)):
+            try:
+                number = float(raw)
+            except ValueError:
+                pass
+        if type(number) in (int, float) and math.isfinite(number):
+            number = float(number) * scale
+        checked, reason = check_number(number, limit.low, limit.high, False)
+        if reason is None:
+            return checked
+        flags[limit.name] = reason
+        rejections.append(ValueRejection(LlmCall.table, limit.name, reason, keepable(raw), trace_id, span_id))
+        return None
 
     def _text(self, text: str, where: str, header: Mapping[str, Any], *, clip: bool = True) -> str:
         """A free-text field as stored: redacted (detections noted for the row), cut to max_text_chars.
@@ -402,7 +533,10 @@ class Normalizer:
     def _tool_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                    parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """A :class:`ToolCall` row."""
-        name, host, call_id, arguments, result = self._tool_fields.values(attrs)
+        name, host, call_id, arguments, wrapped, result = self._tool_fields.values(attrs)
+        arguments, arguments_format = _tool_arguments(arguments, wrapped)
+        if len(arguments) > self.max_text_chars:
+            arguments_format = "unknown"  # the stored text is cut: no longer the whole call
         name = _str(name) or _str(attrs.get(sc.TRACELOOP_ENTITY))
         if not name:
             # "execute_tool get_weather" is the span-name convention when the attribute is absent.
@@ -414,7 +548,8 @@ class Normalizer:
         return {
             **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "host": _str(host) or header["host"], "tool_name": name,
-            "call_id": _str(call_id), "arguments": self._text(_str(arguments), "tool_calls.arguments", header),
+            "call_id": _str(call_id), "arguments": self._text(arguments, "tool_calls.arguments", header),
+            "arguments_format": arguments_format,
             "result": self._text(_str(result), "tool_calls.result", header),
             "latency_ms": latency, "status": status, "error": self._text(error, "tool_calls.error", header),
             "invalid_fields": format_flags(flags) if flags else "",
@@ -447,11 +582,15 @@ class Normalizer:
 
     # -- logs ---------------------------------------------------------------------------------
 
-    def normalize_logs(self, request: Any, pii_rows: list[dict[str, Any]] | None = None
-                       ) -> tuple[int, list[LlmMessage]]:
+    def normalize_logs(self, request: Any, pii_rows: list[dict[str, Any]] | None = None,
+                       evaluation_rows: list[dict[str, Any]] | None = None) -> tuple[int, list[LlmMessage]]:
         """(log records seen, messages): the GenAI message events among the log records.
 
-        What the redactor found in message contents is added to ``pii_rows`` when given.
+        What the redactor found in message contents is added to ``pii_rows`` when given;
+        ``gen_ai.evaluation.result`` records become Evaluation rows in ``evaluation_rows`` when
+        given. A ``gen_ai.client.inference.operation.details`` record gives one message each for
+        the last user input, the output and the declared tools (role ``tool_definitions``,
+        content the normalised definitions' JSON, as in ``LlmCall.tool_definitions``).
         """
         seen = 0
         messages: list[LlmMessage] = []
@@ -463,23 +602,60 @@ class Normalizer:
                     seen += 1
                     attrs = attributes(record.attributes)
                     event_name = getattr(record, "event_name", "") or _str(attrs.get("event.name"))
-                    if not event_name.startswith("gen_ai.") or not record.trace_id:
+                    if not event_name.startswith("gen_ai."):
+                        continue
+                    ts_ns = record.time_unix_nano or record.observed_time_unix_nano
+                    trace_id, span_id = record.trace_id.hex(), record.span_id.hex()
+                    if event_name == sc.EVALUATION_EVENT:
+                        if evaluation_rows is not None:
+                            self._log_evaluation(record, attrs, ts_ns, trace_id, span_id, resource,
+                                                 evaluation_rows, pii_rows)
+                        continue
+                    if not record.trace_id:
                         continue
                     body = any_value(record.body) if record.HasField("body") else None
-                    role, content = _message_role_content(event_name, body, attrs)
-                    ts = (record.time_unix_nano or record.observed_time_unix_nano) / 1e9
-                    message = LlmMessage(
-                        ts=ts, trace_id=record.trace_id.hex(), span_id=record.span_id.hex(),
-                        service=service, event_name=event_name, role=role,
-                        content=self._text(content, "llm_messages.content", resource))
-                    messages.append(message)
+                    if event_name == sc.OPERATION_DETAILS_EVENT:
+                        if isinstance(body, dict):  # the attributes may travel in the body
+                            attrs = {**body, **attrs}
+                        found = _operation_details_messages(attrs)
+                        found.append(("tool_definitions", _dump(_tool_definitions(attrs))))
+                    else:
+                        found = [_message_role_content(event_name, body, attrs)]
+                    ts = ts_ns / 1e9
+                    for role, content in found:
+                        if not content and event_name == sc.OPERATION_DETAILS_EVENT:
+                            continue
+                        message = LlmMessage(
+                            ts=ts, trace_id=trace_id, span_id=span_id,
+                            service=service, event_name=event_name, role=role,
+                            content=self._text(content, "llm_messages.content", resource,
+                                               clip=role != "tool_definitions"))  # JSON: not cut
+                        messages.append(message)
                     if self._found:
                         if pii_rows is not None:
-                            self._pii_rows(pii_rows, {"ts": ts, "trace_id": message.trace_id,
-                                                      "span_id": message.span_id, "service": service,
+                            self._pii_rows(pii_rows, {"ts": ts, "trace_id": trace_id,
+                                                      "span_id": span_id, "service": service,
                                                       "project": resource["project"]})
                         self._found.clear()
         return seen, messages
+
+    def _log_evaluation(self, record: Any, attrs: dict[str, Any], ts_ns: int, trace_id: str, span_id: str,
+                        resource: dict[str, Any], rows: list[dict[str, Any]],
+                        pii_rows: list[dict[str, Any]] | None) -> None:
+        if record.HasField("body"):
+            body = any_value(record.body)
+            if isinstance(body, dict):
+                attrs = {**body, **attrs}
+        header = {"trace_id": trace_id, "service": resource["service"], "project": resource["project"]}
+        try:
+            row = self._evaluation(attrs, {}, ts_ns, header, span_id)
+        except ValueError:  # a time outside the bounds: not a row
+            row = None
+        if row is not None:
+            rows.append(row)
+            if self._found and pii_rows is not None:
+                self._pii_rows(pii_rows, row)
+        self._found.clear()
 
 
 # -- classification ---------------------------------------------------------------------------
@@ -612,7 +788,10 @@ def _response(attrs: dict[str, Any], span: Any) -> tuple[str, list[dict[str, str
     """The model's text output and the tool calls it asked for."""
     messages = _json_value(attrs.get(sc.OUTPUT_MESSAGES))
     if isinstance(messages, list) and messages:
-        return _last_message_text(messages, None), _requested_calls(messages)
+        text, calls = _last_message_text(messages, None), _requested_calls(messages)
+        if text or calls:
+            return text, calls
+        # Empty parts: the calls may be recorded in another convention on the same span.
     indexed = _indexed_messages(attrs, sc.TRACELOOP_COMPLETION_PREFIX, ".role", ".content",
                                 tool_calls=(".tool_calls.", ".name", ".arguments", ".id"))
     if indexed:
@@ -622,6 +801,9 @@ def _response(attrs: dict[str, Any], span: Any) -> tuple[str, list[dict[str, str
                                             ".tool_call.function.arguments", ".tool_call.id"))
     if indexed:
         return _last_message_text(indexed, None), _requested_calls(indexed)
+    vercel_calls = attrs.get(sc.VERCEL_RESPONSE_TOOL_CALLS)
+    if vercel_calls is not None or sc.VERCEL_RESPONSE_TEXT in attrs:
+        return _str(attrs.get(sc.VERCEL_RESPONSE_TEXT)), _vercel_calls(vercel_calls)
     legacy = attrs.get(sc.LEGACY_COMPLETION) or attrs.get(sc.OI_OUTPUT)
     if legacy:
         return _str(legacy), []
@@ -651,6 +833,13 @@ def _indexed_messages(attrs: dict[str, Any], prefix: str, role_suffix: str, cont
             message["role"] = _str(value)
         elif suffix == content_suffix:
             message["content"] = value
+        elif tool_calls is not None and suffix.startswith(".function_call."):
+            # Legacy OpenAI function calling (OpenLLMetry: gen_ai.completion.N.function_call.*).
+            call = message.setdefault("_function_call", {})
+            if suffix == ".function_call.name":
+                call["name"] = _str(value)
+            elif suffix == ".function_call.arguments":
+                call["arguments"] = _str(value)
         elif tool_calls is not None and suffix.startswith(tool_calls[0]):
             call_index, _, call_rest = suffix[len(tool_calls[0]):].partition(".")
             if call_index.isdecimal():
@@ -666,8 +855,11 @@ def _indexed_messages(attrs: dict[str, Any], prefix: str, role_suffix: str, cont
     for index in sorted(by_index):
         message = by_index[index]
         calls = message.pop("_calls", None)
+        function_call = message.pop("_function_call", None)
         if calls:
             message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        elif function_call:
+            message["tool_calls"] = [function_call]
         out.append(message)
     return out
 
@@ -737,6 +929,14 @@ def _tool_definitions(attrs: dict[str, Any]) -> list[dict[str, Any]]:
                 if schema is not None:
                     defs.append(schema)
         defs.extend(functions[i] for i in sorted(functions))
+        vercel = attrs.get(sc.VERCEL_PROMPT_TOOLS)
+        if vercel:  # a list of JSON texts, one per tool ({"type": "function", "name": ..., "parameters": ...})
+            for item in vercel if isinstance(vercel, list) else [vercel]:
+                parsed = _json_value(item)
+                if isinstance(parsed, list):
+                    defs.extend(parsed)
+                elif parsed is not None:
+                    defs.append(parsed)
     out = []
     for item in defs:
         if not isinstance(item, dict):
@@ -746,6 +946,19 @@ def _tool_definitions(attrs: dict[str, Any]) -> list[dict[str, Any]]:
         if name:
             parameters = function.get("parameters", function.get("input_schema"))
             out.append({"name": name, "parameters": parameters if isinstance(parameters, dict) else {}})
+    return out
+
+
+def _operation_details_messages(attrs: dict[str, Any]) -> list[tuple[str, str]]:
+    """(role, text) of the last user input and of the output of an operation-details record."""
+    out = []
+    inputs = _json_value(attrs.get(sc.INPUT_MESSAGES))
+    if isinstance(inputs, list) and inputs:
+        out.append(("user", _last_message_text(inputs, "user")))
+    outputs = _json_value(attrs.get(sc.OUTPUT_MESSAGES))
+    if isinstance(outputs, list) and outputs:
+        text = _last_message_text(outputs, None)
+        out.append(("assistant", text or _dump(_requested_calls(outputs))))
     return out
 
 
@@ -765,6 +978,146 @@ def _message_role_content(event_name: str, body: Any, attrs: dict[str, Any]) -> 
                 return ("user" if key == sc.INPUT_MESSAGES else "assistant"), _last_message_text(messages, None)
         return role, ""
     return role, _str(body)
+
+
+def _vercel_calls(value: Any) -> list[dict[str, str]]:
+    """Vercel AI SDK ``ai.response.toolCalls``: [{"toolCallId", "toolName", "args" | "input"}]."""
+    calls = _json_value(value)
+    out = []
+    for call in calls if isinstance(calls, list) else ():
+        if isinstance(call, dict) and call.get("toolName"):
+            arguments = call.get("args", call.get("input", ""))
+            out.append({"name": _str(call["toolName"]),
+                        "arguments": arguments if isinstance(arguments, str) else _dump(arguments),
+                        "id": _str(call.get("toolCallId"))})
+    return out
+
+
+def _read_span_events(span: Any, attrs: dict[str, Any], resource: dict[str, Any],
+                      evaluations: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any], str, str, int]]
+                      ) -> None:
+    """Fold a span's operation-details event into its attributes (what the span itself lacks)
+    and collect its evaluation events."""
+    for event in span.events:
+        name = event.name
+        if name == sc.OPERATION_DETAILS_EVENT:
+            for key, value in attributes(event.attributes).items():
+                if attrs.get(key) in (None, ""):
+                    attrs[key] = value
+        elif name == sc.EVALUATION_EVENT:
+            evaluations.append((attributes(event.attributes), attrs, resource, span.trace_id.hex(),
+                                span.span_id.hex(), event.time_unix_nano or span.end_time_unix_nano))
+
+
+def _score(value: Any) -> float | None:
+    """An evaluation score: a finite number (or numeric text), else None."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if type(value) in (int, float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _finish_reason(value: Any) -> str:
+    """The first finish reason: from a list, a JSON array text, or a single text."""
+    if isinstance(value, str) and value.startswith("["):
+        value = _json_value(value)
+    if isinstance(value, list):
+        value = next((v for v in value if v not in (None, "")), "")
+    return _str(value)[:_NAME_CHARS]
+
+
+# -- tool arguments ---------------------------------------------------------------------------
+
+def _tool_arguments(direct: Any, wrapped: Any) -> tuple[str, str]:
+    """(arguments as stored, ``arguments_format``) from a tool span's argument attributes.
+
+    ``direct`` is meant to be the call's JSON object: JSON object text is kept as sent (format
+    ``""``: the detector parses it, and broken JSON there is the caller's). ``wrapped`` comes
+    in a framework envelope and is unwrapped. Either may be a Python repr (OpenLIT). What is not
+    readable as a JSON object of arguments is kept as sent with format ``"unknown"``.
+    """
+    if direct is not None and direct != "":
+        value, unwrap = direct, False
+    elif wrapped is not None and wrapped != "":
+        value, unwrap = wrapped, True
+    else:
+        return "", ""
+    if isinstance(value, dict):  # an OTLP kvlist attribute
+        found = _unwrap_arguments(value) if unwrap else value
+        return (_dump(found) or "{}", "json") if isinstance(found, dict) else (_dump(value), "unknown")
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return _str(value), "unknown"  # a list (positional arguments), a number
+    text = value.lstrip()
+    if not text.startswith("{"):
+        if unwrap and text.startswith('"'):  # a JSON string holding the input (OpenInference)
+            inner = _json_value(text)
+            if isinstance(inner, str):
+                found = _object_from_text(inner)
+                if found is not None:
+                    return _dump(found) or "{}", "json"
+        return value, "unknown"  # a bare string: no names to check against a schema
+    if not unwrap and text[1:].lstrip()[:1] in ('"', "}"):
+        return value, ""  # JSON object text: the common case, not parsed here
+    parsed = _object_from_text(text)
+    if parsed is None:
+        return value, "unknown"
+    found = _unwrap_arguments(parsed) if unwrap else parsed
+    if not isinstance(found, dict):
+        return value, "unknown"
+    if found is parsed and text.startswith('{"'):
+        return value, "json"  # JSON text that is the arguments object itself: kept as sent
+    return _dump(found) or "{}", "json"
+
+
+def _object_from_text(text: str) -> dict[str, Any] | None:
+    """A dict from JSON object text or a Python dict repr (``{'order_id': 'A-1042'}``), else None."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        found = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        if len(text) > _LITERAL_MAX_CHARS:
+            return None
+        try:
+            found = ast.literal_eval(text)  # literals only: no names, calls or operators run
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
+    return found if isinstance(found, dict) else None
+
+
+def _unwrap_arguments(envelope: dict[str, Any]) -> Any:
+    """The call's arguments inside a framework envelope; None when they have no names.
+
+    OpenLLMetry LangChain: ``{"input_str": "...", "inputs": {...}, "tags": ..., "metadata": ...}``;
+    OpenLLMetry ``@tool``: ``{"args": [...], "kwargs": {...}}`` (keyword arguments have names;
+    positional ones do not, unless the one argument is itself a dict); anything else is the
+    arguments object itself.
+    """
+    if "input_str" in envelope:
+        inputs = envelope.get("inputs")
+        if isinstance(inputs, dict) and inputs:
+            return inputs
+        inner = envelope["input_str"]
+        if isinstance(inner, dict):
+            return inner
+        return _object_from_text(inner) if isinstance(inner, str) else None
+    if envelope and envelope.keys() <= {"args", "kwargs"}:
+        args, kwargs = envelope.get("args") or [], envelope.get("kwargs") or {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            return None
+        if not args:
+            return kwargs
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            return args[0]
+        return None
+    return envelope
 
 
 # -- field look-up ----------------------------------------------------------------------------
@@ -812,8 +1165,11 @@ class _FieldPlans:
 
 # The fields each span role reads through its _FieldPlans, in the order values() returns them.
 _LLM_FIELDS = (sc.REQUEST_MODEL, sc.RESPONSE_MODEL, sc.INPUT_TOKENS, sc.OUTPUT_TOKENS, sc.CACHE_READ_TOKENS,
-               sc.REASONING_TOKENS, sc.PROVIDER, sc.OPERATION, sc.HOST)
-_TOOL_FIELDS = (sc.TOOL_NAME, sc.HOST, sc.TOOL_CALL_ID, sc.TOOL_ARGUMENTS, sc.TOOL_RESULT)
+               sc.REASONING_TOKENS, sc.CACHE_WRITE_TOKENS, sc.PROVIDER, sc.OPERATION, sc.HOST,
+               sc.TIME_TO_FIRST_CHUNK_S, sc.TIME_TO_FIRST_CHUNK_MS, sc.FINISH_REASONS, sc.PROMPT_NAME,
+               sc.PROMPT_VERSION, *((key,) for key, _ in sc.MODALITY_TOKENS))
+_TOOL_FIELDS = (sc.TOOL_NAME, sc.HOST, sc.TOOL_CALL_ID, sc.TOOL_ARGUMENTS, sc.TOOL_ARGUMENTS_WRAPPED,
+                sc.TOOL_RESULT)
 _STEP_FIELDS = (sc.AGENT, sc.HOST)
 
 

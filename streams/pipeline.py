@@ -40,6 +40,8 @@ class RecordOutcome:
     rejections: list[ValueRejection] = field(default_factory=list)
     # PiiDetection rows: what the redactor found (and replaced) in this record's texts.
     pii_rows: list[dict[str, Any]] = field(default_factory=list)
+    # Evaluation rows: the gen_ai.evaluation.result events among this record's spans or logs.
+    evaluation_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,8 +335,8 @@ def _check_row(table: str, row: dict[str, Any], limits: TableLimits, rejections:
         if name not in row:
             continue
         value = row[name]
-        if value is None and name in earlier:
-            typed[name] = limit.placeholder  # nulled and counted where the row was made
+        if value is None and (name in earlier or limit.optional):
+            typed[name] = limit.placeholder  # nulled and counted where the row was made, or not reported
             continue
         number, reason = check_number(value, limit.low, limit.high, limit.integral)
         if reason is None:
@@ -385,7 +387,7 @@ class SpanPipeline:
             return RecordOutcome(dead_letter_reason=f"undecodable otlp_spans record: {exc}")
         batch = self.normalizer.normalize_traces(request)
         outcome = RecordOutcome(spans=batch.spans, batch=batch, rejections=batch.rejections,
-                                pii_rows=batch.pii_rows)
+                                pii_rows=batch.pii_rows, evaluation_rows=batch.evaluation_rows)
         for table, rows in (("llm_calls", batch.llm_call_rows), ("tool_calls", batch.tool_call_rows),
                             ("agent_steps", batch.agent_step_rows)):
             outcome.outputs += encode_by_partition(table, rows, self.partitions[table], _row_trace_id)
@@ -401,6 +403,7 @@ class SpanPipeline:
         except UndecodableRecord as exc:
             return RecordOutcome(dead_letter_reason=f"undecodable otlp_logs record: {exc}")
         pii_rows: list[dict[str, Any]] = []
-        _, messages = self.normalizer.normalize_logs(request, pii_rows)
+        evaluation_rows: list[dict[str, Any]] = []
+        _, messages = self.normalizer.normalize_logs(request, pii_rows, evaluation_rows)
         return RecordOutcome(outputs=encode_by_partition("llm_messages", messages, self.partitions["llm_messages"]),
-                             pii_rows=pii_rows)
+                             pii_rows=pii_rows, evaluation_rows=evaluation_rows)

@@ -1,8 +1,10 @@
 """Token pricing: USD per 1M tokens per model, from a JSON file (the bundled one by default).
 
 Reasoning tokens are billed as output tokens by the providers that report them (OpenAI counts
-them inside ``output_tokens``), so they are not priced a second time. Cache reads are part of
-``input_tokens`` (OTel GenAI semconv) and priced at the cache-read rate instead of the input rate.
+them inside ``output_tokens``), so they are not priced a second time. Cache reads and cache
+writes are part of ``input_tokens`` (OTel GenAI semconv: input tokens include all cached ones) and
+priced at the cache-read and cache-write rates instead of the input rate. A model without a
+cache-write price (OpenAI, Gemini: no write surcharge) prices writes as input.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class ModelPrice:
     input: float
     output: float
     cache_read: float
+    cache_write: float | None = None  # None: billed as input
 
 
 MAX_MEMO_NAME_CHARS = 256
@@ -47,11 +50,15 @@ class PricingTable:
             if name.startswith("_"):
                 continue
             try:
+                write = p.get("cache_write")
                 price = ModelPrice(float(p["input"]), float(p["output"]),
-                                   float(p.get("cache_read", p["input"])))
+                                   float(p.get("cache_read", p["input"])),
+                                   None if write is None else float(write))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ValueError(f"pricing entry {name!r} needs numeric 'input' and 'output': {exc}") from exc
-            if not all(0.0 <= v < float("inf") for v in (price.input, price.output, price.cache_read)):
+            if not all(0.0 <= v < float("inf") for v in (price.input, price.output, price.cache_read,
+                                                          price.input if price.cache_write is None
+                                                          else price.cache_write)):
                 raise ValueError(f"pricing entry {name!r} has a negative or non-finite price: {price}")
             prices[name.lower()] = price
         return cls(prices)
@@ -74,13 +81,20 @@ class PricingTable:
         return found
 
     def cost_usd(self, model: str, input_tokens: int, output_tokens: int,
-                 cache_read_tokens: int = 0) -> tuple[float, bool]:
-        """(cost, priced): unknown models cost 0 and report priced=False so they get counted."""
+                 cache_read_tokens: int = 0, cache_write_tokens: int = 0) -> tuple[float, bool]:
+        """(cost, priced): unknown models cost 0 and report priced=False so they get counted.
+
+        Cached tokens beyond ``input_tokens`` are not priced: reads are taken first, then
+        writes, out of the input tokens.
+        """
         price = self.price(model) if model else None
         if price is None:
             return 0.0, False
-        cache_read = min(max(cache_read_tokens, 0), max(input_tokens, 0))
-        uncached = max(input_tokens, 0) - cache_read
-        cost = (uncached * price.input + cache_read * price.cache_read
-                + max(output_tokens, 0) * price.output) / 1_000_000
-        return cost, True
+        inputs = max(input_tokens, 0)
+        cache_read = min(max(cache_read_tokens, 0), inputs)
+        uncached = inputs - cache_read
+        cost = uncached * price.input + cache_read * price.cache_read
+        if cache_write_tokens > 0 and price.cache_write is not None:
+            cache_write = min(cache_write_tokens, uncached)
+            cost += cache_write * (price.cache_write - price.input)
+        return (cost + max(output_tokens, 0) * price.output) / 1_000_000, True

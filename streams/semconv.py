@@ -18,6 +18,25 @@ OUTPUT_TOKENS = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens",
                  "llm.usage.completion_tokens", "llm.token_count.completion")
 CACHE_READ_TOKENS = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens",
                      "llm.usage.cache_read_input_tokens", "llm.token_count.prompt_details.cache_read")
+# Prompt-cache writes: current semconv, its earlier name, Anthropic's own (OpenLLMetry/OpenLIT),
+# OpenInference.
+CACHE_WRITE_TOKENS = ("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
+                      "gen_ai.usage.cache_creation_input_tokens", "llm.usage.cache_creation_input_tokens",
+                      "llm.token_count.prompt_details.cache_write")
+# Usage by modality, gen_ai.usage.<modality>.<direction>_tokens -> LlmCall.modality_tokens key.
+MODALITY_TOKENS = tuple((f"gen_ai.usage.{modality}.{direction}_tokens", f"{modality}_{direction}")
+                        for modality in ("text", "image", "audio") for direction in ("input", "output"))
+# Time to the first streamed chunk: in seconds (semconv, OpenLIT's span attribute) ...
+TIME_TO_FIRST_CHUNK_S = ("gen_ai.response.time_to_first_chunk", "gen_ai.server.time_to_first_token")
+# ... and in milliseconds (Vercel AI SDK).
+TIME_TO_FIRST_CHUNK_MS = ("ai.response.msToFirstChunk",)
+FINISH_REASONS = ("gen_ai.response.finish_reasons", "gen_ai.response.finish_reason", "ai.response.finishReason",
+                  "gen_ai.completion.0.finish_reason", "llm.response.finish_reason")
+PROMPT_NAME = ("gen_ai.prompt.name", "langfuse.observation.prompt.name", "langfuse.prompt.name",
+               "traceloop.prompt.key")
+PROMPT_VERSION = ("gen_ai.prompt.version", "langfuse.observation.prompt.version", "langfuse.prompt.version",
+                  "traceloop.prompt.version")
+
 REASONING_TOKENS = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens",
                     "llm.usage.reasoning_tokens", "llm.token_count.completion_details.reasoning")
 
@@ -30,15 +49,34 @@ SESSION = ("gen_ai.conversation.id", "session.id", "traceloop.association.proper
 AGENT = ("gen_ai.agent.name", "agent.name", "graph.node.id")
 HOST = ("host.name", "k8s.node.name", "host.id")
 
-TOOL_NAME = ("gen_ai.tool.name", "tool.name")
-TOOL_CALL_ID = ("gen_ai.tool.call.id", "tool_call.id", "tool.id")
-TOOL_ARGUMENTS = ("gen_ai.tool.call.arguments", "tool.parameters", "tool_call.function.arguments",
-                  "input.value", "traceloop.entity.input")
-TOOL_RESULT = ("gen_ai.tool.call.result", "output.value", "traceloop.entity.output")
+TOOL_NAME = ("gen_ai.tool.name", "tool.name", "ai.toolCall.name")
+TOOL_CALL_ID = ("gen_ai.tool.call.id", "tool_call.id", "tool.id", "ai.toolCall.id")
+# The call's arguments as the call's own JSON object (or a Python repr of it, OpenLIT). Not
+# ``tool.parameters``: OpenInference and CrewAI put the tool's parameter *schema* there.
+TOOL_ARGUMENTS = ("gen_ai.tool.call.arguments", "tool_call.function.arguments", "ai.toolCall.args",
+                  "ai.toolCall.input")
+# Framework envelopes around the arguments: OpenLLMetry's {"args": [...], "kwargs": {...}} and
+# its LangChain {"input_str": ..., "inputs": ..., "tags": ..., "metadata": ...}; OpenInference's
+# function input or LangChain's bare input string.
+TOOL_ARGUMENTS_WRAPPED = ("traceloop.entity.input", "input.value")
+TOOL_RESULT = ("gen_ai.tool.call.result", "output.value", "traceloop.entity.output", "ai.toolCall.result",
+               "ai.toolCall.output")
 
 INPUT_MESSAGES = "gen_ai.input.messages"
 OUTPUT_MESSAGES = "gen_ai.output.messages"
 SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"
+# The event (span event or log record) carrying a call's messages and tool definitions when the
+# instrumentation records content as events: its attributes are the ones above.
+OPERATION_DETAILS_EVENT = "gen_ai.client.inference.operation.details"
+EVALUATION_EVENT = "gen_ai.evaluation.result"
+EVALUATION_NAME = "gen_ai.evaluation.name"
+EVALUATION_SCORE = "gen_ai.evaluation.score.value"
+EVALUATION_LABEL = "gen_ai.evaluation.score.label"
+EVALUATION_EXPLANATION = "gen_ai.evaluation.explanation"
+# Vercel AI SDK: tools declared (a list of JSON texts, one per tool) and calls requested.
+VERCEL_PROMPT_TOOLS = "ai.prompt.tools"
+VERCEL_RESPONSE_TOOL_CALLS = "ai.response.toolCalls"
+VERCEL_RESPONSE_TEXT = "ai.response.text"
 TOOL_DEFINITIONS = "gen_ai.tool.definitions"
 LEGACY_PROMPT = "gen_ai.prompt"
 LEGACY_COMPLETION = "gen_ai.completion"
@@ -56,7 +94,11 @@ OI_TOOLS_PREFIX = "llm.tools."
 LLM_OPERATIONS = frozenset({"chat", "text_completion", "completion", "generate_content", "embeddings",
                             "embedding", "rerank"})
 TOOL_OPERATIONS = frozenset({"execute_tool"})
-AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent", "invoke_workflow", "workflow", "task", "agent"})
+# Steps between model and tool calls: agents, workflows, planning, retrieval (a retriever's span
+# may carry the embedding model's name; it is still a step, its embedding call a child span),
+# and an agent framework's internal invocation (pending in the conventions).
+AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent", "invoke_workflow", "workflow", "task", "agent",
+                              "plan", "retrieval", "gen_ai.invocation.internal", "invocation.internal"})
 OPENINFERENCE_KIND = "openinference.span.kind"
 TRACELOOP_KIND = "traceloop.span.kind"
 TRACELOOP_ENTITY = "traceloop.entity.name"

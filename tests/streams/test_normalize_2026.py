@@ -1,0 +1,262 @@
+"""The 2026 GenAI names and tool arguments as frameworks record them (issue 16, parts 1 and 3).
+
+Prices used below (streams/pricing.json, USD per 1M tokens): claude-3-5-sonnet 3.00 in / 15.00
+out / 0.30 cache read / 3.75 cache write; gpt-4o 2.50 / 10.00 / 1.25, no cache-write price.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from streams_otlp_helpers import SECOND, logs_payload, normalize, pricing, spans_payload, timed_span
+
+from agentwatch.streams.normalize import Normalizer
+from agentwatch.streams.otlp import decode_logs
+from agentwatch.streams.pipeline import SpanPipeline
+
+
+def _one(items):
+    assert len(items) == 1, items
+    return items[0]
+
+
+def _llm(attrs, name="chat m", events=()):
+    def build(tracer):
+        span = tracer.start_span(name, attributes=dict(attrs), start_time=100 * SECOND)
+        for event_name, event_attrs, at in events:
+            span.add_event(event_name, attributes=event_attrs, timestamp=int(at * SECOND))
+        span.end(end_time=102 * SECOND)
+    return normalize(spans_payload(build)[0])
+
+
+def _call(attrs, **kw):
+    return _one(_llm({"gen_ai.operation.name": "chat", "gen_ai.request.model": "claude-3-5-sonnet", **attrs},
+                     **kw).llm_calls)
+
+
+# -- current names ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
+                                 "gen_ai.usage.cache_creation_input_tokens"])
+def test_cache_write_tokens_are_priced_at_the_cache_write_rate(key):
+    call = _call({"gen_ai.usage.input_tokens": 10_000, "gen_ai.usage.output_tokens": 1_000,
+                  "gen_ai.usage.cache_read.input_tokens": 2_000, key: 4_000})
+    assert call.cache_write_tokens == 4_000 and call.cache_read_tokens == 2_000
+    # 4000 uncached * 3.00 + 2000 read * 0.30 + 4000 written * 3.75 + 1000 out * 15.00
+    # = 12000 + 600 + 15000 + 15000 = 42600 per 1M
+    assert call.cost_usd == pytest.approx(0.0426, rel=1e-12)
+
+
+def test_cache_writes_without_a_write_price_are_input_tokens():
+    table = pricing()
+    assert table.cost_usd("gpt-4o", 1000, 0, 0, 600) == table.cost_usd("gpt-4o", 1000, 0)
+    # Writes beyond the uncached input are not priced apart: 1000 in, 900 read, 500 written -> 100
+    # written at 3.75, 900 read at 0.30: 375 + 270 = 645 per 1M.
+    assert table.cost_usd("claude-3-5-sonnet", 1000, 0, 900, 500)[0] == pytest.approx(645e-6, rel=1e-12)
+
+
+def test_implausible_cache_write_count_is_nulled_and_unprices_the_call():
+    batch = _llm({"gen_ai.operation.name": "chat", "gen_ai.request.model": "claude-3-5-sonnet",
+                  "gen_ai.usage.input_tokens": 10, "gen_ai.usage.cache_write.input_tokens": -5})
+    row = _one(batch.llm_call_rows)
+    assert row["cache_write_tokens"] is None and row["cost_usd"] is None
+    assert row["invalid_fields"] == "cache_write_tokens:below_min,cost_usd:from_invalid_tokens"
+    assert [(r.field, r.reason) for r in batch.rejections] == [("cache_write_tokens", "below_min")]
+
+
+def test_usage_by_modality_fills_absent_totals_and_is_kept_per_modality():
+    call = _call({"gen_ai.usage.text.input_tokens": 300, "gen_ai.usage.image.input_tokens": 1200,
+                  "gen_ai.usage.audio.output_tokens": 40})
+    assert (call.input_tokens, call.output_tokens) == (1500, 40)
+    assert json.loads(call.modality_tokens) == {"text_input": 300, "image_input": 1200, "audio_output": 40}
+    with_totals = _call({"gen_ai.usage.input_tokens": 2000, "gen_ai.usage.image.input_tokens": 1200})
+    assert with_totals.input_tokens == 2000 and json.loads(with_totals.modality_tokens) == {"image_input": 1200}
+    assert _call({"gen_ai.usage.input_tokens": 5}).modality_tokens == ""
+
+
+def test_time_to_first_chunk_is_seconds_and_becomes_ms():
+    assert _call({"gen_ai.response.time_to_first_chunk": 0.25}).time_to_first_token_ms == 250.0
+    assert _call({"ai.response.msToFirstChunk": 180}).time_to_first_token_ms == 180.0  # Vercel: ms
+    assert _call({}).time_to_first_token_ms is None
+    batch = _llm({"gen_ai.request.model": "m", "gen_ai.response.time_to_first_chunk": -1.0})
+    row = _one(batch.llm_call_rows)
+    assert row["time_to_first_token_ms"] is None and row["invalid_fields"] == "time_to_first_token_ms:below_min"
+
+
+def test_finish_reason_is_the_first_reason():
+    assert _call({"gen_ai.response.finish_reasons": ["content_filter", "stop"]}).finish_reason == "content_filter"
+    assert _call({"gen_ai.response.finish_reasons": '["SAFETY"]'}).finish_reason == "SAFETY"
+    assert _call({"ai.response.finishReason": "stop"}).finish_reason == "stop"
+    assert _call({}).finish_reason == ""
+
+
+@pytest.mark.parametrize("attrs", [
+    {"gen_ai.prompt.name": "refund-policy", "gen_ai.prompt.version": "3"},
+    {"langfuse.observation.prompt.name": "refund-policy", "langfuse.observation.prompt.version": 3},
+    {"langfuse.prompt.name": "refund-policy", "langfuse.prompt.version": "3"},
+    {"traceloop.prompt.key": "refund-policy", "traceloop.prompt.version": 3},
+])
+def test_prompt_name_and_version(attrs):
+    call = _call(attrs)
+    assert (call.prompt_name, call.prompt_version) == ("refund-policy", "3")
+
+
+@pytest.mark.parametrize("operation", ["plan", "retrieval", "invoke_workflow", "gen_ai.invocation.internal"])
+def test_step_operations_are_agent_steps_even_with_a_model(operation):
+    batch = _llm({"gen_ai.operation.name": operation, "gen_ai.request.model": "text-embedding-3-small"})
+    assert not batch.llm_calls
+    assert _one(batch.agent_steps).operation == operation
+
+
+def test_operation_details_span_event_gives_prompt_response_and_tools():
+    details = {
+        "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text", "content": "Refund A-1"}]}]),
+        "gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [
+            {"type": "tool_call", "id": "c1", "name": "refund", "arguments": {"order": "A-1"}}]}]),
+        "gen_ai.tool.definitions": json.dumps([{"type": "function", "name": "refund",
+                                                "parameters": {"type": "object"}}]),
+    }
+    call = _call({}, events=[("gen_ai.client.inference.operation.details", details, 101.5)])
+    assert call.prompt == "Refund A-1"
+    assert json.loads(call.tool_definitions) == [{"name": "refund", "parameters": {"type": "object"}}]
+    assert json.loads(call.requested_tool_calls) == [{"name": "refund", "arguments": '{"order":"A-1"}', "id": "c1"}]
+
+
+def test_evaluation_span_event_becomes_an_evaluation_row_with_the_spans_prompt():
+    batch = _llm({"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.prompt.name": "faq",
+                  "gen_ai.prompt.version": "7"},
+                 events=[("gen_ai.evaluation.result", {"gen_ai.evaluation.name": "relevance",
+                                                       "gen_ai.evaluation.score.value": 0.25,
+                                                       "gen_ai.evaluation.score.label": "irrelevant",
+                                                       "gen_ai.evaluation.explanation": "Off topic."}, 103.0)])
+    call, row = _one(batch.llm_call_rows), _one(batch.evaluation_rows)
+    assert row == {"ts": 103.0, "trace_id": call["trace_id"], "span_id": call["span_id"], "service": "shop",
+                   "project": "", "name": "relevance", "score": 0.25, "label": "irrelevant",
+                   "explanation": "Off topic.", "prompt_name": "faq", "prompt_version": "7"}
+
+
+def test_evaluation_log_record_explanation_is_redacted_and_routed():
+    from agentwatch.broker import DEFAULT_TOPICS
+    from agentwatch.streams.pii import PiiPolicy, Redactor
+
+    trace_id, span_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    records = [{"trace_id": trace_id, "span_id": span_id, "event_name": "gen_ai.evaluation.result",
+                "attributes": {"gen_ai.evaluation.name": "faithfulness", "gen_ai.evaluation.score.value": "0.5",
+                               "gen_ai.evaluation.explanation": "Told jane.doe@example.com the wrong date.",
+                               "gen_ai.prompt.name": "faq"},
+                "timestamp": 1_700_000_000_000_000_000},
+               {"event_name": "gen_ai.evaluation.result", "attributes": {"gen_ai.evaluation.score.label": "bad"},
+                "timestamp": 1_700_000_001_000_000_000}]
+    normalizer = Normalizer(pricing(), redactor=Redactor(PiiPolicy()))
+    outcome = SpanPipeline(normalizer, DEFAULT_TOPICS).on_logs(logs_payload(records))
+    first, second = outcome.evaluation_rows
+    assert (first["name"], first["score"], first["prompt_name"], first["span_id"]) == (
+        "faithfulness", 0.5, "faq", f"{span_id:016x}")
+    assert "jane.doe@example.com" not in first["explanation"] and "EMAIL" in first["explanation"]
+    assert [(r["entity_type"], r["field"]) for r in outcome.pii_rows] == [("EMAIL", "evaluations.explanation")]
+    assert (second["trace_id"], second["label"], second["score"]) == ("", "bad", None)
+    assert outcome.outputs == []  # evaluations are not messages
+
+
+def test_operation_details_log_record_gives_messages_and_tool_definitions():
+    trace_id, span_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    records = [{"trace_id": trace_id, "span_id": span_id, "event_name": "gen_ai.client.inference.operation.details",
+                "attributes": {
+                    "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text",
+                                                                                      "content": "Hi"}]}]),
+                    "gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [{"type": "text",
+                                                                                           "content": "Hello"}]}]),
+                    "gen_ai.tool.definitions": json.dumps([{"name": "search", "parameters": {"type": "object"}}])},
+                "timestamp": 1_700_000_000_000_000_000}]
+    _, messages = Normalizer(pricing()).normalize_logs(decode_logs(logs_payload(records)))
+    assert [(m.role, m.content) for m in messages] == [
+        ("user", "Hi"), ("assistant", "Hello"),
+        ("tool_definitions", '[{"name":"search","parameters":{"type":"object"}}]')]
+
+
+# -- tool calls as frameworks record them --------------------------------------------------------
+
+def _tool(attrs, name="tool span"):
+    def build(tracer):
+        timed_span(tracer, name, attrs, 100.0, 101.0)
+    return _one(normalize(spans_payload(build)[0]).tool_calls)
+
+
+@pytest.mark.parametrize("attrs,arguments,fmt", [
+    # current semconv JSON: kept as sent
+    ({"gen_ai.tool.name": "t", "gen_ai.tool.call.arguments": '{"order_id": "A-1042"}'}, '{"order_id": "A-1042"}', ""),
+    # OpenLLMetry @tool: keyword arguments
+    ({"traceloop.span.kind": "tool", "traceloop.entity.name": "t",
+      "traceloop.entity.input": json.dumps({"args": [], "kwargs": {"order_id": "A-1042"}})},
+     '{"order_id":"A-1042"}', "json"),
+    # OpenLLMetry @tool: positional arguments have no names
+    ({"traceloop.span.kind": "tool", "traceloop.entity.name": "t",
+      "traceloop.entity.input": json.dumps({"args": ["A-1042"], "kwargs": {}})},
+     json.dumps({"args": ["A-1042"], "kwargs": {}}), "unknown"),
+    # OpenLLMetry LangChain: the Python repr in input_str
+    ({"traceloop.span.kind": "tool", "traceloop.entity.name": "t",
+      "traceloop.entity.input": json.dumps({"input_str": "{'order_id': 'A-1042'}", "tags": [], "metadata": {},
+                                            "inputs": None})},
+     '{"order_id":"A-1042"}', "json"),
+    # OpenLLMetry LangChain: the structured inputs win
+    ({"traceloop.span.kind": "tool", "traceloop.entity.name": "t",
+      "traceloop.entity.input": json.dumps({"input_str": "ignored", "inputs": {"order_id": "A-1042"}})},
+     '{"order_id":"A-1042"}', "json"),
+    # OpenInference LangChain: a bare string
+    ({"openinference.span.kind": "TOOL", "tool.name": "t", "input.value": "A-1042"}, "A-1042", "unknown"),
+    # OpenInference LangChain: the repr of a dict input
+    ({"openinference.span.kind": "TOOL", "tool.name": "t", "input.value": "{'order_id': 'A-1042'}"},
+     '{"order_id":"A-1042"}', "json"),
+    # OpenInference: JSON arguments; tool.parameters is the schema, not the call
+    ({"openinference.span.kind": "TOOL", "tool.name": "t", "input.value": '{"order_id": "A-1042"}',
+      "tool.parameters": '{"type": "object"}'}, '{"order_id": "A-1042"}', "json"),
+    # CrewAI: only the schema
+    ({"tool.name": "t", "tool.parameters": '{"order_id": {"type": "str"}}'}, "", ""),
+    # OpenLIT: a Python repr
+    ({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "t",
+      "gen_ai.tool.call.arguments": "{'order_id': 'A-1042', 'express': True}"},
+     '{"order_id":"A-1042","express":true}', "json"),
+    # a repr that is not a literal: never evaluated
+    ({"gen_ai.tool.name": "t", "gen_ai.tool.call.arguments": "{'a': __import__('os')}"},
+     "{'a': __import__('os')}", "unknown"),
+    # Vercel AI SDK
+    ({"ai.toolCall.name": "t", "ai.toolCall.id": "c1", "ai.toolCall.args": '{"order_id": "A-1042"}'},
+     '{"order_id": "A-1042"}', ""),
+])
+def test_tool_arguments_unwrapped(attrs, arguments, fmt):
+    call = _tool(attrs)
+    assert (call.tool_name, call.arguments, call.arguments_format) == ("t", arguments, fmt)
+
+
+def test_tool_arguments_cut_to_the_text_limit_are_unknown():
+    def build(tracer):
+        timed_span(tracer, "t", {"gen_ai.tool.name": "t", "gen_ai.tool.call.arguments": json.dumps({"q": "x" * 50})},
+                   100.0, 101.0)
+    call = _one(normalize(spans_payload(build)[0], max_text_chars=20).tool_calls)
+    assert len(call.arguments) == 20 and call.arguments_format == "unknown"
+
+
+def test_hostile_python_repr_is_bounded():
+    deep = "{'a': " * 200 + "1" + "}" * 200
+    assert _tool({"gen_ai.tool.name": "t", "gen_ai.tool.call.arguments": deep}).arguments_format in ("json", "unknown")
+    huge = "{'a': '" + "x" * 70_000 + "'}"
+    assert _tool({"gen_ai.tool.name": "t", "gen_ai.tool.call.arguments": huge}).arguments_format == "unknown"
+
+
+def test_legacy_function_call_and_empty_parts_give_requested_calls():
+    call = _call({"gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": []}]),
+                  "gen_ai.completion.0.role": "assistant",
+                  "gen_ai.completion.0.function_call.name": "lookup_order",
+                  "gen_ai.completion.0.function_call.arguments": '{"id": 1}'})
+    assert json.loads(call.requested_tool_calls) == [{"name": "lookup_order", "arguments": '{"id": 1}', "id": ""}]
+
+
+def test_vercel_ai_sdk_declared_and_requested_tools():
+    tool = {"type": "function", "name": "weather", "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    call = _call({"ai.prompt.tools": [json.dumps(tool)], "ai.response.text": "",
+                  "ai.response.toolCalls": json.dumps([{"toolCallType": "function", "toolCallId": "c1",
+                                                        "toolName": "weather", "args": '{"city":"Rome"}'}])})
+    assert json.loads(call.tool_definitions) == [{"name": "weather", "parameters": tool["parameters"]}]
+    assert json.loads(call.requested_tool_calls) == [{"name": "weather", "arguments": '{"city":"Rome"}', "id": "c1"}]
