@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import msgspec
 import orjson
 
-from agentwatch.events import AgentStep, Finding, GpuSample, LlmCall, PiiDetection, ToolCall
+from agentwatch.events import AgentStep, Evaluation, Finding, GpuSample, LlmCall, PiiDetection, ToolCall
 from agentwatch.streams.pipeline import (VALUE_REJECTED_REASON, RecordOutcome, decode_event_rows,
                                          decode_events_checked, dumps_lenient, partition_for,
                                          value_rejection_dead_letters)
@@ -55,7 +55,7 @@ DLQ_REASON_HEADER = "agentwatch.dlq.reason"
 CHECKPOINT_FORMAT = "agentwatch.partition-state"
 CHECKPOINT_VERSION = 1
 _EVENT_CLASS = {"llm_calls": LlmCall, "tool_calls": ToolCall, "agent_steps": AgentStep, "gpu_samples": GpuSample,
-                "pii_detections": PiiDetection}
+                "pii_detections": PiiDetection, "evaluations": Evaluation}
 # Usage records are decoded straight into typed events: their values were checked and nulled
 # where the trace stage (or the GPU records' decode) read them.
 _USAGE_DECODERS: dict[str, Any] = {}
@@ -590,6 +590,11 @@ class Dataflow:
             if self.metrics is not None:
                 self.metrics.observe_pii_detections(detections)
             self._forward_usage(out, record, "pii_detections", detections)
+        if outcome.evaluation_rows:
+            # Like the detections: rows with the record, per-service detectors through the usage topic.
+            rows = outcome.evaluation_rows
+            out.rows.append(Rows("evaluations", dumps_lenient(rows), len(rows)))
+            self._forward_usage(out, record, "evaluations", [Evaluation(**row) for row in rows])
         if outcome.dead_letter_reason:
             self._dead_letter(out, record, outcome.dead_letter_reason)
         self._reject_values(out, record, outcome.rejections)
