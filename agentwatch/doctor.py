@@ -40,7 +40,7 @@ NOTE = "note"
 KINDS: dict[str, tuple[str, str]] = {
     "nothing_received": ("no model calls, tool calls or agent steps",
                          "check the exporter endpoint and token, and that spans carry gen_ai.* attributes"),
-    "no_service": ("no service name", "set service.name on the resource (OTEL_SERVICE_NAME)"),
+    "no_service": ("model calls with no service.name", "set service.name on the resource (OTEL_SERVICE_NAME)"),
     "no_model": ("model calls with no model", "set gen_ai.request.model (and gen_ai.response.model)"),
     "no_tokens": ("model calls with no tokens",
                   "set gen_ai.usage.input_tokens and gen_ai.usage.output_tokens"),
@@ -53,14 +53,17 @@ KINDS: dict[str, tuple[str, str]] = {
     "no_model_calls": ("agent steps or tool calls but no model calls",
                        "if this service calls models, set gen_ai.operation.name and gen_ai.request.model "
                        "on those spans"),
-    "dead_lettered": ("spans dead-lettered", "see the agentwatch.dlq.reason header on topic dead_letter"),
+    "dead_lettered": ("dead-lettered", "see the agentwatch.dlq.reason header on topic dead_letter"),
 }
 _KIND_ORDER = {kind: i for i, kind in enumerate(KINDS)}
 
 # Dead-letter reason (its first part) -> a fix hint; anything else gets the generic hint above.
 _DEAD_LETTER_HINTS = (
     ("spans unmappable", "the normaliser failed on these spans: report the reason and the span to the agentwatch team"),
-    ("undecodable", "the collector wrote a record that is not OTLP: check its Kafka exporter encoding (otlp_proto)"),
+    ("undecodable otlp", "the collector wrote a record that is not OTLP: check its Kafka exporter encoding "
+                         "(otlp_proto)"),
+    ("undecodable", "a producer other than agentwatch wrote an event record that does not fit its schema "
+                    "(the reason names the field)"),
     ("implausible values", "a row was dropped for an implausible timestamp: check the span's start and end times"),
     ("tombstone", "a producer wrote an empty record to an agentwatch topic"),
     ("empty record", "a producer wrote an empty record to an agentwatch topic"),
@@ -190,10 +193,11 @@ def snapshot_problems(con: Any, *, since_ts: float, until_ts: float, service: st
         SELECT coalesce(service, '') AS service, count(*) AS calls, {aggregates}
         FROM llm_calls_raw WHERE {_where(service)} GROUP BY 1 ORDER BY 1""", params)
     names = [d[0] for d in cursor.description]
+    rows = cursor.fetchall()  # before the next query on this connection replaces the result
     details = {"unpriced_model": _unpriced_models(con, params, service),
                "invalid_values": _invalid_fields(con, params, service)}
     problems: list[Problem] = []
-    for values in cursor.fetchall():
+    for values in rows:
         row = dict(zip(names, values))
         svc, calls = row["service"], row["calls"]
         for kind in _CONDITIONS:
@@ -251,9 +255,10 @@ def _services_without_model_calls(con: Any, counts: Sequence[ServiceCounts], par
             continue
         example = con.execute(f"""
             SELECT trace_id, span_id FROM (
-                SELECT ts, trace_id, span_id FROM tool_calls_raw WHERE {_where(service)} AND coalesce(service, '') = $svc
+                SELECT ts, trace_id, span_id, service FROM tool_calls_raw WHERE {_where(service)}
                 UNION ALL
-                SELECT ts, trace_id, span_id FROM agent_steps_raw WHERE {_where(service)} AND coalesce(service, '') = $svc)
+                SELECT ts, trace_id, span_id, service FROM agent_steps_raw WHERE {_where(service)})
+            WHERE coalesce(service, '') = $svc
             ORDER BY ts DESC, span_id DESC LIMIT 1""", {**params, "svc": c.service}).fetchone()
         problems.append(Problem(c.service, "no_model_calls", c.tool_calls + c.agent_steps, None,
                                 example[0] or "", example[1] or "", KINDS["no_model_calls"][1],
@@ -401,7 +406,8 @@ def read_dead_letters(bootstrap_servers: str, *, since_ts: float, until_ts: floa
     clock = monotonic or time.monotonic
     consumer = factory(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, client_id="agentwatch-doctor",
                        auto_offset_reset="earliest", consumer_timeout_ms=1000,
-                       request_timeout_ms=int(timeout_s * 1000) + 1000)
+                       request_timeout_ms=int(timeout_s * 1000) + 1000,
+                       bootstrap_timeout_ms=int(timeout_s * 1000))
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not partitions:
@@ -448,6 +454,18 @@ def broker_listening(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def _addresses(bootstrap_servers: str) -> list[tuple[str, int]]:
+    """(host, port) of each ``host:port`` in a bootstrap list; Kafka's port where none is given."""
+    out = []
+    for item in bootstrap_servers.split(","):
+        item = item.strip().split("://")[-1]
+        if not item:
+            continue
+        host, _, port = item.rpartition(":") if item.rpartition(":")[2].isdigit() else (item, "", "9092")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
 def check_dead_letters(bootstrap_servers: str | None, *, broker_port: int, since_ts: float, until_ts: float,
                        read: Callable[..., DeadLetterRead] = read_dead_letters
                        ) -> tuple[DeadLetterCheck, list[Problem]]:
@@ -460,6 +478,9 @@ def check_dead_letters(bootstrap_servers: str | None, *, broker_port: int, since
                 f"no --bootstrap-servers / AGENTWATCH_BOOTSTRAP_SERVERS given and no embedded broker "
                 f"listening on 127.0.0.1:{broker_port} (is `agentwatch up` running?)")), []
         bootstrap_servers = f"127.0.0.1:{broker_port}"
+    elif not any(broker_listening(host, port) for host, port in _addresses(bootstrap_servers)):
+        return DeadLetterCheck(False, bootstrap_servers, note=(
+            f"nothing is listening at {bootstrap_servers} (--bootstrap-servers / AGENTWATCH_BOOTSTRAP_SERVERS)")), []
     try:
         read_result = read(bootstrap_servers, since_ts=since_ts, until_ts=until_ts)
     except (KafkaError, OSError) as exc:
@@ -529,15 +550,15 @@ def render_text(report: Report) -> str:
             lines += [f"{title}: OK", ""]
             continue
         lines.append(title)
-        cells = [header]
-        for p in mine:
-            what = KINDS[p.kind][0] + (" (note)" if p.severity == NOTE else "")
-            cells.append([what, str(p.count), _share(p.share), p.example_trace_id or "-",
-                          p.example_span_id or "-", p.hint])
-            if p.detail:
-                cells.append(["  " + p.detail, "", "", "", "", ""])
+        cells = [header] + [[KINDS[p.kind][0] + (" (note)" if p.severity == NOTE else ""), str(p.count),
+                             _share(p.share), p.example_trace_id or "-", p.example_span_id or "-", p.hint]
+                            for p in mine]
         widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
+        details = [""] + [p.detail for p in mine]
+        for row, detail in zip(cells, details):
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            if detail:  # under its problem, outside the columns so a long reason does not widen them
+                lines.append(f"      {detail}")
         lines.append("")
     dl = report.dead_letters
     if not dl.checked:
