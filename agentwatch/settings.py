@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     # serves ~75 keys at the default 200 prompts per 5-minute window.
     embed_max_sentences_per_s: float = 50.0
 
+    # A span sent again within dedup_window_s (event time) of the newest is dropped as already
+    # applied; each trace partition remembers up to dedup_spans span ids for that (40,000 cover
+    # 60 s at ~660 spans/s per partition). agentwatch_dedup_evicted_early_total counts ids
+    # forgotten early because the cap was reached: raise the cap when it grows.
+    dedup_window_s: float = 60.0
+    dedup_spans: int = 40_000
+
     # Detector state is saved to <data_dir>/state/ this often (and on clean stop) and restored
     # when a worker starts; 0 turns checkpoints off.
     detector_checkpoint_s: float = 30.0

@@ -531,12 +531,16 @@ class WorkerStateCollector:
         Its ``sentences_embedded`` and ``seconds_throttled``.
     checkpoint : PartitionCheckpointStore or None
         Its ``saves``, ``failures``, ``last_save_bytes``, ``last_blocking_s``.
+    dataflow_counts : Mapping or None
+        The dataflow's ``counts``: duplicates dropped, and span ids its dedup memory forgot early.
     """
 
-    def __init__(self, sampler: Any = None, embedder: Any = None, checkpoint: Any = None) -> None:
+    def __init__(self, sampler: Any = None, embedder: Any = None, checkpoint: Any = None,
+                 dataflow_counts: Mapping[str, int] | None = None) -> None:
         self.sampler = sampler
         self.embedder = embedder
         self.checkpoint = checkpoint
+        self.dataflow_counts = dataflow_counts
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -546,6 +550,17 @@ class WorkerStateCollector:
         def count(name: str) -> float:
             return float(getattr(counts, name, 0) if counts is not None else 0)
 
+        flow = self.dataflow_counts or {}
+        duplicates = CounterMetricFamily("agentwatch_duplicates_dropped",
+                                         "Spans and usage records dropped as already applied (re-sent "
+                                         "after a crash, an exporter retry).", labels=["kind"])
+        duplicates.add_metric(["span"], float(flow.get("duplicate_spans", 0)))
+        duplicates.add_metric(["usage"], float(flow.get("duplicate_usage", 0)))
+        yield duplicates
+        yield CounterMetricFamily("agentwatch_dedup_evicted_early",
+                                  "Span ids forgotten by the duplicate-span memory while still within its "
+                                  "window (the cap was reached): re-sends of those would count twice; raise "
+                                  "the cap if this grows.", value=float(flow.get("dedup_evicted_early", 0)))
         yield CounterMetricFamily("agentwatch_drift_prompts_offered",
                                   "Prompts offered to the drift sampler.", value=count("offered"))
         def by_reason(name: str, doc: str, reasons: Mapping[str, str]) -> Any:

@@ -185,31 +185,62 @@ class TraceParents:
 
 class RecentSpans:
     """(trace id, span id) of the spans a trace partition applied lately: a span that comes
-    again is a duplicate. Bounded, oldest forgotten first: re-sends come within seconds."""
+    again is a duplicate.
 
-    def __init__(self, max_entries: int = 20_000) -> None:
+    The invariant: a span sent again is recognised when it ends within ``window_s`` seconds
+    (event time) of the newest span the partition has applied, unless the partition applied
+    more than ``max_entries`` spans in that window. Re-sends come within that: a crashed
+    worker's records are re-read after a session timeout and a commit interval, an exporter
+    retries within its backoff (seconds to a minute). Past the cap the oldest spans are
+    forgotten early and counted in ``evicted_early``, so a rate the cap cannot cover is seen,
+    not silently deduplicated less.
+    """
+
+    def __init__(self, max_entries: int = 40_000, window_s: float = 60.0) -> None:
+        if max_entries < 1 or window_s <= 0:
+            raise ValueError("max_entries must be >= 1 and window_s > 0")
         self.max_entries = max_entries
-        self._keys: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.window_s = window_s
+        self.newest = float("-inf")
+        self.evicted_early = 0
+        self._keys: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, trace_id: str, span_id: str) -> bool:
+    def add(self, trace_id: str, span_id: str, ts: float) -> bool:
         """Remember the span; False when it was already there."""
         key = trace_id + span_id
         keys = self._keys
         if key in keys:
             return False
-        keys[key] = None
+        keys[key] = ts
+        if ts > self.newest:
+            self.newest = ts
+            horizon = ts - self.window_s
+            # Insertion order is about event order: the front holds the oldest. A span that came
+            # late stays until it reaches the front; the cap bounds what that keeps.
+            while keys:
+                first = next(iter(keys.values()))
+                if first >= horizon:
+                    break
+                keys.popitem(last=False)
         if len(keys) > self.max_entries:
-            keys.popitem(last=False)
+            _, first = keys.popitem(last=False)
+            if first >= self.newest - self.window_s:
+                self.evicted_early += 1
         return True
 
-    def snapshot(self) -> list[str]:
-        return list(self._keys)
+    def snapshot(self) -> dict[str, Any]:
+        return {"spans": [[k, ts] for k, ts in self._keys.items()], "evicted_early": self.evicted_early}
 
-    def restore(self, snap: Iterable[str]) -> None:
-        self._keys = collections.OrderedDict((str(k), None) for k in snap)
+    def restore(self, snap: Any) -> None:
+        if isinstance(snap, Mapping):
+            items, self.evicted_early = snap.get("spans", ()), int(snap.get("evicted_early", 0))
+        else:  # before the window: ids only, kept as the oldest
+            items = [(k, float("-inf")) for k in snap]
+        self._keys = collections.OrderedDict((str(k), float(ts)) for k, ts in items)
+        self.newest = max(self._keys.values(), default=float("-inf"))
         while len(self._keys) > self.max_entries:
             self._keys.popitem(last=False)
 
@@ -289,12 +320,13 @@ class TracePartition(PartitionState):
 
     stage = "trace"
 
-    def __init__(self, partition: int, runner: Any, *, max_traces: int = 100_000, max_spans: int = 20_000) -> None:
+    def __init__(self, partition: int, runner: Any, *, max_traces: int = 100_000, max_spans: int = 40_000,
+                 dedup_window_s: float = 60.0) -> None:
         super().__init__(partition)
         self.runner = runner
         self.parents = TraceParents(max_traces)
         self.steps = TraceSteps(max_traces)
-        self.seen = RecentSpans(max_spans)
+        self.seen = RecentSpans(max_spans, dedup_window_s)
 
     def state_snapshot(self) -> dict[str, Any]:
         return {"detectors": self.runner.snapshot(), "parents": self.parents.snapshot(),
@@ -368,10 +400,11 @@ class Dataflow:
     trace_memory : int
         Traces whose nested calls and step counts are remembered, for the whole group; each trace
         partition keeps twice its even share.
-    dedup_spans : int
-        Span ids each trace partition remembers to drop a span sent again. A re-send comes after
-        a crash is noticed (the session timeout) plus a commit interval: at 2,000 spans/s per
-        partition, 20,000 spans cover 10 s.
+    dedup_spans, dedup_window_s : int, float
+        A span sent again within ``dedup_window_s`` of event time is dropped as a duplicate (see
+        :class:`RecentSpans`); each trace partition remembers at most ``dedup_spans`` span ids
+        for it: 40,000 cover 60 s at ~660 spans/s per partition (~5,300/s over 8). Beyond that
+        the oldest go early, counted in ``counts["dedup_evicted_early"]``.
     metrics : PipelineMetrics, optional
     redactor : Redactor, optional
         Masks personal data and secrets in dead letters, which keep the record as it came (the
@@ -383,7 +416,8 @@ class Dataflow:
                  checkpoints: Any = None, drift_sampler: Callable[[], Any] | None = None,
                  alert_record: Callable[[Finding], bytes] | None = None, metrics: Any = None,
                  value_bounds: Any = None, max_message_bytes: int = 1_000_000, log_epoch: str = "",
-                 trace_memory: int = 100_000, dedup_spans: int = 20_000, redactor: Any = None) -> None:
+                 trace_memory: int = 100_000, dedup_spans: int = 40_000, dedup_window_s: float = 60.0,
+                 redactor: Any = None) -> None:
         from agentwatch.detectors.runner import DetectorRunner
 
         self.partitions = dict(partitions)
@@ -391,6 +425,7 @@ class Dataflow:
         trace_partitions = max(1, self.partitions.get("llm_calls", 1))
         self.traces_per_partition = max(1, -(-2 * trace_memory // trace_partitions))
         self.dedup_spans = dedup_spans
+        self.dedup_window_s = dedup_window_s
         self._build_detectors = build_detectors
         self._runner = DetectorRunner
         self.topology = Topology.of(build_detectors(), drift_key_fields)
@@ -418,7 +453,8 @@ class Dataflow:
         state = self.trace_states.get(partition)
         if state is None:
             state = TracePartition(partition, self._detectors(self.topology.trace),
-                                   max_traces=self.traces_per_partition, max_spans=self.dedup_spans)
+                                   max_traces=self.traces_per_partition, max_spans=self.dedup_spans,
+                                   dedup_window_s=self.dedup_window_s)
             self._restore(state)
             self.trace_states[partition] = state
         return state
@@ -626,7 +662,10 @@ class Dataflow:
             # A span already applied (its request re-sent after a crash, an exporter's retry, or
             # twice in one record) is dropped: its row is stored and the detectors counted it.
             seen = state.seen
-            keep = [i for i in keep if seen.add(received[i].trace_id, received[i].span_id)]
+            evicted = seen.evicted_early
+            keep = [i for i in keep if seen.add(received[i].trace_id, received[i].span_id, received[i].ts)]
+            if seen.evicted_early > evicted:
+                self.counts["dedup_evicted_early"] += seen.evicted_early - evicted
             if len(keep) < len(received):
                 self.counts["duplicate_spans"] += len(received) - len(keep)
         demote: list[int] = []

@@ -56,7 +56,8 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
                         drift_key_fields=settings.drift_key_fields, mapper=mapper, checkpoints=checkpoints,
                         drift_sampler=drift_sampler, alert_record=alert_record, metrics=metrics,
                         value_bounds=settings.value_bounds, max_message_bytes=settings.max_message_bytes,
-                        log_epoch=settings.log_epoch, redactor=redactor)
+                        log_epoch=settings.log_epoch, redactor=redactor, dedup_spans=settings.dedup_spans,
+                        dedup_window_s=settings.dedup_window_s)
     dataflow.sampler_counters = SimpleNamespace(counters=counters)  # what the metrics collector reads
     return dataflow
 
@@ -90,7 +91,7 @@ def run_worker(settings: Settings, *, worker_index: int = 0, metrics_port: int =
     drift = DriftStage(settings, dataflow) if dataflow.topology.drift_field else None
     registry.register(WorkerStateCollector(sampler=dataflow.sampler_counters if drift else None,
                                            embedder=drift.embedder if drift else None,
-                                           checkpoint=dataflow.checkpoints))
+                                           checkpoint=dataflow.checkpoints, dataflow_counts=dataflow.counts))
     app = create_app(settings, dataflow, worker_index=worker_index, ready_file=ready_file, drift=drift,
                      drain_requested=drain_requested)
     logging.getLogger("faust").setLevel(loglevel.upper())
