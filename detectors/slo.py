@@ -1,10 +1,14 @@
-"""Error-rate and latency SLOs per (service, model) over a sliding event-time window.
+"""Error-rate, latency and time-to-first-token SLOs per (service, model), and the share of calls
+a provider blocked per (service, provider, model), over a sliding event-time window.
 
 The window is a ring of sub-buckets (counts of calls, errors and slow calls), so per-event work is
 O(1) and memory per key is fixed. Latency is judged without a histogram: the ``q`` quantile of
 latency exceeds ``T`` exactly when more than ``1 - q`` of the calls took longer than ``T``; the
 quantile itself (for the finding's value) is computed only when a finding is made, from the most
-recent calls.
+recent calls. Time to first token is judged the same way over the calls that report it (streamed
+calls). A provider block is a call whose finish reason is a content-policy stop
+(:data:`BLOCKED_FINISH_REASONS`): a vendor's policy filter refusing a share of an app's traffic
+is an incident of its own, whatever the error rate says (most blocked calls succeed).
 """
 
 from __future__ import annotations
@@ -12,14 +16,21 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Collection, Mapping, Sequence
 
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive
 from agentwatch.detectors.evidence import Evidence
 from agentwatch.detectors.keys import key_string
 from agentwatch.events import Finding, LlmCall, Severity
 
-_OVERRIDABLE = frozenset({"error_rate_threshold", "latency_threshold_ms"})
+_OVERRIDABLE = frozenset({"error_rate_threshold", "latency_threshold_ms", "ttft_threshold_ms",
+                          "blocked_threshold"})
+# Finish reasons (lower case) meaning the provider's content policy stopped the call: OpenAI and
+# Azure content_filter; Gemini SAFETY, PROHIBITED_CONTENT, BLOCKLIST, SPII, RECITATION,
+# IMAGE_SAFETY; Anthropic refusal; Bedrock guardrail_intervened / content_filtered.
+BLOCKED_FINISH_REASONS = frozenset({"content_filter", "content_filtered", "safety", "prohibited_content",
+                                    "blocklist", "spii", "recitation", "image_safety", "refusal",
+                                    "guardrail_intervened"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,15 +55,34 @@ class SloEvidence(Evidence):
     latency_sample_size: int | None = None
     observed_quantile_ms: float | None = None
     reason: str | None = None
+    # ttft findings: calls that reported a time to first token, and how many of them were slow.
+    calls_with_ttft: int | None = None
+    slow_ttft_calls: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockedEvidence(Evidence):
+    """The window of one (service, provider, model) when its share of blocked calls was judged."""
+
+    service: str
+    provider: str
+    model: str
+    window_s: float
+    calls: int
+    blocked_calls: int
+    blocked_share: float
+    finish_reasons: tuple[str, ...]  # the block reasons seen last (up to 8, most recent last)
+    reason: str | None = None
 
 
 class _SloWindow:
     __slots__ = ("service", "model", "head", "ring_calls", "ring_errors", "ring_slow", "ring_untimed",
-                 "calls", "errors", "slow", "untimed", "error_firing", "latency_firing", "last_ts", "recent",
-                 "error_rate_threshold", "latency_threshold_ms")
+                 "ring_ttft", "ring_ttft_slow", "calls", "errors", "slow", "untimed", "ttft_calls", "ttft_slow",
+                 "error_firing", "latency_firing", "ttft_firing", "last_ts", "recent", "recent_ttft",
+                 "error_rate_threshold", "latency_threshold_ms", "ttft_threshold_ms")
 
     def __init__(self, service: str, model: str, n_buckets: int, recent_maxlen: int,
-                 error_rate_threshold: float, latency_threshold_ms: float) -> None:
+                 error_rate_threshold: float, latency_threshold_ms: float, ttft_threshold_ms: float) -> None:
         self.service = service
         self.model = model
         self.head = -1  # index of the newest sub-bucket (event time // bucket_s)
@@ -62,33 +92,76 @@ class _SloWindow:
         # Calls whose latency was implausible (nulled upstream): they count for the error rate,
         # not for the latency quantile, where their placeholder 0 would read as fast calls.
         self.ring_untimed = [0] * n_buckets
-        self.calls = self.errors = self.slow = self.untimed = 0
+        # Calls that reported a time to first token, and those slower than its threshold.
+        self.ring_ttft = [0] * n_buckets
+        self.ring_ttft_slow = [0] * n_buckets
+        self.calls = self.errors = self.slow = self.untimed = self.ttft_calls = self.ttft_slow = 0
         self.error_firing = False
         self.latency_firing = False
+        self.ttft_firing = False
         self.last_ts = float("-inf")
         self.recent: deque[tuple[float, float]] = deque(maxlen=recent_maxlen)  # (ts, latency_ms)
+        self.recent_ttft: deque[tuple[float, float]] = deque(maxlen=recent_maxlen)  # (ts, ttft_ms)
         self.error_rate_threshold = error_rate_threshold
         self.latency_threshold_ms = latency_threshold_ms
+        self.ttft_threshold_ms = ttft_threshold_ms
 
     @property
     def key(self) -> str:
         return key_string(("service", "model"), (self.service, self.model))
 
+    def rings(self) -> tuple[list[int], ...]:
+        return (self.ring_calls, self.ring_errors, self.ring_slow, self.ring_untimed, self.ring_ttft,
+                self.ring_ttft_slow)
+
+    def sum_rings(self) -> None:
+        (self.calls, self.errors, self.slow, self.untimed, self.ttft_calls, self.ttft_slow) = map(sum, self.rings())
+
     def advance(self, bucket: int) -> None:
         """Slide the window so ``bucket`` is the newest sub-bucket, dropping expired ones."""
         n = len(self.ring_calls)
         if bucket - self.head >= n:
-            for ring in (self.ring_calls, self.ring_errors, self.ring_slow, self.ring_untimed):
+            for ring in self.rings():
                 ring[:] = [0] * n
-            self.calls = self.errors = self.slow = self.untimed = 0
         else:
             for b in range(self.head + 1, bucket + 1):
                 slot = b % n
-                self.calls -= self.ring_calls[slot]
-                self.errors -= self.ring_errors[slot]
-                self.slow -= self.ring_slow[slot]
-                self.untimed -= self.ring_untimed[slot]
-                self.ring_calls[slot] = self.ring_errors[slot] = self.ring_slow[slot] = self.ring_untimed[slot] = 0
+                for ring in self.rings():
+                    ring[slot] = 0
+        self.sum_rings()
+        self.head = bucket
+
+
+class _BlockWindow:
+    """Calls and provider-blocked calls of one (service, provider, model), in sub-buckets."""
+
+    __slots__ = ("service", "provider", "model", "head", "ring_calls", "ring_blocked", "calls", "blocked",
+                 "firing", "last_ts", "reasons", "threshold")
+
+    def __init__(self, service: str, provider: str, model: str, n_buckets: int, threshold: float) -> None:
+        self.service, self.provider, self.model = service, provider, model
+        self.head = -1
+        self.ring_calls = [0] * n_buckets
+        self.ring_blocked = [0] * n_buckets
+        self.calls = self.blocked = 0
+        self.firing = False
+        self.last_ts = float("-inf")
+        self.reasons: deque[str] = deque(maxlen=8)
+        self.threshold = threshold
+
+    @property
+    def key(self) -> str:
+        return key_string(("service", "provider", "model"), (self.service, self.provider, self.model))
+
+    def advance(self, bucket: int) -> None:
+        n = len(self.ring_calls)
+        if bucket - self.head >= n:
+            self.ring_calls[:] = [0] * n
+            self.ring_blocked[:] = [0] * n
+        else:
+            for b in range(self.head + 1, bucket + 1):
+                self.ring_calls[b % n] = self.ring_blocked[b % n] = 0
+        self.calls, self.blocked = sum(self.ring_calls), sum(self.ring_blocked)
         self.head = bucket
 
 
@@ -99,7 +172,8 @@ def nearest_rank_quantile(values: Sequence[float], q: float) -> float:
 
 
 class SloDetector:
-    """Error rate and latency quantile per (service, model) against on-call thresholds.
+    """Error rate, latency and time-to-first-token quantiles per (service, model), and the share of
+    provider-blocked calls per (service, provider, model), against on-call thresholds.
 
     A condition fires once when the window over ``window_s`` (with at least ``min_calls`` calls)
     crosses its threshold, and resolves once when it falls to ``resolve_ratio`` x threshold (the
@@ -119,13 +193,24 @@ class SloDetector:
         The ``latency_quantile`` latency above which ``latency`` fires.
     latency_quantile : float
         Which latency quantile the SLO is about (0.95 = p95).
+    ttft_threshold_ms : float
+        The ``ttft_quantile`` time to first token above which ``ttft`` fires. Judged over the calls
+        that report one (streamed calls), once ``min_calls`` of them are in the window.
+    ttft_quantile : float
+        Which time-to-first-token quantile the SLO is about.
+    blocked_threshold : float
+        Share of a (service, provider, model)'s calls stopped by the provider's content policy
+        (finish reason in ``blocked_finish_reasons``) above which ``provider_blocked`` fires.
+    blocked_finish_reasons : Collection[str]
+        Finish reasons (compared in lower case) that mean a provider block.
     resolve_ratio : float
         A firing condition resolves when its statistic is <= ``resolve_ratio`` x its threshold.
     overrides : Mapping[str, Mapping[str, float]]
         Per ``"service"`` or ``"service/model"`` (more specific wins) values of
-        ``error_rate_threshold`` and/or ``latency_threshold_ms``.
+        ``error_rate_threshold``, ``latency_threshold_ms``, ``ttft_threshold_ms`` and/or
+        ``blocked_threshold``.
     max_keys : int
-        Most (service, model) windows held.
+        Most (service, model) windows held, and most (service, provider, model) block windows.
     key_ttl_s : float
         A key without calls for this long (event time) is forgotten (resolving what it had firing).
 
@@ -146,12 +231,22 @@ class SloDetector:
 
     def __init__(self, *, window_s: float = 300.0, n_buckets: int = 10, min_calls: int = 100,
                  error_rate_threshold: float = 0.05, latency_threshold_ms: float = 20_000.0,
-                 latency_quantile: float = 0.95, resolve_ratio: float = 0.8,
+                 latency_quantile: float = 0.95, ttft_threshold_ms: float = 5_000.0,
+                 ttft_quantile: float = 0.95, blocked_threshold: float = 0.02,
+                 blocked_finish_reasons: Collection[str] = BLOCKED_FINISH_REASONS,
+                 resolve_ratio: float = 0.8,
                  overrides: Mapping[str, Mapping[str, float]] | None = None,
                  max_keys: int = 5_000, key_ttl_s: float = 86_400.0,
                  recent_latencies: int = 256) -> None:
         check_positive("window_s", window_s)
         check_positive("latency_threshold_ms", latency_threshold_ms)
+        check_positive("ttft_threshold_ms", ttft_threshold_ms)
+        if not 0 < ttft_quantile < 1:
+            raise ValueError(f"ttft_quantile must be in (0, 1), got {ttft_quantile}")
+        if not 0 < blocked_threshold < 1:
+            raise ValueError(f"blocked_threshold must be in (0, 1), got {blocked_threshold}")
+        if isinstance(blocked_finish_reasons, str):
+            raise ValueError("blocked_finish_reasons must be a collection of reasons, not one string")
         check_positive("key_ttl_s", key_ttl_s)
         check_at_least("n_buckets", n_buckets, 1)
         check_at_least("min_calls", min_calls, 1)
@@ -175,6 +270,10 @@ class SloDetector:
         self.error_rate_threshold = float(error_rate_threshold)
         self.latency_threshold_ms = float(latency_threshold_ms)
         self.latency_quantile = float(latency_quantile)
+        self.ttft_threshold_ms = float(ttft_threshold_ms)
+        self.ttft_quantile = float(ttft_quantile)
+        self.blocked_threshold = float(blocked_threshold)
+        self.blocked_finish_reasons = frozenset(str(r).lower() for r in blocked_finish_reasons)
         self.resolve_ratio = float(resolve_ratio)
         self.overrides = overrides
         self.max_keys = max_keys
@@ -182,22 +281,31 @@ class SloDetector:
         self.recent_latencies = recent_latencies
         self._bucket_s = self.window_s / n_buckets
         self._slow_fraction_limit = 1.0 - self.latency_quantile
+        self._slow_ttft_limit = 1.0 - self.ttft_quantile
         self._scratch: list[Finding] = []
         self._windows: EventTimeLru[tuple[str, str], _SloWindow] = EventTimeLru(max_keys, key_ttl_s)
+        self._blocks: EventTimeLru[tuple[str, str, str], _BlockWindow] = EventTimeLru(max_keys, key_ttl_s)
 
     def state_size(self) -> int:
-        return len(self._windows)
+        """Entries of the larger of the two maps (each is capped at ``max_keys``)."""
+        return max(len(self._windows), len(self._blocks))
 
-    def _thresholds(self, service: str, model: str) -> tuple[float, float]:
+    def _thresholds(self, service: str, model: str) -> dict[str, float]:
         values = {"error_rate_threshold": self.error_rate_threshold,
-                  "latency_threshold_ms": self.latency_threshold_ms}
+                  "latency_threshold_ms": self.latency_threshold_ms,
+                  "ttft_threshold_ms": self.ttft_threshold_ms, "blocked_threshold": self.blocked_threshold}
         values.update(self.overrides.get(service, {}))
         values.update(self.overrides.get(f"{service}/{model}", {}))
-        return values["error_rate_threshold"], values["latency_threshold_ms"]
+        return values
 
     def _new_window(self, service: str, model: str) -> _SloWindow:
-        err_thr, lat_thr = self._thresholds(service, model)
-        return _SloWindow(service, model, self.n_buckets, self.recent_latencies, err_thr, lat_thr)
+        t = self._thresholds(service, model)
+        return _SloWindow(service, model, self.n_buckets, self.recent_latencies, t["error_rate_threshold"],
+                          t["latency_threshold_ms"], t["ttft_threshold_ms"])
+
+    def _new_block_window(self, service: str, provider: str, model: str) -> _BlockWindow:
+        return _BlockWindow(service, provider, model, self.n_buckets,
+                            self._thresholds(service, model)["blocked_threshold"])
 
     def update(self, event: LlmCall) -> Sequence[Finding]:
         ts = event.ts
@@ -206,6 +314,9 @@ class SloDetector:
         windows = self._windows
         for _, gone in windows.expire(ts):
             findings.extend(self._resolve_all(gone, ts, "no calls within key_ttl_s"))
+        for _, gone_block in self._blocks.expire(ts):
+            self._resolve_blocked(gone_block, ts, "no calls within key_ttl_s", findings)
+        self._count_block(event, ts, findings)
         key = (event.service, event.model)
         w = windows.get(key)
         if w is None:
@@ -234,9 +345,66 @@ class SloDetector:
                 w.ring_slow[slot] += 1
                 w.slow += 1
             w.recent.append((ts, latency_ms))
+        ttft = event.time_to_first_token_ms
+        if ttft is not None and not (event.invalid_fields and "time_to_first_token_ms:" in event.invalid_fields):
+            w.ring_ttft[slot] += 1
+            w.ttft_calls += 1
+            if ttft > w.ttft_threshold_ms:
+                w.ring_ttft_slow[slot] += 1
+                w.ttft_slow += 1
+            w.recent_ttft.append((ts, ttft))
         if w.calls >= self.min_calls:
             self._judge(w, ts, findings)
         return tuple(findings) if findings else ()
+
+    def _count_block(self, event: LlmCall, ts: float, findings: list[Finding]) -> None:
+        """Count the call in its (service, provider, model) window; judge the blocked share."""
+        key = (event.service, event.provider, event.model)
+        blocks = self._blocks
+        b = blocks.get(key)
+        if b is None:
+            b = self._new_block_window(*key)
+            for _, gone in blocks.insert(key, b):
+                self._resolve_blocked(gone, ts, "evicted: max_keys reached", findings)
+        bucket = int(ts // self._bucket_s)
+        if bucket > b.head:
+            b.advance(bucket)
+        elif bucket <= b.head - self.n_buckets:
+            return
+        if ts > b.last_ts:
+            b.last_ts = ts
+        slot = bucket % self.n_buckets
+        b.ring_calls[slot] += 1
+        b.calls += 1
+        reason = event.finish_reason
+        if reason and reason.lower() in self.blocked_finish_reasons:
+            b.ring_blocked[slot] += 1
+            b.blocked += 1
+            b.reasons.append(reason)
+        if b.calls < self.min_calls:
+            return
+        share = b.blocked / b.calls
+        if b.firing:
+            if share <= b.threshold * self.resolve_ratio:
+                b.firing = False
+                findings.append(self._blocked_finding(b, ts, resolved=True))
+        elif share > b.threshold:
+            b.firing = True
+            findings.append(self._blocked_finding(b, ts, resolved=False))
+
+    def _blocked_finding(self, b: _BlockWindow, ts: float, *, resolved: bool, reason: str | None = None) -> Finding:
+        share = b.blocked / b.calls if b.calls else 0.0
+        evidence = BlockedEvidence(service=b.service, provider=b.provider, model=b.model, window_s=self.window_s,
+                                   calls=b.calls, blocked_calls=b.blocked, blocked_share=share,
+                                   finish_reasons=tuple(b.reasons), reason=reason).to_mapping()
+        return Finding(detector=self.name, key=b.key, kind="provider_blocked",
+                       severity=Severity.INFO if resolved else Severity.WARNING, ts=ts, value=share,
+                       threshold=b.threshold, evidence=evidence, resolved=resolved)
+
+    def _resolve_blocked(self, b: _BlockWindow, ts: float, reason: str, findings: list[Finding]) -> None:
+        if b.firing:
+            b.firing = False
+            findings.append(self._blocked_finding(b, ts, resolved=True, reason=reason))
 
     def _judge(self, w: _SloWindow, ts: float, findings: list[Finding]) -> None:
         error_rate = w.errors / w.calls
@@ -256,6 +424,16 @@ class SloDetector:
         elif slow_fraction > self._slow_fraction_limit:
             w.latency_firing = True
             findings.append(self._latency_finding(w, ts, resolved=False))
+        if w.ttft_calls < self.min_calls and not w.ttft_firing:
+            return
+        slow_ttft = w.ttft_slow / w.ttft_calls if w.ttft_calls else 0.0
+        if w.ttft_firing:
+            if slow_ttft <= self._slow_ttft_limit * self.resolve_ratio:
+                w.ttft_firing = False
+                findings.append(self._ttft_finding(w, ts, resolved=True))
+        elif slow_ttft > self._slow_ttft_limit:
+            w.ttft_firing = True
+            findings.append(self._ttft_finding(w, ts, resolved=False))
 
     def _evidence(self, w: _SloWindow, **extra: Any) -> dict[str, Any]:
         return SloEvidence(
@@ -285,6 +463,17 @@ class SloDetector:
                        value=observed, threshold=w.latency_threshold_ms, evidence=evidence,
                        resolved=resolved)
 
+    def _ttft_finding(self, w: _SloWindow, ts: float, *, resolved: bool, reason: str | None = None) -> Finding:
+        start = ts - self.window_s
+        sample = [v for t, v in w.recent_ttft if t > start] or [v for _, v in w.recent_ttft]
+        observed = nearest_rank_quantile(sample, self.ttft_quantile) if sample else 0.0
+        evidence = self._evidence(w, quantile=self.ttft_quantile, latency_sample_size=len(sample),
+                                  observed_quantile_ms=observed, reason=reason, calls_with_ttft=w.ttft_calls,
+                                  slow_ttft_calls=w.ttft_slow)
+        return Finding(detector=self.name, key=w.key, kind="ttft",
+                       severity=Severity.INFO if resolved else Severity.WARNING, ts=ts,
+                       value=observed, threshold=w.ttft_threshold_ms, evidence=evidence, resolved=resolved)
+
     def _resolve_all(self, w: _SloWindow, ts: float, reason: str) -> list[Finding]:
         out = []
         if w.error_firing:
@@ -294,6 +483,9 @@ class SloDetector:
         if w.latency_firing:
             w.latency_firing = False
             out.append(self._latency_finding(w, ts, resolved=True, reason=reason))
+        if w.ttft_firing:
+            w.ttft_firing = False
+            out.append(self._ttft_finding(w, ts, resolved=True, reason=reason))
         return out
 
     def snapshot(self) -> dict[str, Any]:
@@ -302,24 +494,43 @@ class SloDetector:
             "lru": self._windows.snapshot_meta(),
             "windows": [[w.service, w.model, w.head, w.ring_calls, w.ring_errors, w.ring_slow,
                          w.error_firing, w.latency_firing, w.last_ts,
-                         [list(p) for p in w.recent], w.ring_untimed] for _, w in self._windows.items()],
+                         [list(p) for p in w.recent], w.ring_untimed, w.ring_ttft, w.ring_ttft_slow,
+                         w.ttft_firing, [list(p) for p in w.recent_ttft]] for _, w in self._windows.items()],
+            "blocks_lru": self._blocks.snapshot_meta(),
+            "blocks": [[b.service, b.provider, b.model, b.head, b.ring_calls, b.ring_blocked, b.firing, b.last_ts,
+                        list(b.reasons)] for _, b in self._blocks.items()],
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
         self._windows.clear()
         self._windows.restore_meta(snap.get("lru", {}))
+        n = self.n_buckets
         for (service, model, head, calls, errors, slow, err_f, lat_f, last_ts,
-             recent, *untimed) in snap.get("windows", []):  # checkpoints before untimed calls lack it
+             recent, *later) in snap.get("windows", []):  # older checkpoints lack the later fields
             w = self._new_window(service, model)
-            if len(calls) == self.n_buckets:
+            untimed, ttft, ttft_slow, ttft_f, recent_ttft = (later + [None] * 5)[:5]
+            if len(calls) == n:
                 w.head = head
                 w.ring_calls, w.ring_errors, w.ring_slow = list(calls), list(errors), list(slow)
-                w.calls, w.errors, w.slow = sum(calls), sum(errors), sum(slow)
-                if untimed and len(untimed[0]) == self.n_buckets:
-                    w.ring_untimed = list(untimed[0])
-                    w.untimed = sum(w.ring_untimed)
+                if untimed is not None and len(untimed) == n:
+                    w.ring_untimed = list(untimed)
+                if ttft is not None and len(ttft) == n and len(ttft_slow) == n:
+                    w.ring_ttft, w.ring_ttft_slow = list(ttft), list(ttft_slow)
+                w.sum_rings()
             # else: n_buckets changed since the checkpoint; the window refills from new calls.
-            w.error_firing, w.latency_firing = bool(err_f), bool(lat_f)
+            w.error_firing, w.latency_firing, w.ttft_firing = bool(err_f), bool(lat_f), bool(ttft_f)
             w.last_ts = float(last_ts)
             w.recent.extend((float(t), float(lat)) for t, lat in recent)
+            w.recent_ttft.extend((float(t), float(v)) for t, v in recent_ttft or ())
             self._windows.insert((service, model), w)
+        self._blocks.clear()
+        self._blocks.restore_meta(snap.get("blocks_lru", {}))
+        for service, provider, model, head, calls, blocked, firing, last_ts, reasons in snap.get("blocks", []):
+            b = self._new_block_window(service, provider, model)
+            if len(calls) == n and len(blocked) == n:
+                b.head = head
+                b.ring_calls, b.ring_blocked = list(calls), list(blocked)
+                b.calls, b.blocked = sum(calls), sum(blocked)
+            b.firing, b.last_ts = bool(firing), float(last_ts)
+            b.reasons.extend(str(r) for r in reasons)
+            self._blocks.insert((service, provider, model), b)

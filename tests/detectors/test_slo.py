@@ -115,3 +115,76 @@ def test_nearest_rank_quantile() -> None:
 def test_rejects_bad_config(kwargs) -> None:
     with pytest.raises(ValueError):
         SloDetector(**kwargs)
+
+
+def ttft_call(k: int, ttft_ms: float | None, **kw) -> LlmCall:
+    return LlmCall(ts=T0 + k, trace_id=f"t{k}", span_id="s", service="api", model="gpt-4o",
+                   latency_ms=500.0, time_to_first_token_ms=ttft_ms, **kw)
+
+
+def test_ttft_quantile_over_the_calls_that_report_one() -> None:
+    # 20 unstreamed calls (no TTFT), then streamed ones: 300 ms for k = 20..49, 4000 ms after.
+    events = [ttft_call(k, None if k < 20 else 300.0 if k < 50 else 4000.0) for k in range(60)]
+    found = run(slo(ttft_threshold_ms=2000.0), events)
+    # Judged once 20 calls report a TTFT (k = 39). Slow share (k - 49) / (k - 19) first exceeds
+    # 5% at k = 51 (2 of 32); the p95 of those 32 by nearest rank is the 31st smallest: 4000 ms.
+    assert [(i, f.kind, f.value) for i, f in found] == [(51, "ttft", 4000.0)]
+    evidence = found[0][1].evidence
+    assert (evidence["calls_with_ttft"], evidence["slow_ttft_calls"], evidence["calls"]) == (32, 2, 52)
+    assert found[0][1].threshold == 2000.0 and found[0][1].key == "service=api/model=gpt-4o"
+
+
+def test_ttft_resolves_and_survives_a_restore() -> None:
+    # Slow from k = 20 to 24, then fast; 1 call/s in a 60 s window of 6 s sub-buckets.
+    events = [ttft_call(k, 4000.0 if 20 <= k <= 24 else 300.0) for k in range(100)]
+    found = run(slo(ttft_threshold_ms=2000.0), events)
+    # 2 slow of 22 at k = 21 fires; the sub-bucket [18, 24) leaves when k = 78 opens bucket 13:
+    # calls 24-78 hold one slow of 55 (1.8% <= 0.8 * 5%).
+    assert [(i, f.kind, f.resolved) for i, f in found] == [(21, "ttft", False), (78, "ttft", True)]
+    det = slo(ttft_threshold_ms=2000.0)
+    for e in events[:50]:
+        det.update(e)
+    restored = slo(ttft_threshold_ms=2000.0)
+    restored.restore(det.snapshot())
+    assert restored.snapshot() == det.snapshot()
+    assert [(i + 50, f.kind, f.resolved) for i, f in run(restored, events[50:])] == [(78, "ttft", True)]
+
+
+def blocked_call(k: int, reason: str, provider: str = "gcp.gemini", model: str = "gemini-2.5-pro") -> LlmCall:
+    return LlmCall(ts=T0 + k, trace_id=f"t{k}", span_id="s", service="api", provider=provider, model=model,
+                   latency_ms=500.0, finish_reason=reason)
+
+
+def test_provider_blocked_fires_per_provider_and_model_and_resolves() -> None:
+    # Gemini blocks calls 30 and 31 (PROHIBITED_CONTENT, SAFETY); calls to another provider and
+    # model interleave and never are blocked.
+    events = []
+    for k in range(100):
+        events.append(blocked_call(k, "PROHIBITED_CONTENT" if k == 30 else "SAFETY" if k == 31 else "STOP"))
+        events.append(blocked_call(k, "stop", provider="openai", model="gpt-4o"))
+    found = run(slo(blocked_threshold=0.05), events)
+    # Gemini: 1/31 at k = 30 (3.2%), 2/32 = 6.25% > 5% at k = 31 (event 62). It resolves at
+    # <= 0.8 * 5% = 4%: 2 of 50 at k = 49 (event 98), all 50 calls still in the 60 s window.
+    assert [(i, f.kind, f.resolved, f.key) for i, f in found] == [
+        (62, "provider_blocked", False, "service=api/provider=gcp.gemini/model=gemini-2.5-pro"),
+        (98, "provider_blocked", True, "service=api/provider=gcp.gemini/model=gemini-2.5-pro")]
+    fired = found[0][1]
+    assert fired.value == pytest.approx(2 / 32) and fired.threshold == 0.05
+    assert fired.evidence["finish_reasons"] == ["PROHIBITED_CONTENT", "SAFETY"]
+    assert fired.evidence["blocked_calls"] == 2 and fired.evidence["calls"] == 32
+    assert found[1][1].evidence["calls"] == 50 and found[1][1].value == pytest.approx(0.04)
+
+
+def test_provider_blocked_is_quiet_below_the_threshold_and_for_ordinary_stops() -> None:
+    events = [blocked_call(k, "content_filter" if k == 50 else "length" if k % 3 else "stop") for k in range(200)]
+    assert run(slo(blocked_threshold=0.05), events) == []
+    # Below min_calls nothing is judged, whatever the share.
+    assert run(slo(blocked_threshold=0.05), [blocked_call(k, "refusal") for k in range(19)]) == []
+
+
+@pytest.mark.parametrize("kwargs", [{"ttft_threshold_ms": 0}, {"ttft_quantile": 1.0}, {"blocked_threshold": 0},
+                                    {"blocked_finish_reasons": "safety"},
+                                    {"overrides": {"api": {"ttft_ms": 1}}}])
+def test_rejects_bad_new_config(kwargs) -> None:
+    with pytest.raises(ValueError):
+        SloDetector(**kwargs)
