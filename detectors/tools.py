@@ -8,6 +8,13 @@ the only trace of a call to an undeclared tool when the framework refused to run
 was executed (``ToolCall``) are checked. A trace with no declared tools and an empty configured
 registry is not judged: without a registry every call would look hallucinated.
 
+A trace's verdict does not depend on the order its spans and log records arrive in: a call to a
+tool not (yet) declared is held until ``declaration_grace_s`` of event time has passed since it
+(or until its trace is forgotten), and judged then against everything the trace declared by
+that time; a declaration arriving meanwhile settles it (and its arguments are checked then).
+Arguments the normaliser could not read as the call's (``ToolCall.arguments_format ==
+"unknown"``: a positional list, a bare string) are not judged, never called invalid.
+
 Argument validation uses ``jsonschema``. It is pure Python (no I/O, no native code), so it keeps
 the detectors' "stdlib/numpy/scipy only" spirit; it is imported where a validator is built.
 Validators are built once per distinct schema and cached.
@@ -16,7 +23,7 @@ Validators are built once per distinct schema and cached.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
@@ -262,7 +269,7 @@ class ToolEvidence(Evidence):
 
 
 class _ToolTrace:
-    __slots__ = ("last_ts", "declared", "fired", "defs_hash")
+    __slots__ = ("last_ts", "declared", "fired", "defs_hash", "pending")
 
     def __init__(self, ts: float) -> None:
         self.last_ts = ts
@@ -271,6 +278,8 @@ class _ToolTrace:
         self.defs_hash: int | None = None
         self.declared: dict[str, str] = {}  # tool name -> schema key ("" = no schema)
         self.fired: list[str] = []  # "kind:tool" already reported in this trace
+        # Calls to tools not declared yet: [ts, tool, arguments, source, arguments_unknown].
+        self.pending: list[list[Any]] = []
 
 
 class HallucinatedToolDetector:
@@ -296,6 +305,9 @@ class HallucinatedToolDetector:
         Most declared tools remembered per trace.
     max_schemas : int
         Most distinct declared schemas kept (shared by all traces).
+    declaration_grace_s : float
+        How long (event time) a call to a tool not yet declared waits for its trace's
+        declarations before it is judged undeclared. 0 judges at once (arrival order matters).
 
     Examples
     --------
@@ -304,7 +316,8 @@ class HallucinatedToolDetector:
     >>> events = [
     ...     LlmCall(ts=1.0, trace_id="t", span_id="a", tool_definitions=defs,
     ...             requested_tool_calls='[{"name": "search", "arguments": "{}", "id": "1"}]'),
-    ...     ToolCall(ts=2.0, trace_id="t", span_id="b", tool_name="delete_all", arguments="{}")]
+    ...     ToolCall(ts=2.0, trace_id="t", span_id="b", tool_name="delete_all", arguments="{}"),
+    ...     LlmCall(ts=40.0, trace_id="u", span_id="c")]  # later traffic: the grace period ends
     >>> [(f.kind, f.evidence["tool"]) for e in events for f in det.update(e)]
     [('invalid_tool_arguments', 'search'), ('undeclared_tool', 'delete_all')]
     """
@@ -315,18 +328,22 @@ class HallucinatedToolDetector:
     state_caps: ClassVar[tuple[str, ...]] = ("max_traces",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall)
     _MAX_FIRED_PER_TRACE: ClassVar[int] = 16
+    _MAX_PENDING_PER_TRACE: ClassVar[int] = 16  # beyond this, a trace's undeclared calls are judged at once
 
     def __init__(self, *, known_tools: Collection[str] = (),
                  tool_schemas: Mapping[str, Mapping[str, Any]] | None = None,
                  validate_arguments: bool = True, max_traces: int = 50_000,
                  trace_ttl_s: float = 900.0, max_tools_per_trace: int = 128,
-                 max_schemas: int = 4_096) -> None:
+                 max_schemas: int = 4_096, declaration_grace_s: float = 30.0) -> None:
         if isinstance(known_tools, str):
             raise ValueError("known_tools must be a collection of tool names, not one string")
         for arg, value in (("max_traces", max_traces), ("max_tools_per_trace", max_tools_per_trace),
                            ("max_schemas", max_schemas)):
             check_at_least(arg, value, 1)
         check_positive("trace_ttl_s", trace_ttl_s)
+        if not 0 <= declaration_grace_s < trace_ttl_s:
+            raise ValueError(f"declaration_grace_s must be in [0, trace_ttl_s), got {declaration_grace_s}")
+        self.declaration_grace_s = float(declaration_grace_s)
         self.known_tools = frozenset(str(t) for t in known_tools)
         self.tool_schemas = {str(k): dict(v) for k, v in (tool_schemas or {}).items()}
         self._configured_checks: dict[str, Check] = {}
@@ -350,6 +367,9 @@ class HallucinatedToolDetector:
         self._parsed: OrderedDict[str, list[tuple[str, str, Any]]] = OrderedDict()
         self._scratch: list[Finding] = []
         self._verdicts: dict[tuple[str, str], str | None] = {}
+        # (deadline, trace id) of traces holding pending calls, in the order they were held: at
+        # most one entry per trace with pending calls, so bounded by max_traces.
+        self._due: deque[tuple[float, str]] = deque()
 
     def state_size(self) -> int:
         return len(self._traces)
@@ -357,47 +377,88 @@ class HallucinatedToolDetector:
     def update(self, event: LlmCall | ToolCall) -> Sequence[Finding]:
         ts = event.ts
         traces = self._traces
+        findings = self._scratch  # reused: a fresh list per event is GC pressure
+        findings.clear()
         if traces.next_sweep_ts <= ts:
-            traces.expire(ts)
+            for trace_id, gone in traces.expire(ts):
+                self._judge_pending(trace_id, gone, ts, float("inf"), findings)
+        if self._due and self._due[0][0] <= ts:
+            self._judge_due(ts, findings)
         trace_id = event.trace_id
         t = traces.get(trace_id)
+        hold = self.declaration_grace_s > 0
         if isinstance(event, LlmCall):
             if event.tool_definitions:
                 if t is None:
-                    t = _ToolTrace(ts)
-                    traces.insert(trace_id, t)
-                self._declare(t, event.tool_definitions)
-            if not event.requested_tool_calls:
-                if t is not None and ts > t.last_ts:
-                    t.last_ts = ts
-                return ()
-            if t is None:
-                if not self._has_registry:
-                    return ()  # nothing declared, nothing configured: no registry to judge by
-                t = _ToolTrace(ts)
-                traces.insert(trace_id, t)
-            findings = self._scratch  # reused: a fresh list per event is GC pressure
-            findings.clear()
-            for name, arguments in requested_calls(event.requested_tool_calls):
-                self._check_call(trace_id, t, ts, name, arguments, "requested", findings)
+                    t = self._new_trace(trace_id, ts, findings)
+                if self._declare(t, event.tool_definitions) and t.pending:
+                    self._settle_pending(trace_id, t, ts, findings)
+            if event.requested_tool_calls:
+                if t is None:
+                    if not (self._has_registry or hold):
+                        return tuple(findings) if findings else ()  # no registry to judge by, ever
+                    t = self._new_trace(trace_id, ts, findings)
+                for name, arguments in requested_calls(event.requested_tool_calls):
+                    self._check_call(trace_id, t, ts, name, arguments, "requested", findings)
         else:
             if t is None:
-                if not self._has_registry:
+                if not (self._has_registry or hold):
                     return ()
-                t = _ToolTrace(ts)
-                traces.insert(trace_id, t)
-            findings = self._scratch
-            findings.clear()
-            self._check_call(trace_id, t, ts, event.tool_name, event.arguments, "executed",
-                             findings)
-        if ts > t.last_ts:
+                t = self._new_trace(trace_id, ts, findings)
+            self._check_call(trace_id, t, ts, event.tool_name, event.arguments, "executed", findings,
+                             arguments_unknown=event.arguments_format == "unknown")
+        if t is not None and ts > t.last_ts:
             t.last_ts = ts
         return tuple(findings) if findings else ()
 
-    def _declare(self, t: _ToolTrace, text: str) -> None:
+    def _new_trace(self, trace_id: str, ts: float, findings: list[Finding]) -> _ToolTrace:
+        t = _ToolTrace(ts)
+        for gone_id, gone in self._traces.insert(trace_id, t):
+            self._judge_pending(gone_id, gone, ts, float("inf"), findings)
+        return t
+
+    def _settle_pending(self, trace_id: str, t: _ToolTrace, ts: float, findings: list[Finding]) -> None:
+        """New declarations: the held calls they declare are judged now (their arguments)."""
+        still = []
+        for held in t.pending:
+            held_ts, name, arguments, source, unknown = held
+            if self._check_for(name, t)[0]:
+                self._check_call(trace_id, t, ts, name, arguments, source, findings, arguments_unknown=unknown,
+                                 hold=False)
+            else:
+                still.append(held)
+        t.pending = still
+
+    def _judge_due(self, ts: float, findings: list[Finding]) -> None:
+        due = self._due
+        while due and due[0][0] <= ts:
+            _, trace_id = due.popleft()
+            t = self._traces.entries.get(trace_id)  # not a use of the trace: its LRU place stays
+            if t is not None and t.pending:
+                self._judge_pending(trace_id, t, ts, ts - self.declaration_grace_s, findings)
+                if t.pending:
+                    due.append((t.pending[0][0] + self.declaration_grace_s, trace_id))
+
+    def _judge_pending(self, trace_id: str, t: _ToolTrace, ts: float, held_before: float,
+                       findings: list[Finding]) -> None:
+        """Judge the calls held since ``held_before`` or earlier: undeclared if still unknown."""
+        if not t.pending:
+            return
+        still = []
+        for held in t.pending:
+            held_ts, name, arguments, source, unknown = held
+            if held_ts > held_before:
+                still.append(held)
+            else:
+                self._check_call(trace_id, t, ts, name, arguments, source, findings, arguments_unknown=unknown,
+                                 hold=False)
+        t.pending = still
+
+    def _declare(self, t: _ToolTrace, text: str) -> bool:
+        """Merge a tool_definitions text into the trace; True when it may have declared something."""
         text_hash = hash(text)
         if text_hash == t.defs_hash:
-            return
+            return False
         t.defs_hash = text_hash
         parsed = self._parsed.get(text)
         if parsed is None:
@@ -416,6 +477,7 @@ class HallucinatedToolDetector:
             if declared.get(name) != key and (name in declared
                                               or len(declared) < self.max_tools_per_trace):
                 declared[name] = key
+        return True
 
     def _check_for(self, name: str, t: _ToolTrace) -> tuple[bool, Check | None, str]:
         """(is the tool known, its argument check if a schema is known, the schema's identity)."""
@@ -434,14 +496,20 @@ class HallucinatedToolDetector:
         return name in self.known_tools, None, ""
 
     def _check_call(self, trace_id: str, t: _ToolTrace, ts: float, name: str, arguments: Any,
-                    source: str, findings: list[Finding]) -> None:
+                    source: str, findings: list[Finding], *, arguments_unknown: bool = False,
+                    hold: bool = True) -> None:
         known, check, schema_id = self._check_for(name, t)
         if not known:
+            if hold and self.declaration_grace_s > 0 and len(t.pending) < self._MAX_PENDING_PER_TRACE:
+                if not t.pending:
+                    self._due.append((ts + self.declaration_grace_s, trace_id))
+                t.pending.append([ts, name, arguments, source, arguments_unknown])
+                return
             if t.declared or self._has_registry:
                 self._fire(trace_id, t, ts, "undeclared_tool", name, arguments, source, None,
                            findings)
             return
-        if check is None or not self.validate_arguments:
+        if check is None or not self.validate_arguments or arguments_unknown:
             return
         if isinstance(arguments, str):
             # The executed call usually repeats the text the model requested a moment before:
@@ -481,8 +549,9 @@ class HallucinatedToolDetector:
     def snapshot(self) -> dict[str, Any]:
         return {"version": 1, "lru": self._traces.snapshot_meta(),
                 "schemas": [[k, s] for k, s in self._schemas.items()],
-                "traces": [[trace_id, t.last_ts, t.declared, t.fired]
-                           for trace_id, t in self._traces.items()]}
+                "traces": [[trace_id, t.last_ts, t.declared, t.fired, t.pending]
+                           for trace_id, t in self._traces.items()],
+                "due": [list(d) for d in self._due]}
 
     def restore(self, snap: dict[str, Any]) -> None:
         self._traces.clear()
@@ -491,8 +560,10 @@ class HallucinatedToolDetector:
         self._checks.clear()
         self._parsed.clear()
         self._verdicts.clear()
-        for trace_id, last_ts, declared, fired in snap.get("traces", []):
+        for trace_id, last_ts, declared, fired, *pending in snap.get("traces", []):
             t = _ToolTrace(float(last_ts))
             t.declared = {str(k): str(v) for k, v in declared.items()}
             t.fired = list(fired)
+            t.pending = [[float(p[0]), str(p[1]), p[2], str(p[3]), bool(p[4])] for p in (pending[0] if pending else [])]
             self._traces.insert(trace_id, t)
+        self._due = deque((float(d), str(trace_id)) for d, trace_id in snap.get("due", []))
