@@ -206,6 +206,17 @@ def overview_dashboard() -> dict[str, Any]:
          .with_panel(_timeseries("Findings / s by detector and severity", "ops", [_q(
              f"sum by (detector, severity) (rate(agentwatch_findings_total[{_RATE}]))",
              "{{detector}} {{severity}}")], stacked=True))
+         .with_panel(_timeseries("PII redacted / s by type and service", "ops", [_q(
+             f'sum by (entity_type, service) (rate(agentwatch_pii_detections_total{{service=~"$service"}}[{_RATE}]))',
+             "{{service}} {{entity_type}}")], stacked=True,
+             description="Personal data and secrets found in span and log texts and redacted before "
+                         "storage (AGENTWATCH_PII_MODE); the pii_detections table has them per trace."))
+         .with_panel(_timeseries("Duplicates dropped / s", "ops", [
+             _q(f"sum by (kind) (rate(agentwatch_duplicates_dropped_total[{_RATE}]))", "dropped {{kind}}"),
+             _q(f"sum(rate(agentwatch_dedup_evicted_early_total[{_RATE}]))", "span ids forgotten early", "B")],
+             description="Spans and usage records already applied (re-sent after a crash or by an "
+                         "exporter's retry). Ids forgotten early mean the dedup memory's cap "
+                         "(AGENTWATCH_DEDUP_SPANS) is too small for the rate."))
          .with_row(Row("Kafka and notifications"))
          .with_panel(_timeseries("Consumer lag by topic", "short", [_q(
              "sum by (topic) (agentwatch_consumer_lag)", "{{topic}}")]))

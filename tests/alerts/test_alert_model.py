@@ -64,6 +64,9 @@ EVERY_DETECTOR = [
     ("retry_storm", "retry_storm", "project=shop/service=checkout/user=u1/session=s1", {}),
     ("slo", "error_rate", "service=checkout/model=gpt-4o", {}),
     ("slo", "latency", "service=checkout/model=gpt-4o", {}),
+    ("pii_exposure", "new_pii_entity", "service=checkout/entity=EMAIL", {}),
+    ("evaluation_drop", "evaluation_score_drop", "service=checkout/evaluation=relevance", {}),
+    ("prompt_version_regression", "prompt_version_regression", "service=checkout/prompt=support", {}),
     ("some_future_detector", "odd", "a&b=c d", {}),
 ]
 
