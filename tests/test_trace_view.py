@@ -70,7 +70,9 @@ def test_evidence_summary_of_a_hallucinated_tool_finding():
     det = HallucinatedToolDetector()
     defs = json.dumps([{"name": "search", "parameters": {"type": "object"}}])
     events = [LlmCall(ts=T0, trace_id="t1", span_id="l0", tool_definitions=defs),
-              ToolCall(ts=T0 + 1, trace_id="t1", span_id="c0", tool_name="shell", arguments='{"cmd": "ls"}')]
+              ToolCall(ts=T0 + 1, trace_id="t1", span_id="c0", tool_name="shell", arguments='{"cmd": "ls"}'),
+              # later traffic ends the grace period in which the trace could still declare "shell"
+              LlmCall(ts=T0 + 1 + det.declaration_grace_s, trace_id="t2", span_id="l1")]
     (finding,) = [f for e in events for f in det.update(e)]
     assert evidence_summary(finding) == 'tool=shell, arguments={"cmd": "ls"}'
 
