@@ -12,9 +12,11 @@ from typing import TypeAlias
 from agentwatch.detectors.cost import (BudgetDetector, BudgetEvidence, CostAnomalyDetector,
                                        CostSpikeEvidence, RetryStormDetector, RetryStormEvidence)
 from agentwatch.detectors.drift import DriftDetector, DriftEvidence
+from agentwatch.detectors.evaluations import EvaluationDropDetector, EvaluationDropEvidence
 from agentwatch.detectors.evidence import Evidence
 from agentwatch.detectors.loops import LoopDetector, LoopEvidence
 from agentwatch.detectors.pii import PiiExposureDetector, PiiExposureEvidence
+from agentwatch.detectors.prompts import PromptVersionEvidence, PromptVersionRegressionDetector
 from agentwatch.detectors.slo import SloDetector, SloEvidence
 from agentwatch.detectors.tools import HallucinatedToolDetector, ToolEvidence
 from agentwatch.detectors.vram import (VramLeakDetector, VramLeakEvidence,
@@ -23,7 +25,8 @@ from agentwatch.events import Finding
 
 AnyEvidence: TypeAlias = (CostSpikeEvidence | BudgetEvidence | RetryStormEvidence | LoopEvidence
                           | ToolEvidence | SloEvidence | VramLeakEvidence
-                          | VramLeakResolvedEvidence | DriftEvidence | PiiExposureEvidence)
+                          | VramLeakResolvedEvidence | DriftEvidence | PiiExposureEvidence
+                          | EvaluationDropEvidence | PromptVersionEvidence)
 
 # Detector name -> (evidence of its findings, evidence of its resolutions).
 EVIDENCE_TYPES: dict[str, tuple[type[Evidence], type[Evidence]]] = {
@@ -36,6 +39,8 @@ EVIDENCE_TYPES: dict[str, tuple[type[Evidence], type[Evidence]]] = {
     VramLeakDetector.name: (VramLeakEvidence, VramLeakResolvedEvidence),
     DriftDetector.name: (DriftEvidence, DriftEvidence),
     PiiExposureDetector.name: (PiiExposureEvidence, PiiExposureEvidence),
+    EvaluationDropDetector.name: (EvaluationDropEvidence, EvaluationDropEvidence),
+    PromptVersionRegressionDetector.name: (PromptVersionEvidence, PromptVersionEvidence),
 }
 
 

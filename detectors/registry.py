@@ -13,8 +13,10 @@ from typing import Any, Mapping
 from agentwatch.detectors.base import Detector
 from agentwatch.detectors.cost import BudgetDetector, CostAnomalyDetector, RetryStormDetector
 from agentwatch.detectors.drift import DriftDetector
+from agentwatch.detectors.evaluations import EvaluationDropDetector
 from agentwatch.detectors.loops import LoopDetector
 from agentwatch.detectors.pii import PiiExposureDetector
+from agentwatch.detectors.prompts import PromptVersionRegressionDetector
 from agentwatch.detectors.slo import SloDetector
 from agentwatch.detectors.tools import HallucinatedToolDetector
 from agentwatch.detectors.vram import VramLeakDetector
@@ -29,6 +31,8 @@ DETECTORS: dict[str, type] = {
     SloDetector.name: SloDetector,
     VramLeakDetector.name: VramLeakDetector,
     PiiExposureDetector.name: PiiExposureDetector,
+    EvaluationDropDetector.name: EvaluationDropDetector,
+    PromptVersionRegressionDetector.name: PromptVersionRegressionDetector,
 }
 
 

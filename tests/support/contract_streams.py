@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from agentwatch.detectors.drift import EmbeddedWindow
-from agentwatch.events import GpuSample, LlmCall, PiiDetection, ToolCall
+from agentwatch.events import Evaluation, GpuSample, LlmCall, PiiDetection, ToolCall
 from tests.support.synthetic import START_TS, agent_traffic, tool_definitions_json
 
 MIB = 1 << 20
@@ -263,6 +263,62 @@ def pii_exposure(seed: int) -> ContractStream:
                           state_cap=params["max_services"] + params["max_keys"])
 
 
+def evaluation_drop(seed: int) -> ContractStream:
+    """Steady relevance scores (and label-only evaluations) for four minutes, a minute of low
+    scores, then recovery."""
+    rng = random.Random(seed)
+    params = {"window_s": 60.0, "min_samples": 10, "baseline_windows": 3, "max_keys": 20}
+    t0 = 60.0 * math.floor(START_TS / 60.0)
+
+    def score(ts: float, mean: float, name: str = "relevance",
+              service: str = "rag") -> Evaluation:
+        return Evaluation(ts=ts, trace_id=f"t{ts:.3f}", span_id="s", service=service,
+                          name=name, score=min(1.0, max(0.0, rng.gauss(mean, 0.05))))
+
+    def minute(m: int, mean: float) -> list[Any]:
+        out: list[Any] = [score(t0 + 60.0 * m + 5.0 * i + 1.0, mean) for i in range(12)]
+        out += [Evaluation(ts=t0 + 60.0 * m + 30.5, trace_id="l", span_id="s", service="rag",
+                           name="tone", label="polite")]  # a label only: never judged
+        return sorted(out, key=lambda e: e.ts)
+
+    warmup = [e for m in range(4) for e in minute(m, 0.8)]
+    events = [e for m, mean in ((4, 0.5), (5, 0.8), (6, 0.8)) for e in minute(m, mean)]
+    flood = [score(t0 + i, 0.8, name=f"eval{i % 7}", service=f"svc{i}") for i in range(400)]
+    return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
+                          state_cap=params["max_keys"])
+
+
+def prompt_version_regression(seed: int) -> ContractStream:
+    """Version v1 of a prompt with scored calls, then v2 at twice the cost per call, then v3
+    (which resolves v2's finding); a flood of prompts and of one prompt's versions."""
+    rng = random.Random(seed)
+    params = {"min_samples": 20, "reservoir_size": 50, "max_versions": 3, "max_prompts": 10}
+    t0 = START_TS
+
+    def calls(start: float, version: str, cost: float, n: int) -> list[Any]:
+        out: list[Any] = []
+        for i in range(n):
+            ts = start + 2.0 * i
+            out.append(LlmCall(ts=ts, trace_id=f"{version}-{i}", span_id="s", service="support",
+                               prompt_name="answer", prompt_version=version, priced=True,
+                               cost_usd=cost * rng.uniform(0.8, 1.2),
+                               latency_ms=rng.uniform(500.0, 900.0)))
+            out.append(Evaluation(ts=ts + 1.0, trace_id=f"{version}-{i}", span_id="s",
+                                  service="support", name="helpfulness",
+                                  score=rng.uniform(0.6, 1.0), prompt_name="answer",
+                                  prompt_version=version))
+        return out
+
+    warmup = calls(t0, "v1", 0.01, 40)
+    events = calls(t0 + 100.0, "v2", 0.02, 30) + calls(t0 + 200.0, "v3", 0.01, 5)
+    flood: list[Any] = [LlmCall(ts=t0 + i, trace_id=f"f{i}", span_id="s", service="support",
+                                prompt_name=f"p{i}", prompt_version="1") for i in range(300)]
+    flood += [LlmCall(ts=t0 + 300 + i, trace_id=f"g{i}", span_id="s", service="support",
+                      prompt_name="hot", prompt_version=f"v{i}") for i in range(100)]
+    return ContractStream(params=params, warmup=warmup, events=events, flood=flood,
+                          state_cap=params["max_prompts"] * (1 + params["max_versions"]))
+
+
 # Detector name -> its contract stream. Keyed by the names in DETECTORS (the suite checks both
 # lists agree), written out so a new detector needs a line here.
 CONTRACT_STREAMS: dict[str, Callable[[int], ContractStream]] = {
@@ -275,4 +331,6 @@ CONTRACT_STREAMS: dict[str, Callable[[int], ContractStream]] = {
     "vram_leak": vram_leak,
     "drift": drift,
     "pii_exposure": pii_exposure,
+    "evaluation_drop": evaluation_drop,
+    "prompt_version_regression": prompt_version_regression,
 }
