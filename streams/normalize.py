@@ -338,24 +338,28 @@ class Normalizer:
     def _llm_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                   parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """An :class:`LlmCall` row."""
-        values = self._llm_fields.values(attrs)
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, cache_write, provider,
-         operation, host, ttft_s, ttft_ms, finish, prompt_name, prompt_version) = values[:15]
+         operation, host, ttft_s, ttft_ms, finish, prompt_name, prompt_version,
+         text_in, text_out, image_in, image_out, audio_in, audio_out) = self._llm_fields.values(attrs)
         request_model = _str(request_model)
         model = _str(model) or request_model
         flags: dict[str, str] = {}
         trace_id = header["trace_id"]
         modality = ""
-        counts = values[15:]
-        if counts.count(None) != len(counts):  # usage by modality reported
+        if not (text_in is None and text_out is None and image_in is None and image_out is None
+                and audio_in is None and audio_out is None):  # usage by modality reported
             modality, input_tokens, output_tokens = self._modality_tokens(
-                counts, input_tokens, output_tokens, flags, trace_id, span_id, rejections)
+                [text_in, text_out, image_in, image_out, audio_in, audio_out], input_tokens, output_tokens,
+                flags, trace_id, span_id, rejections)
         tokens = [input_tokens, output_tokens, cache_read, reasoning, cache_write]
         for i, limit in enumerate(self._token_limits):
             raw = tokens[i]
-            if type(raw) is int and limit.low <= raw <= limit.high:
+            if raw is None:
+                tokens[i] = 0  # absent reads 0
+            elif type(raw) is int and limit.low <= raw <= limit.high:
                 continue  # the common case, checked inline
-            tokens[i] = _attr_count(raw, limit, flags, LlmCall.table, trace_id, span_id, rejections)
+            else:
+                tokens[i] = _attr_count(raw, limit, flags, LlmCall.table, trace_id, span_id, rejections)
         input_tokens, output_tokens, cache_read, reasoning, cache_write = tokens
         if flags.keys().isdisjoint(PRICED_TOKEN_FIELDS):
             cost, priced = self.pricing.cost_usd(model, input_tokens, output_tokens, cache_read, cache_write)
@@ -1062,7 +1066,10 @@ def _tool_arguments(direct: Any, wrapped: Any) -> tuple[str, str]:
                 if found is not None:
                     return _dump(found) or "{}", "json"
         return value, "unknown"  # a bare string: no names to check against a schema
-    if not unwrap and text[1:].lstrip()[:1] in ('"', "}"):
+    second = text[1:2]
+    if second in (" ", "\n", "\r", "\t"):
+        second = text[1:64].lstrip()[:1]
+    if not unwrap and second in ('"', "}"):
         return value, ""  # JSON object text: the common case, not parsed here
     parsed = _object_from_text(text)
     if parsed is None:
