@@ -9,9 +9,10 @@ was executed (``ToolCall``) are checked. A trace with no declared tools and an e
 registry is not judged: without a registry every call would look hallucinated.
 
 A trace's verdict does not depend on the order its spans and log records arrive in: a call to a
-tool not (yet) declared is held until ``declaration_grace_s`` of event time has passed since it
-(or until its trace is forgotten), and judged then against everything the trace declared by
-that time; a declaration arriving meanwhile settles it (and its arguments are checked then).
+tool not (yet) declared is held until the trace's root span arrives (it ends last: the trace's
+spans are in), or ``declaration_grace_s`` of event time has passed since the call, or the trace
+is forgotten, and judged then against everything the trace declared by that time; a
+declaration arriving meanwhile settles it (and its arguments are checked then).
 Arguments the normaliser could not read as the call's (``ToolCall.arguments_format ==
 "unknown"``: a positional list, a bare string) are not judged, never called invalid.
 
@@ -30,7 +31,7 @@ from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
 from agentwatch.detectors.evidence import Evidence
 from agentwatch.detectors.loops import NOT_JSON, parsed_json, requested_calls
-from agentwatch.events import Finding, LlmCall, Severity, ToolCall
+from agentwatch.events import AgentStep, Finding, LlmCall, Severity, ToolCall
 
 _EVIDENCE_TEXT_MAX = 500
 _EVIDENCE_TOOLS_MAX = 50
@@ -307,7 +308,8 @@ class HallucinatedToolDetector:
         Most distinct declared schemas kept (shared by all traces).
     declaration_grace_s : float
         How long (event time) a call to a tool not yet declared waits for its trace's
-        declarations before it is judged undeclared. 0 judges at once (arrival order matters).
+        declarations before it is judged undeclared, when the trace's root span does not come
+        first. 0 judges at once (arrival order matters).
 
     Examples
     --------
@@ -317,7 +319,7 @@ class HallucinatedToolDetector:
     ...     LlmCall(ts=1.0, trace_id="t", span_id="a", tool_definitions=defs,
     ...             requested_tool_calls='[{"name": "search", "arguments": "{}", "id": "1"}]'),
     ...     ToolCall(ts=2.0, trace_id="t", span_id="b", tool_name="delete_all", arguments="{}"),
-    ...     LlmCall(ts=40.0, trace_id="u", span_id="c")]  # later traffic: the grace period ends
+    ...     AgentStep(ts=3.0, trace_id="t", span_id="r")]  # the root span: the trace is complete
     >>> [(f.kind, f.evidence["tool"]) for e in events for f in det.update(e)]
     [('invalid_tool_arguments', 'search'), ('undeclared_tool', 'delete_all')]
     """
@@ -326,7 +328,7 @@ class HallucinatedToolDetector:
     partition_by: ClassVar[str] = "trace_id"
     # Constructor arguments that bound the state: split over the partitions of its stage.
     state_caps: ClassVar[tuple[str, ...]] = ("max_traces",)
-    accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall)
+    accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall, AgentStep)
     _MAX_FIRED_PER_TRACE: ClassVar[int] = 16
     _MAX_PENDING_PER_TRACE: ClassVar[int] = 16  # beyond this, a trace's undeclared calls are judged at once
 
@@ -374,7 +376,7 @@ class HallucinatedToolDetector:
     def state_size(self) -> int:
         return len(self._traces)
 
-    def update(self, event: LlmCall | ToolCall) -> Sequence[Finding]:
+    def update(self, event: LlmCall | ToolCall | AgentStep) -> Sequence[Finding]:
         ts = event.ts
         traces = self._traces
         findings = self._scratch  # reused: a fresh list per event is GC pressure
@@ -385,6 +387,12 @@ class HallucinatedToolDetector:
         if self._due and self._due[0][0] <= ts:
             self._judge_due(ts, findings)
         trace_id = event.trace_id
+        if isinstance(event, AgentStep):
+            if not event.parent_span_id:  # the root ends last: what the trace declares is in
+                t = traces.entries.get(trace_id)
+                if t is not None and t.pending:
+                    self._judge_pending(trace_id, t, ts, float("inf"), findings)
+            return tuple(findings) if findings else ()
         t = traces.get(trace_id)
         hold = self.declaration_grace_s > 0
         if isinstance(event, LlmCall):

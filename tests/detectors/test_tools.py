@@ -235,3 +235,22 @@ def test_rejects_a_grace_period_beyond_the_trace_ttl() -> None:
         HallucinatedToolDetector(declaration_grace_s=900.0, trace_ttl_s=900.0)
     with pytest.raises(ValueError):
         HallucinatedToolDetector(declaration_grace_s=-1)
+
+
+def test_the_root_span_settles_held_calls_at_once():
+    # The root ends last: when it arrives the trace's declarations are in, so a held call is
+    # judged then, not a grace period later (and not only once later traffic comes).
+    from agentwatch.events import AgentStep
+
+    det = HallucinatedToolDetector()
+    defs = '[{"name": "search", "parameters": {"type": "object"}}]'
+    events = [ToolCall(ts=1.0, trace_id="t", span_id="c", parent_span_id="r", tool_name="delete_all", arguments="{}"),
+              LlmCall(ts=2.0, trace_id="t", span_id="l", parent_span_id="r", tool_definitions=defs),
+              AgentStep(ts=3.0, trace_id="t", span_id="r")]
+    found = [(i, f.kind, f.evidence["tool"]) for i, e in enumerate(events) for f in det.update(e)]
+    assert found == [(2, "undeclared_tool", "delete_all")]
+    declared_late = [ToolCall(ts=1.0, trace_id="u", span_id="c", parent_span_id="r", tool_name="search",
+                              arguments="{}"),
+                     LlmCall(ts=2.0, trace_id="u", span_id="l", parent_span_id="r", tool_definitions=defs),
+                     AgentStep(ts=3.0, trace_id="u", span_id="r")]
+    assert [f for e in declared_late for f in det.update(e)] == []
