@@ -20,7 +20,9 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _pipeline_settings(**overrides: Any) -> Settings:
-    """Settings of a command that runs the pipeline: its PII policy is checked before anything starts."""
+    """Settings of a command that runs the pipeline: its PII policy and mapping file are checked
+    before anything starts."""
+    from agentwatch.streams.mapping import MappingError, MappingRules
     from agentwatch.streams.pii import PiiConfigError
 
     settings = _settings(**overrides)
@@ -28,6 +30,11 @@ def _pipeline_settings(**overrides: Any) -> Settings:
         settings.pii_policy()
     except PiiConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if settings.mapping_path:
+        try:
+            MappingRules.load(settings.mapping_path)
+        except MappingError as exc:
+            raise click.ClickException(str(exc)) from None
     return settings
 
 
@@ -387,12 +394,14 @@ def _register_subcommands() -> None:
     from agentwatch.collectors.gpu_exporter import gpu_exporter
     from agentwatch.dashboards.push import dashboards_group
     from agentwatch.doctor import doctor
+    from agentwatch.mapping_cli import mapping_group
     from agentwatch.pii_cli import pii_group
     from agentwatch.reference_cli import drift_group, reference_group
 
     for command in (notify, silence, gpu_exporter, dashboards_group, reference_group, drift_group, pii_group):
         main.add_command(command)
     main.add_command(doctor)
+    main.add_command(mapping_group)
 
 
 _register_subcommands()

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
     data_dir: Path = Path("agentwatch-data")
     pricing_path: Path | None = None
+    # A user-declared mapping of span shapes agentwatch does not know (YAML, see
+    # streams/mapping.example.yaml); validated at start.
+    mapping_path: Path | None = None
     max_text_chars: int = 8192
     # Normalise in a child process (uses a second core); True keeps it in the worker process.
     normalize_in_process: bool = False

@@ -50,6 +50,7 @@ from agentwatch.events import AgentStep, LlmCall, LlmMessage, ToolCall
 from agentwatch.streams.pii import Redactor
 from agentwatch.streams.pii.redactor import MARGIN_CHARS
 from agentwatch.streams import semconv as sc
+from agentwatch.streams.mapping import MappingRules
 from agentwatch.streams.otlp import any_value, attributes
 from agentwatch.streams.pricing import PricingTable
 
@@ -161,13 +162,17 @@ class Normalizer:
         every model call of a run and its tool definitions with every call, so most long texts
         were redacted a moment ago; 32 MiB holds the 4096 entries at ~4 KB each (texts and
         their redacted copies).
+    mapping
+        A user-declared mapping (``Settings.mapping_path``): spans in a team's own shape are
+        rewritten into the GenAI names before they are read (None: spans read as sent).
     """
 
     def __init__(self, pricing: PricingTable, *, max_text_chars: int = 8192,
                  parent_memory: int = 100_000, value_bounds: ValueBounds | None = None,
                  parent_memory_bytes: int = 32 * _MIB, prompt_memo_bytes: int = 32 * _MIB,
                  tool_definitions_memo_bytes: int = 16 * _MIB, layout_memo_bytes: int = 8 * _MIB,
-                 redactor: Redactor | None = None, redaction_memo_bytes: int = 32 * _MIB) -> None:
+                 redactor: Redactor | None = None, redaction_memo_bytes: int = 32 * _MIB,
+                 mapping: MappingRules | None = None) -> None:
         for name, value in (("max_text_chars", max_text_chars), ("parent_memory", parent_memory),
                             ("parent_memory_bytes", parent_memory_bytes), ("prompt_memo_bytes", prompt_memo_bytes),
                             ("tool_definitions_memo_bytes", tool_definitions_memo_bytes),
@@ -176,6 +181,7 @@ class Normalizer:
             if value < 0:
                 raise ValueError(f"{name} must be >= 0")
         self.pricing = pricing
+        self.mapping = mapping
         self.max_text_chars = max_text_chars
         self.redactor = redactor if redactor is not None and redactor.policy.enabled else None
         # Detections in the row being built: (field, entity types), turned into pii rows with it.
@@ -242,6 +248,8 @@ class Normalizer:
                     batch.spans += 1
                     try:
                         attrs = attributes(span.attributes)
+                        if self.mapping is not None:
+                            span, attrs = self.mapping.map_span(span, scope_spans.scope.name, attrs)
                         if span.events:
                             _read_span_events(span, attrs, resource, evaluations)
                         role = _span_role(attrs)

@@ -18,7 +18,7 @@ _CHILD_PIPELINE: SpanPipeline | None = None
 
 
 def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[str, int],
-                value_bounds: Any = None, pii_policy: Any = None) -> None:
+                value_bounds: Any = None, pii_policy: Any = None, mapping_path: str | None = None) -> None:
     global _CHILD_PIPELINE
     from agentwatch.stack import _die_with_parent
 
@@ -40,8 +40,11 @@ def _child_init(pricing_path: str | None, max_text_chars: int, partitions: dict[
     from agentwatch.streams.pii import Redactor
 
     redactor = Redactor(pii_policy) if pii_policy is not None else None
+    from agentwatch.streams.mapping import MappingRules
+
+    mapping = MappingRules.load(mapping_path) if mapping_path else None
     _CHILD_PIPELINE = SpanPipeline(Normalizer(pricing, max_text_chars=max_text_chars, value_bounds=value_bounds,
-                                              redactor=redactor), partitions)
+                                              redactor=redactor, mapping=mapping), partitions)
 
 
 def _child_on_traces(payload: bytes) -> RecordOutcome:
@@ -77,7 +80,8 @@ class NormalizerProcess:
                  on_restart: Callable[[str], None] | None = None,
                  work: Callable[[bytes], RecordOutcome] | None = None) -> None:
         self.initargs = (str(settings.pricing_path) if settings.pricing_path else None, settings.max_text_chars,
-                         dict(partitions), settings.value_bounds, settings.pii_policy())
+                         dict(partitions), settings.value_bounds, settings.pii_policy(),
+                         str(settings.mapping_path) if settings.mapping_path else None)
         self.max_deaths_alone = max_deaths_alone
         self.on_restart = on_restart
         self.work = work or _child_on_traces  # a module-level function: the child imports it by name

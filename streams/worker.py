@@ -20,6 +20,7 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
     from agentwatch.detectors.registry import build_detectors
     from agentwatch.streams.dataflow import Dataflow
     from agentwatch.streams.drift_sampler import DriftSampler, SamplerCounters
+    from agentwatch.streams.mapping import MappingRules
     from agentwatch.streams.normalize import Normalizer
     from agentwatch.streams.pii import Redactor
     from agentwatch.streams.partition_checkpoint import PartitionCheckpointStore
@@ -28,8 +29,10 @@ def build_dataflow(settings: Settings, *, metrics: Any = None, alert_record: Any
 
     partitions = dict(DEFAULT_TOPICS)
     redactor = Redactor(settings.pii_policy())
+    mapping = MappingRules.load(settings.mapping_path) if settings.mapping_path else None
     mapper = SpanPipeline(Normalizer(PricingTable.load(settings.pricing_path), max_text_chars=settings.max_text_chars,
-                                     value_bounds=settings.value_bounds, redactor=redactor), partitions)
+                                     value_bounds=settings.value_bounds, redactor=redactor, mapping=mapping),
+                          partitions)
     counters = SamplerCounters()  # one set of drift-sampling counters for every partition's sampler
 
     def drift_sampler() -> DriftSampler:
