@@ -102,6 +102,8 @@ class AgentTraffic:
         if unknown:
             raise ValueError(f"unknown incidents: {sorted(unknown)}")
         self.rng = random.Random(seed)
+        # Its own generator: the main sequence (and every seeded demo and test) stays as it was.
+        self._pii_rng = random.Random(seed + 1)
         self.incidents = set(incidents)
         self.prompts = prompts or load_prompts()
         self.services = list(services)
@@ -135,6 +137,8 @@ class AgentTraffic:
             domain = "oos"  # users start asking things the bank assistant was never built for
             self._count("drift", now_ns)
         prompt = self.rng.choice(self.prompts.get(domain) or self.prompts["oos"])
+        if self._pii_rng.random() < PII_SHARE:
+            prompt += " " + _personal_detail(user, self._pii_rng)
         tools = list(svc.tools)
         token_scale = 1
         if "cost_spike" in self.incidents and incident_phase and svc.name == self.services[-1].name:
@@ -231,6 +235,18 @@ class AgentTraffic:
     def _count(self, incident: str, now_ns: int) -> None:
         self.stats.incidents[incident] = self.stats.incidents.get(incident, 0) + 1
         self.stats.first_injected_ns.setdefault(incident, now_ns)
+
+
+# Users paste their contact details into chats now and then: the pipeline redacts them
+# (pii_detections, agentwatch_pii_detections_total), so the demo shows that too.
+PII_SHARE = 0.02
+
+
+def _personal_detail(user: str, rng: random.Random) -> str:
+    """A sentence with a (synthetic) e-mail address or phone number, as a user would add it."""
+    if rng.random() < 0.5:
+        return f"you can email me at {user}@example.com"
+    return f"call me back on 010-{rng.randrange(2000, 9999)}-{rng.randrange(1000, 9999)}"
 
 
 def _arguments_for(tool: str, rng: random.Random) -> dict[str, Any]:

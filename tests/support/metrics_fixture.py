@@ -23,7 +23,7 @@ from agentwatch.dashboards.metrics import PipelineMetrics, WorkerStateCollector,
 from agentwatch.detectors.drift import DriftCheck, DriftEvidence, deciding_statistic
 from agentwatch.detectors.vram import VramLeakEvidence
 from agentwatch.streams.drift_sampler import DriftSampler
-from agentwatch.events import Finding, GpuSample, LlmCall, Severity, ToolCall
+from agentwatch.events import Finding, GpuSample, LlmCall, PiiDetection, Severity, ToolCall
 
 # Small enough that the fuzz tool names below overflow it, so the fold path is exercised.
 FIXTURE_MAX_LABEL_SETS = 40
@@ -144,6 +144,8 @@ def feed_deterministic(metrics: PipelineMetrics) -> None:
     metrics.observe_gpu_samples(b.gpu_samples)
     metrics.observe_trace_steps(service="checkout", steps=[2, 3, 3, 5, 8, 21])
     metrics.observe_dead_letter(topic="otlp_spans", reason="undecodable_protobuf", n=2)
+    metrics.observe_pii_detections([PiiDetection(ts=T0, trace_id="t1", span_id="s1", service="checkout",
+                                                 entity_type="EMAIL", field="llm_calls.prompt", count=2)])
     for partition, lag in enumerate((0, 12, 3, 40)):
         metrics.set_consumer_lag("otlp_spans", partition, lag)
     metrics.observe_delivery(destination="slack", ok=True)
@@ -176,6 +178,8 @@ def feed_live_round(metrics: PipelineMetrics, round_no: int) -> None:
     metrics.observe_drift_checks([drift_check("project=live/model=gpt-4o", "drift", ts, {
         "mmd": (0.05 + 0.005 * (round_no % 10), 0.12)})])
     metrics.observe_dead_letter(topic="otlp_spans", reason="undecodable_protobuf")
+    metrics.observe_pii_detections([PiiDetection(ts=ts, trace_id="t", span_id="s", service="live",
+                                                 entity_type="PHONE", field="llm_calls.prompt")])
     metrics.observe_delivery(destination="slack", ok=True)
     metrics.observe_delivery(destination="slack", ok=round_no % 4 != 0)
 
