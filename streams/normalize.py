@@ -274,6 +274,10 @@ class Normalizer:
         # The fields every row of one trace and resource shares, built once per batch for each.
         headers: dict[tuple[str, int], dict[str, Any]] = {}
         remembered = self._llm_parents
+        # The calls the batch's models asked for, by (trace id, call id), and the tool rows whose
+        # own arguments could not be read: these take the requested call's (see _arguments_from_requests).
+        requested: dict[tuple[str, str], dict[str, str]] = {}
+        unresolved: list[dict[str, Any]] = []
 
         for role, span, attrs, resource, trace_id, span_id, parent_id in staged:
             rejected: list[ValueRejection] = []  # the span's own: kept only if its row is
@@ -287,13 +291,15 @@ class Normalizer:
                 if role == "llm":
                     parent_key = (trace_id, parent_id)
                     merged = _merge_ancestors(attrs, parent_key, llm_by_id)
-                    row = self._llm_call(span, merged, header, span_id, parent_id, rejected)
+                    row = self._llm_call(span, merged, header, span_id, parent_id, rejected, requested)
                     batch.llm_call_rows.append(row)
                     if self.parent_memory and parent_key not in remembered:  # first come, first forgotten
                         remembered.put(parent_key, None)
                 elif role == "tool":
                     row = self._tool_call(span, attrs, header, span_id, parent_id, rejected)
                     batch.tool_call_rows.append(row)
+                    if row["call_id"] and (row["arguments_format"] == "unknown" or not row["arguments"]):
+                        unresolved.append(row)
                 else:
                     row = self._agent_step(span, attrs, header, span_id, parent_id, rejected)
                     batch.agent_step_rows.append(row)
@@ -305,6 +311,8 @@ class Normalizer:
                 self._pii_rows(batch.pii_rows, row)
             if rejected:
                 batch.rejections += rejected
+        if unresolved and requested:
+            self._arguments_from_requests(unresolved, requested, batch)
         for event_attrs, span_attrs, resource, trace_id, span_id, time_ns in evaluations:
             header = headers.get((trace_id, id(resource)))
             if header is None:
@@ -344,13 +352,19 @@ class Normalizer:
                 "prompt_name": _str(prompt_name)[:_NAME_CHARS], "prompt_version": _str(prompt_version)[:_NAME_CHARS]}
 
     def _llm_call(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
-                  parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
-        """An :class:`LlmCall` row."""
+                  parent_id: str, rejections: list[ValueRejection],
+                  requested_by_id: dict[tuple[str, str], dict[str, str]]) -> dict[str, Any]:
+        """An :class:`LlmCall` row; the calls it requested are noted in ``requested_by_id`` by id."""
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, cache_write, provider,
          operation, host, ttft_s, ttft_ms, finish, prompt_name, prompt_version,
-         text_in, text_out, image_in, image_out, audio_in, audio_out) = self._llm_fields.values(attrs)
+         text_in, text_out, image_in, image_out, audio_in, audio_out,
+         oi_model, invocation) = self._llm_fields.values(attrs)
         request_model = _str(request_model)
         model = _str(model) or request_model
+        if oi_model is not None or invocation is not None:  # OpenInference
+            model = model or _str(oi_model)
+            request_model = request_model or _invocation_model(invocation) or _str(oi_model)
+            model = model or request_model
         flags: dict[str, str] = {}
         trace_id = header["trace_id"]
         modality = ""
@@ -384,6 +398,9 @@ class Normalizer:
             ttft = self._ttft(ttft_s, ttft_ms, flags, trace_id, span_id, rejections)
         prompt = self._prompt(attrs, span)
         response, requested = _response(attrs, span)
+        for call in requested:
+            if call["id"]:
+                requested_by_id[(trace_id, call["id"])] = call
         status, error = _status(span, attrs)
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         latency = self._latency(start, end, flags, LlmCall.table, trace_id, span_id, rejections)
@@ -546,7 +563,9 @@ class Normalizer:
                    parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
         """A :class:`ToolCall` row."""
         name, host, call_id, arguments, wrapped, result = self._tool_fields.values(attrs)
-        arguments, arguments_format = _tool_arguments(arguments, wrapped)
+        arguments, arguments_format, envelope_call_id = _tool_arguments(arguments, wrapped)
+        result, result_call_id = _tool_result(result)
+        call_id = _str(call_id) or envelope_call_id or result_call_id
         if len(arguments) > self.max_text_chars:
             arguments_format = "unknown"  # the stored text is cut: no longer the whole call
         name = _str(name) or _str(attrs.get(sc.TRACELOOP_ENTITY))
@@ -560,12 +579,37 @@ class Normalizer:
         return {
             **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "host": _str(host) or header["host"], "tool_name": name,
-            "call_id": _str(call_id), "arguments": self._text(arguments, "tool_calls.arguments", header),
+            "call_id": call_id, "arguments": self._text(arguments, "tool_calls.arguments", header),
             "arguments_format": arguments_format,
-            "result": self._text(_str(result), "tool_calls.result", header),
+            "result": self._text(result, "tool_calls.result", header),
             "latency_ms": latency, "status": status, "error": self._text(error, "tool_calls.error", header),
             "invalid_fields": format_flags(flags) if flags else "",
         }
+
+    def _arguments_from_requests(self, rows: list[dict[str, Any]], requested: Mapping[tuple[str, str], dict[str, str]],
+                                 batch: NormalizedBatch) -> None:
+        """Tool rows whose arguments could not be read take those of the call the model requested.
+
+        OpenInference's LangChain instrumentation records a tool's input as LangChain passed it
+        (the bare value ``A-1042``), while an LLM span of the same trace holds the call the model
+        asked for under the same call id. Only a request in this batch is used; a row left
+        without one keeps its ``arguments_format`` ("unknown": not judged).
+        """
+        for row in rows:
+            call = requested.get((row["trace_id"], row["call_id"]))
+            if call is None or (call["name"] and call["name"] != row["tool_name"]):
+                continue
+            found = _object_from_text(call["arguments"]) if len(call["arguments"]) <= self.max_text_chars else None
+            if found is None:
+                continue
+            if self.redactor is not None:  # the detections of the text it replaces no longer count
+                span_id, trace_id = row["span_id"], row["trace_id"]
+                batch.pii_rows[:] = [r for r in batch.pii_rows if not (
+                    r["span_id"] == span_id and r["trace_id"] == trace_id and r["field"] == "tool_calls.arguments")]
+            row["arguments"] = self._text(_dump(found) or "{}", "tool_calls.arguments", row)
+            row["arguments_format"] = "json"
+            if self._found:
+                self._pii_rows(batch.pii_rows, row)
 
     def _agent_step(self, span: Any, attrs: dict[str, Any], header: dict[str, Any], span_id: str,
                     parent_id: str, rejections: list[ValueRejection]) -> dict[str, Any]:
@@ -580,11 +624,15 @@ class Normalizer:
         limit = self._start_ts_limit
         if not limit.low <= start_ts <= limit.high:
             start_ts = _rejected(start_ts, limit, flags, AgentStep.table, trace_id, span_id, rejections)
-        operation = (_str(attrs.get("gen_ai.operation.name")) or _str(attrs.get(sc.OPENINFERENCE_KIND)).lower()
+        oi_kind = _str(attrs.get(sc.OPENINFERENCE_KIND))
+        operation = (_str(attrs.get("gen_ai.operation.name")) or oi_kind.lower()
                      or _str(attrs.get(sc.TRACELOOP_KIND)) or "step")
+        agent = _str(agent) or header["agent"] or _str(attrs.get(sc.TRACELOOP_ENTITY))
+        if not agent and oi_kind.upper() == "AGENT":  # OpenInference names its agents only by span name
+            agent = span.name
         return {
             **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
-            "agent": _str(agent) or header["agent"] or _str(attrs.get(sc.TRACELOOP_ENTITY)),
+            "agent": agent,
             "host": _str(host) or header["host"], "operation": operation,
             "name": span.name, "start_ts": start_ts,
             "latency_ms": latency, "status": status,
@@ -692,7 +740,7 @@ def _span_role(attrs: dict[str, Any]) -> str | None:
         return "tool" if kind == "tool" else "agent"
     if attrs.get("llm.request.type"):
         return "llm"
-    for key in sc.REQUEST_MODEL + sc.RESPONSE_MODEL:
+    for key in _MODEL_KEYS:
         if attrs.get(key):
             return "llm"
     for key in sc.TOOL_NAME:
@@ -702,6 +750,8 @@ def _span_role(attrs: dict[str, Any]) -> str | None:
         return "agent"
     return None
 
+
+_MODEL_KEYS = sc.REQUEST_MODEL + sc.RESPONSE_MODEL + sc.OI_MODEL_NAME
 
 _CONTEXT_FIELDS = (("project", sc.PROJECT[:-1]), ("user", sc.USER), ("session", sc.SESSION), ("agent", sc.AGENT))
 _CONTEXT_KEYS = frozenset(k for _, keys in _CONTEXT_FIELDS for k in keys)
@@ -877,14 +927,23 @@ def _indexed_messages(attrs: dict[str, Any], prefix: str, role_suffix: str, cont
 
 
 def _last_message_text(messages: list[Any], role: str | None) -> str:
-    """Text of the last message with ``role`` (any role when None, else the last message)."""
-    chosen = None
+    """Text of the last message with ``role`` that has text (with None: of the last message).
+
+    With a role, a message of it without text is passed over: after a tool round the last
+    ``user`` message may hold only a ``tool_call_response`` part (pydantic-ai, Anthropic's
+    ``tool_result``), while the prompt is the user's text before it. When no message has the
+    role, the last message is read.
+    """
+    matched = False
     for message in reversed(messages):
         if isinstance(message, dict) and (role is None or message.get("role") == role):
-            chosen = message
-            break
-    if chosen is None:
-        chosen = messages[-1] if isinstance(messages[-1], dict) else {"content": messages[-1]}
+            text = _content_text(message.get("content") if "content" in message else message.get("parts"))
+            if text or role is None:
+                return text
+            matched = True
+    if matched:
+        return ""
+    chosen = messages[-1] if isinstance(messages[-1], dict) else {"content": messages[-1]}
     return _content_text(chosen.get("content") if "content" in chosen else chosen.get("parts"))
 
 
@@ -1044,50 +1103,57 @@ def _finish_reason(value: Any) -> str:
 
 # -- tool arguments ---------------------------------------------------------------------------
 
-def _tool_arguments(direct: Any, wrapped: Any) -> tuple[str, str]:
-    """(arguments as stored, ``arguments_format``) from a tool span's argument attributes.
+def _tool_arguments(direct: Any, wrapped: Any) -> tuple[str, str, str]:
+    """(arguments as stored, ``arguments_format``, call id found in an envelope) from a tool span.
 
     ``direct`` is meant to be the call's JSON object: JSON object text is kept as sent (format
-    ``""``: the detector parses it, and broken JSON there is the caller's). ``wrapped`` comes
+    ``""``: the detector parses it, and broken JSON there is the caller's), unless it is
+    OpenLLMetry's LangChain envelope, which instrumentations also write there. ``wrapped`` comes
     in a framework envelope and is unwrapped. Either may be a Python repr (OpenLIT). What is not
     readable as a JSON object of arguments is kept as sent with format ``"unknown"``.
     """
     if direct is not None and direct != "":
-        value, unwrap = direct, False
+        value, framework = direct, False
     elif wrapped is not None and wrapped != "":
-        value, unwrap = wrapped, True
+        value, framework = wrapped, True
     else:
-        return "", ""
+        return "", "", ""
     if isinstance(value, dict):  # an OTLP kvlist attribute
-        found = _unwrap_arguments(value) if unwrap else value
-        return (_dump(found) or "{}", "json") if isinstance(found, dict) else (_dump(value), "unknown")
+        found, call_id = _unwrap_arguments(value, framework)
+        return ((_dump(found) or "{}", "json", call_id) if isinstance(found, dict)
+                else (_dump(value), "unknown", call_id))
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if not isinstance(value, str):
-        return _str(value), "unknown"  # a list (positional arguments), a number
+        return _str(value), "unknown", ""  # a list (positional arguments), a number
     text = value.lstrip()
     if not text.startswith("{"):
-        if unwrap and text.startswith('"'):  # a JSON string holding the input (OpenInference)
+        if framework and text.startswith('"'):  # a JSON string holding the input (OpenInference)
             inner = _json_value(text)
             if isinstance(inner, str):
                 found = _object_from_text(inner)
                 if found is not None:
-                    return _dump(found) or "{}", "json"
-        return value, "unknown"  # a bare string: no names to check against a schema
+                    return _dump(found) or "{}", "json", ""
+        return value, "unknown", ""  # a bare string: no names to check against a schema
     second = text[1:2]
     if second in (" ", "\n", "\r", "\t"):
         second = text[1:64].lstrip()[:1]
-    if not unwrap and second in ('"', "}"):
-        return value, ""  # JSON object text: the common case, not parsed here
-    parsed = _object_from_text(text)
-    if parsed is None:
-        return value, "unknown"
-    found = _unwrap_arguments(parsed) if unwrap else parsed
+    if not framework and second in ('"', "}"):  # JSON object text: the common case, not parsed here ...
+        if '"input_str"' not in text:
+            return value, "", ""
+        parsed = _json_value(text)  # ... unless it may be the LangChain envelope
+        if not (isinstance(parsed, dict) and _is_langchain_input(parsed)):
+            return value, "", ""
+    else:
+        parsed = _object_from_text(text)
+        if parsed is None:
+            return value, "unknown", ""
+    found, call_id = _unwrap_arguments(parsed, framework)
     if not isinstance(found, dict):
-        return value, "unknown"
+        return value, "unknown", call_id
     if found is parsed and text.startswith('{"'):
-        return value, "json"  # JSON text that is the arguments object itself: kept as sent
-    return _dump(found) or "{}", "json"
+        return value, "json", call_id  # JSON text that is the arguments object itself: kept as sent
+    return _dump(found) or "{}", "json", call_id
 
 
 def _object_from_text(text: str) -> dict[str, Any] | None:
@@ -1107,32 +1173,121 @@ def _object_from_text(text: str) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def _unwrap_arguments(envelope: dict[str, Any]) -> Any:
-    """The call's arguments inside a framework envelope; None when they have no names.
+# OpenLLMetry's LangChain on_tool_start record: {"input_str", "tags", "metadata", "inputs", "kwargs"}.
+_LANGCHAIN_INPUT_KEYS = frozenset({"input_str", "tags", "metadata", "inputs", "kwargs"})
+_LANGCHAIN_INPUT_MARKERS = frozenset({"inputs", "kwargs", "tags"})
 
-    OpenLLMetry LangChain: ``{"input_str": "...", "inputs": {...}, "tags": ..., "metadata": ...}``;
+
+def _is_langchain_input(envelope: dict[str, Any]) -> bool:
+    """Whether a dict is exactly the LangChain envelope: ``input_str`` (text or dict), one of
+    ``inputs``/``kwargs``/``tags`` besides, and no key outside the envelope's. A tool's own
+    arguments could be named so, but not all of these and nothing else."""
+    return ("input_str" in envelope and isinstance(envelope["input_str"], (str, dict))
+            and envelope.keys() <= _LANGCHAIN_INPUT_KEYS and not _LANGCHAIN_INPUT_MARKERS.isdisjoint(envelope))
+
+
+def _unwrap_arguments(envelope: dict[str, Any], framework: bool) -> tuple[Any, str]:
+    """(the call's arguments inside a framework envelope or None when they have no names, call id).
+
+    OpenLLMetry LangChain: ``{"input_str": "...", "inputs": {...}, "tags": ..., "metadata": ...,
+    "kwargs": {"tool_call_id": ...}}``; where ``framework`` (an attribute that holds an envelope),
     OpenLLMetry ``@tool``: ``{"args": [...], "kwargs": {...}}`` (keyword arguments have names;
     positional ones do not, unless the one argument is itself a dict); anything else is the
     arguments object itself.
     """
-    if "input_str" in envelope:
+    if _is_langchain_input(envelope):
+        kwargs = envelope.get("kwargs")
+        call_id = _str(kwargs.get("tool_call_id")) if isinstance(kwargs, dict) else ""
         inputs = envelope.get("inputs")
         if isinstance(inputs, dict) and inputs:
-            return inputs
+            return inputs, call_id
         inner = envelope["input_str"]
         if isinstance(inner, dict):
-            return inner
-        return _object_from_text(inner) if isinstance(inner, str) else None
-    if envelope and envelope.keys() <= {"args", "kwargs"}:
+            return inner, call_id
+        return _object_from_text(inner), call_id
+    if framework and envelope and envelope.keys() <= {"args", "kwargs"}:
         args, kwargs = envelope.get("args") or [], envelope.get("kwargs") or {}
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            return None
+            return None, ""
         if not args:
-            return kwargs
+            return kwargs, ""
         if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
-            return args[0]
+            return args[0], ""
+        return None, ""
+    return envelope, ""
+
+
+def _tool_result(value: Any) -> tuple[str, str]:
+    """(the result as stored, call id found in its envelope) from a tool span's result attribute.
+
+    A JSON string (OpenLLMetry ``@tool`` records ``json.dumps`` of the returned value:
+    ``'"shipped"'``) is decoded; a LangChain ToolMessage serialised by OpenLLMetry or
+    OpenInference gives its content and ``tool_call_id``. Anything else is kept as sent.
+    """
+    if isinstance(value, str):
+        if value[:1] == '"':
+            decoded = _json_value(value)
+            return (decoded, "") if isinstance(decoded, str) else (value, "")
+        if value.startswith(('{"output"', '{"type"')):  # only these envelopes are parsed
+            parsed = _json_value(value)
+            found = _tool_message(parsed) if isinstance(parsed, dict) else None
+            return found if found is not None else (value, "")
+        return value, ""
+    if isinstance(value, dict):  # an OTLP kvlist attribute
+        found = _tool_message(value)
+        if found is not None:
+            return found
+    return _str(value), ""
+
+
+def _tool_message(envelope: dict[str, Any]) -> tuple[str, str] | None:
+    """(content, tool call id) of a serialised LangChain tool result, or None when it is not one.
+
+    OpenInference: ``{"type": "tool", "data": {"content": ..., "tool_call_id": ..., "type": "tool", ...}}``
+    (``message_to_dict``). OpenLLMetry: ``{"output": <returned value>, "kwargs": {...}}``, the
+    value a ToolMessage's constructor form ``{"lc": 1, "type": "constructor", "id": [...,
+    "ToolMessage"], "kwargs": {"content": ..., "tool_call_id": ...}}`` or the tool's own value.
+    """
+    keys = envelope.keys()
+    if keys == _OI_TOOL_MESSAGE_KEYS:
+        data = envelope["data"]
+        if envelope["type"] == "tool" and isinstance(data, dict) and data.get("type") == "tool" and "content" in data:
+            return _message_content(data["content"]), _str(data.get("tool_call_id"))
         return None
-    return envelope
+    if keys == _TRACELOOP_TOOL_OUTPUT_KEYS and isinstance(envelope["kwargs"], dict):
+        output = envelope["output"]
+        if isinstance(output, str):
+            return output, ""
+        if not isinstance(output, dict) or "lc" not in output:  # the tool's own value, as JSON
+            try:
+                return orjson.dumps(output, default=str).decode(), ""
+            except TypeError:  # nested beyond orjson's depth limit
+                return None
+        ids, kwargs = output.get("id"), output.get("kwargs")
+        if (isinstance(ids, list) and ids[-1:] == ["ToolMessage"] and isinstance(kwargs, dict)
+                and "content" in kwargs):
+            return _message_content(kwargs["content"]), _str(kwargs.get("tool_call_id"))
+    return None
+
+
+_OI_TOOL_MESSAGE_KEYS = frozenset({"type", "data"})
+_TRACELOOP_TOOL_OUTPUT_KEYS = frozenset({"output", "kwargs"})
+
+
+def _message_content(content: Any) -> str:
+    """A LangChain message's content: its text, or (content blocks without text) their JSON."""
+    if isinstance(content, str):
+        return content
+    return _content_text(content) or _dump(content)
+
+
+def _invocation_model(value: Any) -> str:
+    """The model requested, from OpenInference's ``llm.invocation_parameters`` (JSON object text)."""
+    parameters = _json_value(value)
+    if not isinstance(parameters, dict):
+        return ""
+    model = parameters.get("model") or parameters.get("model_name")
+    return model if isinstance(model, str) else ""
 
 
 # -- field look-up ----------------------------------------------------------------------------
@@ -1182,7 +1337,8 @@ class _FieldPlans:
 _LLM_FIELDS = (sc.REQUEST_MODEL, sc.RESPONSE_MODEL, sc.INPUT_TOKENS, sc.OUTPUT_TOKENS, sc.CACHE_READ_TOKENS,
                sc.REASONING_TOKENS, sc.CACHE_WRITE_TOKENS, sc.PROVIDER, sc.OPERATION, sc.HOST,
                sc.TIME_TO_FIRST_CHUNK_S, sc.TIME_TO_FIRST_CHUNK_MS, sc.FINISH_REASONS, sc.PROMPT_NAME,
-               sc.PROMPT_VERSION, *((key,) for key, _ in sc.MODALITY_TOKENS))
+               sc.PROMPT_VERSION, *((key,) for key, _ in sc.MODALITY_TOKENS), sc.OI_MODEL_NAME,
+               sc.OI_INVOCATION_PARAMETERS)
 _TOOL_FIELDS = (sc.TOOL_NAME, sc.HOST, sc.TOOL_CALL_ID, sc.TOOL_ARGUMENTS, sc.TOOL_ARGUMENTS_WRAPPED,
                 sc.TOOL_RESULT)
 _STEP_FIELDS = (sc.AGENT, sc.HOST)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 PROVIDER = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
 RESPONSE_MODEL = ("gen_ai.response.model", "llm.response.model")
-REQUEST_MODEL = ("gen_ai.request.model", "llm.request.model", "llm.model_name")
+REQUEST_MODEL = ("gen_ai.request.model", "llm.request.model")
+# OpenInference: the model the response names (``llm.model_name``, "gpt-4o-mini-2024-07-18") and
+# the request's parameters as JSON, whose ``model`` (or ``model_name``) is the model requested.
+OI_MODEL_NAME = ("llm.model_name",)
+OI_INVOCATION_PARAMETERS = ("llm.invocation_parameters",)
 OPERATION = ("gen_ai.operation.name", "llm.request.type")
 
 INPUT_TOKENS = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.usage.prompt_tokens",
@@ -59,6 +63,10 @@ TOOL_ARGUMENTS = ("gen_ai.tool.call.arguments", "tool_call.function.arguments", 
 # its LangChain {"input_str": ..., "inputs": ..., "tags": ..., "metadata": ...}; OpenInference's
 # function input or LangChain's bare input string.
 TOOL_ARGUMENTS_WRAPPED = ("traceloop.entity.input", "input.value")
+# The result as sent, or in an envelope that is unwrapped: OpenLLMetry's JSON text of the
+# returned value ('"shipped"'), the LangChain instrumentations' serialised ToolMessage
+# (OpenLLMetry: {"output": {..., "kwargs": {"content": ...}}, "kwargs": ...}; OpenInference:
+# {"type": "tool", "data": {"content": ..., "tool_call_id": ...}}).
 TOOL_RESULT = ("gen_ai.tool.call.result", "output.value", "traceloop.entity.output", "ai.toolCall.result",
                "ai.toolCall.output")
 

@@ -28,20 +28,8 @@ from agentwatch.streams.pricing import PricingTable
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "frameworks"
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))
 
-# (test, fixture) pairs left out until the normaliser reads these shapes (issue 16, part 2).
-NOT_YET_MAPPED: dict[str, frozenset[str]] = {
-    # pydantic-ai: the last role=user message of gen_ai.input.messages holds only a
-    # tool_call_response part, so the prompt after a tool round reads "".
-    "test_prompt_is_the_last_user_text": frozenset({"pydantic_ai"}),
-    # OpenInference LangChain: the TOOL span's input.value is the bare value "A-1042".
-    # OpenLLMetry LangChain: gen_ai.tool.call.arguments is its envelope {"input_str": ..., "inputs": {...}, ...}.
-    "test_tool_calls_carry_the_arguments_the_model_sent": frozenset({"openinference_langchain",
-                                                                      "openllmetry_langchain"}),
-    # OpenLLMetry @tool: traceloop.entity.output is JSON text ('"shipped"'); the LangChain
-    # instrumentations serialise the ToolMessage around the result.
-    "test_tool_calls_carry_the_result": frozenset({"openllmetry", "openinference_langchain",
-                                                   "openllmetry_langchain"}),
-}
+# (test, fixture) pairs left out until the normaliser reads these shapes (issue 16, part 2): none now.
+NOT_YET_MAPPED: dict[str, frozenset[str]] = {}
 
 
 def cases(test: str) -> list[str]:
@@ -96,6 +84,12 @@ def test_tokens_model_and_cost(name):
         assert row["model"] == call["response_model"]
         expected = (call["input_tokens"] * price.input + call["output_tokens"] * price.output) / 1e6
         assert row["priced"] and row["cost_usd"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", cases("test_request_model"))
+def test_request_model(name):
+    c = capture(name)
+    assert [row["request_model"] for row in c.llm_rows] == [call["request_model"] for call in c.manifest["calls"]]
 
 
 @pytest.mark.parametrize("name", cases("test_prompt_is_the_last_user_text"))

@@ -260,3 +260,190 @@ def test_vercel_ai_sdk_declared_and_requested_tools():
                                                         "toolName": "weather", "args": '{"city":"Rome"}'}])})
     assert json.loads(call.tool_definitions) == [{"name": "weather", "parameters": tool["parameters"]}]
     assert json.loads(call.requested_tool_calls) == [{"name": "weather", "arguments": '{"city":"Rome"}', "id": "c1"}]
+
+
+# -- framework shapes seen in the captured fixtures (tests/fixtures/frameworks) ------------------
+
+def _messages(*messages):
+    return json.dumps(list(messages))
+
+
+@pytest.mark.parametrize("messages,prompt", [
+    # pydantic-ai after a tool round: the last user message holds only the tool's response
+    (_messages({"role": "user", "parts": [{"type": "text", "content": "Where is my order A-1042?"}]},
+               {"role": "assistant", "parts": [{"type": "tool_call", "id": "c1", "name": "get_order_status",
+                                                "arguments": {"order_id": "A-1042"}}]},
+               {"role": "user", "parts": [{"type": "tool_call_response", "id": "c1", "name": "get_order_status",
+                                           "result": "shipped"}]}), "Where is my order A-1042?"),
+    # Anthropic-style content blocks: a tool_result in a user message
+    (_messages({"role": "user", "content": "First question"},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "42"}]}),
+     "First question"),
+    # the last user message with text wins over an earlier one
+    (_messages({"role": "user", "content": "old"}, {"role": "assistant", "content": "a"},
+               {"role": "user", "parts": [{"type": "text", "content": "new"}]}), "new"),
+    # no user text at all: nothing, not a tool result
+    (_messages({"role": "user", "parts": [{"type": "tool_call_response", "id": "c1", "result": "shipped"}]}), ""),
+])
+def test_prompt_is_the_last_user_message_with_text(messages, prompt):
+    assert _call({"gen_ai.input.messages": messages}).prompt == prompt
+
+
+_OI_TOOL_OUTPUT = json.dumps({"type": "tool", "data": {
+    "content": "shipped", "additional_kwargs": {}, "response_metadata": {}, "type": "tool",
+    "name": "get_order_status", "id": None, "tool_call_id": "call_A1042", "artifact": None, "status": "success"}})
+_OI_TOOL = {"openinference.span.kind": "TOOL", "tool.name": "get_order_status", "input.value": "A-1042",
+            "output.value": _OI_TOOL_OUTPUT, "output.mime_type": "application/json"}
+
+
+def _oi_llm(name="get_order_status", arguments='{"order_id": "A-1042"}', call_id="call_A1042"):
+    prefix = "llm.output_messages.0.message."
+    return {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-mini-2024-07-18",
+            prefix + "role": "assistant", prefix + "tool_calls.0.tool_call.id": call_id,
+            prefix + "tool_calls.0.tool_call.function.name": name,
+            prefix + "tool_calls.0.tool_call.function.arguments": arguments}
+
+
+def _agent_run(llm_attrs, tool_attrs, tool_first=False, normalizer=None):
+    """An agent span with an LLM child (asking for the call) and a tool child, in one request."""
+    def build(tracer):
+        root = tracer.start_span("support_agent", attributes={"openinference.span.kind": "AGENT"},
+                                 start_time=100 * SECOND)
+        children = [(timed_span, "ChatOpenAI", llm_attrs, 101.0, 102.0),
+                    (timed_span, "get_order_status", tool_attrs, 102.5, 103.0)]
+        for make, name, attrs, start, end in (reversed(children) if tool_first else children):
+            if attrs is not None:
+                make(tracer, name, attrs, start, end, parent=root)
+        root.end(end_time=104 * SECOND)
+    return normalize(spans_payload(build)[0], normalizer)
+
+
+@pytest.mark.parametrize("tool_first", [False, True])
+def test_openinference_langchain_tool_takes_the_requested_arguments_of_its_call(tool_first):
+    batch = _agent_run(_oi_llm(), _OI_TOOL, tool_first=tool_first)
+    tool = _one(batch.tool_calls)
+    assert (tool.tool_name, tool.call_id, tool.arguments, tool.arguments_format, tool.result) == (
+        "get_order_status", "call_A1042", '{"order_id":"A-1042"}', "json", "shipped")
+
+
+@pytest.mark.parametrize("llm_attrs", [
+    None,  # the request is in another batch (or never came)
+    _oi_llm(call_id="call_other"),  # another call
+    _oi_llm(name="cancel_order"),  # same id, another tool: not this call
+    _oi_llm(arguments="A-1042"),  # the request's arguments are not an object either
+])
+def test_openinference_langchain_tool_without_its_request_stays_unknown(llm_attrs):
+    tool = _one(_agent_run(llm_attrs, _OI_TOOL).tool_calls)
+    assert (tool.call_id, tool.arguments, tool.arguments_format, tool.result) == (
+        "call_A1042", "A-1042", "unknown", "shipped")
+
+
+def test_requested_arguments_taken_by_a_tool_are_redacted_and_counted_once():
+    from agentwatch.streams.pii import PiiPolicy, Redactor
+
+    normalizer = Normalizer(pricing(), redactor=Redactor(PiiPolicy()))
+    tool_attrs = {**_OI_TOOL, "input.value": "jane.doe@example.com"}
+    batch = _agent_run(_oi_llm(arguments='{"email": "jane.doe@example.com"}'), tool_attrs, normalizer=normalizer)
+    tool = _one(batch.tool_call_rows)
+    assert tool["arguments_format"] == "json" and "jane.doe@example.com" not in tool["arguments"]
+    assert "EMAIL" in json.loads(tool["arguments"])["email"]
+    assert sorted((r["field"], r["count"]) for r in batch.pii_rows if r["span_id"] == tool["span_id"]) == [
+        ("tool_calls.arguments", 1)]
+
+
+_LANGCHAIN_ENVELOPE = json.dumps({"input_str": "{'order_id': 'A-1042'}", "tags": [], "metadata": {},
+                                  "inputs": {"order_id": "A-1042"},
+                                  "kwargs": {"color": "green", "name": None, "tool_call_id": "call_A1042"}})
+
+
+@pytest.mark.parametrize("attrs,arguments,fmt,call_id", [
+    # OpenLLMetry LangChain writes its envelope to the current attribute too
+    ({"gen_ai.tool.call.arguments": _LANGCHAIN_ENVELOPE, "traceloop.entity.input": _LANGCHAIN_ENVELOPE},
+     '{"order_id":"A-1042"}', "json", "call_A1042"),
+    ({"traceloop.span.kind": "tool", "traceloop.entity.input": _LANGCHAIN_ENVELOPE},
+     '{"order_id":"A-1042"}', "json", "call_A1042"),
+    # no structured inputs: the Python repr in input_str
+    ({"gen_ai.tool.call.arguments": json.dumps({"input_str": "{'order_id': 'A-1042'}", "inputs": {},
+                                                "kwargs": {"tool_call_id": "c9"}})},
+     '{"order_id":"A-1042"}', "json", "c9"),
+    # a bare input string: unknown, but the call id is read
+    ({"gen_ai.tool.call.arguments": json.dumps({"input_str": "A-1042", "tags": [], "kwargs": {"tool_call_id": "c9"}})},
+     json.dumps({"input_str": "A-1042", "tags": [], "kwargs": {"tool_call_id": "c9"}}), "unknown", "c9"),
+    # a tool whose own arguments are named input_str: not the envelope, kept as sent
+    ({"gen_ai.tool.call.arguments": '{"input_str": "abc"}'}, '{"input_str": "abc"}', "", ""),
+    ({"gen_ai.tool.call.arguments": '{"input_str": "abc", "tags": ["x"], "limit": 3}'},
+     '{"input_str": "abc", "tags": ["x"], "limit": 3}', "", ""),
+    ({"gen_ai.tool.call.arguments": '{"input_str": 5, "tags": []}'}, '{"input_str": 5, "tags": []}', "", ""),
+    # broken JSON that mentions the key stays the caller's to judge
+    ({"gen_ai.tool.call.arguments": '{"input_str": "abc", "tags": '}, '{"input_str": "abc", "tags": ', "", ""),
+])
+def test_openllmetry_langchain_envelope_is_unwrapped_strictly(attrs, arguments, fmt, call_id):
+    tool = _tool({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "t", **attrs})
+    assert (tool.arguments, tool.arguments_format, tool.call_id) == (arguments, fmt, call_id)
+
+
+_TOOL_MESSAGE = {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "ToolMessage"],
+                 "kwargs": {"content": "shipped", "type": "tool", "name": "get_order_status",
+                            "tool_call_id": "call_A1042", "status": "success"}}
+
+
+@pytest.mark.parametrize("attrs,result,call_id", [
+    # OpenLLMetry @tool: json.dumps of the returned value
+    ({"traceloop.entity.output": '"shipped"'}, "shipped", ""),
+    ({"traceloop.entity.output": '"say \\"hi\\""'}, 'say "hi"', ""),
+    ({"traceloop.entity.output": '{"status": "shipped"}'}, '{"status": "shipped"}', ""),
+    ({"traceloop.entity.output": '"unterminated'}, '"unterminated', ""),
+    # OpenLLMetry LangChain: the ToolMessage in its envelope, on both attributes
+    ({"gen_ai.tool.call.result": json.dumps({"output": _TOOL_MESSAGE, "kwargs": {"tags": []}})}, "shipped",
+     "call_A1042"),
+    # ... or the tool's own value when it was run without a tool call
+    ({"traceloop.entity.output": json.dumps({"output": "shipped", "kwargs": {}})}, "shipped", ""),
+    ({"traceloop.entity.output": json.dumps({"output": {"status": "shipped"}, "kwargs": {}})},
+     '{"status":"shipped"}', ""),
+    # OpenInference LangChain: message_to_dict of the ToolMessage
+    ({"output.value": _OI_TOOL_OUTPUT}, "shipped", "call_A1042"),
+    # look-alikes that are not those envelopes: kept as sent
+    ({"gen_ai.tool.call.result": '{"type": "order", "data": {"content": "x"}}'},
+     '{"type": "order", "data": {"content": "x"}}', ""),
+    ({"gen_ai.tool.call.result": '{"output": "x", "kwargs": {}, "more": 1}'}, '{"output": "x", "kwargs": {}, "more": 1}',
+     ""),
+    ({"gen_ai.tool.call.result": "shipped"}, "shipped", ""),
+])
+def test_tool_results_are_unwrapped(attrs, result, call_id):
+    tool = _tool({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "t", **attrs})
+    assert (tool.result, tool.call_id) == (result, call_id)
+
+
+def test_a_tool_call_id_attribute_wins_over_the_envelopes():
+    tool = _tool({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "t", "gen_ai.tool.call.id": "own",
+                  "gen_ai.tool.call.arguments": _LANGCHAIN_ENVELOPE, "output.value": _OI_TOOL_OUTPUT})
+    assert tool.call_id == "own"
+
+
+@pytest.mark.parametrize("attrs,request_model,model", [
+    # OpenInference: llm.model_name is what the response named; the request is in the parameters
+    ({"llm.model_name": "gpt-4o-mini-2024-07-18", "llm.invocation_parameters": '{"model": "gpt-4o-mini"}'},
+     "gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+    ({"llm.model_name": "gpt-4o-mini-2024-07-18",
+      "llm.invocation_parameters": '{"model_name": "gpt-4o-mini", "temperature": 0}'},
+     "gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+    ({"llm.model_name": "gpt-4o-mini-2024-07-18"}, "gpt-4o-mini-2024-07-18", "gpt-4o-mini-2024-07-18"),
+    ({"llm.model_name": "gpt-4o", "llm.invocation_parameters": "not json"}, "gpt-4o", "gpt-4o"),
+    ({"llm.model_name": "gpt-4o", "llm.invocation_parameters": '{"model": 3}'}, "gpt-4o", "gpt-4o"),
+    # the semconv request model, where sent, wins
+    ({"gen_ai.request.model": "gpt-4o", "llm.model_name": "gpt-4o-2024-08-06",
+      "llm.invocation_parameters": '{"model": "other"}'}, "gpt-4o", "gpt-4o"),
+])
+def test_openinference_request_model_comes_from_the_invocation_parameters(attrs, request_model, model):
+    call = _one(_llm({"openinference.span.kind": "LLM", **attrs}).llm_calls)
+    assert (call.request_model, call.model) == (request_model, model)
+
+
+def test_openinference_agent_span_is_named_by_its_span_name():
+    def build(tracer):
+        timed_span(tracer, "support_agent", {"openinference.span.kind": "AGENT"}, 100.0, 101.0)
+        timed_span(tracer, "named", {"openinference.span.kind": "AGENT", "agent.name": "triage"}, 100.0, 101.0)
+        timed_span(tracer, "RunnableSequence", {"openinference.span.kind": "CHAIN"}, 100.0, 101.0)
+    steps = {s.name: s for s in normalize(spans_payload(build)[0]).agent_steps}
+    assert (steps["support_agent"].agent, steps["named"].agent, steps["RunnableSequence"].agent) == (
+        "support_agent", "triage", "")
