@@ -1,7 +1,7 @@
 """Grafana dashboards as code, built with ``grafana-foundation-sdk``.
 
 Four dashboards read the metrics of :mod:`agentwatch.dashboards.metrics`: Overview
-(throughput, tokens, cost, errors, lag, dead letters), Drift (score vs threshold per key),
+(throughput, tokens, cost, errors, lag, dead letters, managed prompts by version), Drift (score vs threshold per key),
 Agents (loops, hallucinated tools, steps per trace) and GPU (VRAM per device/process, slope,
 time to OOM). Each carries two alert annotation sources: the annotations agentwatch's Grafana
 notifier posts (tag :data:`ALERT_TAG`) and critical findings straight from Prometheus.
@@ -74,6 +74,9 @@ _DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 _GRAFANA_DS = DataSourceRef(type_val="grafana", uid="-- Grafana --")
 _RATE = "$__rate_interval"
 _LLM_FILTER = 'service=~"$service",project=~"$project"'
+_PROMPT_FILTER = 'service=~"$service",prompt=~"$prompt"'
+_BY_PROMPT = "sum by (service, prompt, version)"
+_PROMPT_LEGEND = "{{service}} {{prompt}} {{version}}"
 
 
 # -- small typed helpers over the SDK builders ---------------------------------------------
@@ -145,11 +148,13 @@ def _base(title: str, uid: str, description: str) -> Dashboard:
 # -- the dashboards ----------------------------------------------------------------------
 
 def overview_dashboard() -> dict[str, Any]:
-    """Throughput, tokens, cost by model/project, errors, lag, dead letters, notifications."""
+    """Throughput, tokens, cost by model/project, errors, lag, dead letters, notifications;
+    cost per call, latency and error ratio by prompt name and version."""
     d = (_base("agentwatch / Overview", "agentwatch-overview",
                "Pipeline throughput and LLM usage, cost and errors.")
          .with_variable(_label_variable("service", "agentwatch_llm_calls_total"))
          .with_variable(_label_variable("project", "agentwatch_llm_calls_total"))
+         .with_variable(_label_variable("prompt", "agentwatch_prompt_calls_total"))
          .with_row(Row("Throughput"))
          .with_panel(_stat("Spans / s", "ops", [_q(
              f'sum(rate(agentwatch_spans_total{{topic="otlp_spans"}}[{_RATE}]))', "spans/s")]))
@@ -228,7 +233,28 @@ def overview_dashboard() -> dict[str, Any]:
          .with_panel(_timeseries("Label sets folded into \"other\" / s", "ops", [_q(
              f"sum by (metric) (rate(agentwatch_metric_label_sets_folded_total[{_RATE}]))",
              "{{metric}}")], description="Non-zero means a family hit its cardinality cap; "
-                                         "raise max_label_sets or fix the label source.")))
+                                         "raise max_label_sets or fix the label source."))
+         # Last, so the panel ids alert links point at stay where they were.
+         .with_row(Row("Prompts"))
+         .with_panel(_timeseries("LLM calls / s by prompt and version", "ops", [_q(
+             f"{_BY_PROMPT} (rate(agentwatch_prompt_calls_total{{{_PROMPT_FILTER}}}[{_RATE}]))",
+             _PROMPT_LEGEND)], stacked=True,
+             description="Calls of managed prompts (gen_ai.prompt.name / gen_ai.prompt.version, "
+                         "Langfuse, OpenLLMetry): a rollout shows as one version replacing another."))
+         .with_panel(_timeseries("Cost per call by prompt and version", "currencyUSD", [_q(
+             f"{_BY_PROMPT} (rate(agentwatch_prompt_cost_usd_total{{{_PROMPT_FILTER}}}[{_RATE}])) / "
+             f"{_BY_PROMPT} (rate(agentwatch_prompt_calls_total{{{_PROMPT_FILTER}}}[{_RATE}]))",
+             _PROMPT_LEGEND)]))
+         .with_panel(_timeseries("LLM latency p95 by prompt and version", "s", [_q(
+             "histogram_quantile(0.95, sum by (le, service, prompt, version) (rate("
+             f"agentwatch_prompt_latency_seconds_bucket{{{_PROMPT_FILTER}}}[{_RATE}])))",
+             _PROMPT_LEGEND)]))
+         .with_panel(_timeseries("LLM error ratio by prompt and version", "percentunit", [_q(
+             f"{_BY_PROMPT} (rate(agentwatch_prompt_errors_total{{{_PROMPT_FILTER}}}[{_RATE}])) / "
+             f"{_BY_PROMPT} (rate(agentwatch_prompt_calls_total{{{_PROMPT_FILTER}}}[{_RATE}]))",
+             _PROMPT_LEGEND)],
+             description="The prompt_version_regression detector compares these (and evaluation "
+                         "scores) between a prompt's versions.")))
     return to_json(d)
 
 

@@ -5,7 +5,7 @@
 method aggregates its batch in a plain dict first and then touches every labelled child once.
 
 Label cardinality is bounded, because label values come from untrusted telemetry (service,
-model, project, tool names and detector keys are whatever apps send):
+model, project, tool and prompt names, prompt versions and detector keys are whatever apps send):
 
 - counters and histograms admit at most ``max_label_sets`` distinct label sets per family; a
   later label set keeps its fixed-vocabulary labels (``direction``, ``status``, ``severity``)
@@ -54,6 +54,9 @@ PROCESSING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
                       1.0, 2.5, 5.0, 10.0, 30.0)
 # Steps (model + tool calls) per finished agent trace; loops show up in the top buckets.
 TRACE_STEP_BUCKETS = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144)
+# Model call latency: a cached short answer takes ~100 ms, a long reasoning call minutes; the
+# SLO detector's default p95 threshold (20 s) is a bucket edge.
+LLM_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 TOKEN_DIRECTIONS = ("input", "output", "cache_read", "reasoning")
 _CALL_STATUSES = frozenset({"ok", "error"})
@@ -223,6 +226,20 @@ class PipelineMetrics:
             counter("agentwatch_llm_tokens_total", "Tokens by direction (input, output, "
                     "cache_read, reasoning).", [*llm_labels, "direction"]),
             fixed=(False, False, False, True))
+        # Managed prompts only (LlmCall.prompt_name set), so a prompt version's cost per call,
+        # latency and error ratio can be compared with the version before it.
+        prompt_labels = ["service", "prompt", "version"]
+        self._prompts = counters(
+            counter("agentwatch_prompt_calls_total", "Model invocations of managed prompts "
+                    "(gen_ai.prompt.name), by prompt name and version.", prompt_labels),
+            counter("agentwatch_prompt_cost_usd_total", "Cost of model invocations of managed "
+                    "prompts in US dollars (0 for unpriced models).", prompt_labels),
+            counter("agentwatch_prompt_errors_total", "Model invocations of managed prompts "
+                    "that failed.", prompt_labels),
+            Histogram("agentwatch_prompt_latency_seconds", "Latency of model invocations of "
+                      "managed prompts.", prompt_labels, buckets=LLM_LATENCY_BUCKETS,
+                      registry=registry),
+            fixed=(False, False, False))
         self._tools = counters(
             counter("agentwatch_tool_calls_total", "Tool executions by status.",
                     ["service", "tool", "status"]),
@@ -330,10 +347,14 @@ class PipelineMetrics:
             self._pii.children((self._label(d.entity_type), self._label(d.service), self._label(d.field)))[0].inc(d.count)
 
     def observe_llm_calls(self, calls: Sequence[LlmCall]) -> None:
-        """Count calls, tokens by direction, cost and errors per service/model/project."""
+        """Count calls, tokens by direction, cost and errors per service/model/project; and
+        calls, cost, errors and latency per service/prompt/version for managed prompts."""
         # [calls, errors, unpriced, cost, input, output, cache_read, reasoning]
         totals: dict[tuple[str, str, str], list[float]] = {}
+        prompted: list[LlmCall] = []
         for call in calls:
+            if call.prompt_name:
+                prompted.append(call)
             key = (call.service, call.model, call.project)
             acc = totals.get(key)
             if acc is None:
@@ -362,6 +383,36 @@ class PipelineMetrics:
             for direction, amount in zip(TOKEN_DIRECTIONS, acc[4:]):
                 if amount > 0:
                     self._llm_tokens.children((*labels, direction))[0].inc(amount)
+        if prompted:
+            self._observe_prompts(prompted)
+
+    def _observe_prompts(self, calls: Sequence[LlmCall]) -> None:
+        # (service, prompt, version) -> [calls, errors, cost, latencies in seconds]
+        totals: dict[tuple[str, str, str], list[Any]] = {}
+        for call in calls:
+            key = (call.service, call.prompt_name, call.prompt_version)
+            acc = totals.get(key)
+            if acc is None:
+                acc = totals[key] = [0, 0, 0.0, []]
+            acc[0] += 1
+            if call.status == "error":
+                acc[1] += 1
+            acc[2] += call.cost_usd
+            latency = call.latency_ms
+            # A latency nulled as implausible (invalid_fields says so) is no observation.
+            if latency is not None and not (call.invalid_fields and "latency_ms:" in call.invalid_fields):
+                acc[3].append(latency / 1000.0)
+        label = self._label
+        for (service, prompt, version), (n, errors, cost, latencies) in totals.items():
+            calls_c, cost_c, errors_c, latency_h = self._prompts.children(
+                (label(service), label(prompt), label(version)))
+            calls_c.inc(n)
+            if errors:
+                errors_c.inc(errors)
+            if cost > 0:
+                cost_c.inc(cost)
+            for seconds in latencies:
+                latency_h.observe(max(seconds, 0.0))
 
     def observe_tool_calls(self, calls: Sequence[ToolCall]) -> None:
         """Count tool executions per service/tool/status."""

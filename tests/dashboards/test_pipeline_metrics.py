@@ -357,3 +357,63 @@ def test_findings_without_readable_evidence_are_counted_and_touch_no_gauge(reg):
     assert not [s for family in reg.collect() if family.name.startswith(("agentwatch_drift",
                                                                           "agentwatch_vram"))
                 for s in family.samples]
+
+
+def test_prompt_families_count_managed_prompts_per_service_prompt_and_version(reg):
+    m = PipelineMetrics(reg)
+    m.observe_llm_calls([
+        _call(1, service="shop", model="gpt-4o", prompt_name="support", prompt_version="3",
+              cost_usd=0.25, priced=True, latency_ms=400.0),
+        _call(2, service="shop", model="gpt-4o-mini", prompt_name="support", prompt_version="3",
+              cost_usd=0.5, priced=True, latency_ms=3000.0, status="error"),
+        _call(3, service="shop", model="gpt-4o", prompt_name="support", prompt_version="4",
+              latency_ms=12_000.0),
+        # Not a managed prompt: no prompt series at all.
+        _call(4, service="shop", model="gpt-4o", cost_usd=9.0, priced=True, latency_ms=50.0),
+        # Nulled as implausible: counted, no latency observation.
+        _call(5, service="shop", prompt_name="support", prompt_version="4",
+              invalid_fields="latency_ms:out_of_bounds"),
+        # A name without a version (Langfuse without a label, say).
+        _call(6, service="shop", prompt_name="triage", latency_ms=100.0),
+    ])
+    v3 = {"service": "shop", "prompt": "support", "version": "3"}
+    v4 = {**v3, "version": "4"}
+    v = reg.get_sample_value
+    assert v("agentwatch_prompt_calls_total", v3) == 2
+    assert v("agentwatch_prompt_errors_total", v3) == 1
+    assert v("agentwatch_prompt_cost_usd_total", v3) == pytest.approx(0.75)
+    assert v("agentwatch_prompt_latency_seconds_count", v3) == 2
+    assert v("agentwatch_prompt_latency_seconds_sum", v3) == pytest.approx(3.4)
+    assert v("agentwatch_prompt_latency_seconds_bucket", {**v3, "le": "0.5"}) == 1
+    assert v("agentwatch_prompt_latency_seconds_bucket", {**v3, "le": "5.0"}) == 2
+    assert v("agentwatch_prompt_calls_total", v4) == 2
+    assert v("agentwatch_prompt_errors_total", v4) == 0  # a zero series, not "no data"
+    assert v("agentwatch_prompt_cost_usd_total", v4) == 0
+    assert v("agentwatch_prompt_latency_seconds_count", v4) == 1
+    assert v("agentwatch_prompt_latency_seconds_bucket", {**v4, "le": "10.0"}) == 0
+    assert v("agentwatch_prompt_latency_seconds_bucket", {**v4, "le": "20.0"}) == 1
+    assert v("agentwatch_prompt_calls_total", {"service": "shop", "prompt": "triage",
+                                               "version": "unknown"}) == 1
+    calls = [s for fam in reg.collect() if fam.name == "agentwatch_prompt_calls"
+             for s in fam.samples if s.name.endswith("_total")]
+    assert len(calls) == 3
+    # The model families still count every call.
+    assert v("agentwatch_llm_calls_total", {"service": "shop", "model": "gpt-4o",
+                                            "project": "unknown"}) == 3
+
+
+def test_prompt_families_fold_beyond_cap_and_cut_long_labels(reg):
+    m = PipelineMetrics(reg, max_label_sets=2, max_label_value_length=10)
+    m.observe_llm_calls([_call(i, service="s", prompt_name=f"prompt-{i}-" + "x" * 40,
+                               prompt_version=str(i), latency_ms=1000.0, status="error")
+                         for i in range(5)])
+    v = reg.get_sample_value
+    assert v("agentwatch_prompt_calls_total", {"service": "s", "prompt": "prompt-0-x",
+                                               "version": "0"}) == 1
+    other = {"service": "other", "prompt": "other", "version": "other"}
+    assert v("agentwatch_prompt_calls_total", other) == 3
+    assert v("agentwatch_prompt_errors_total", other) == 3
+    assert v("agentwatch_prompt_latency_seconds_count", other) == 3
+    assert v("agentwatch_metric_label_sets_folded_total",
+             {"metric": "agentwatch_prompt_calls"}) == 3
+    assert v("agentwatch_metric_label_sets_folded_total", {"metric": "agentwatch_llm_calls"}) == 0

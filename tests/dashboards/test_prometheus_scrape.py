@@ -31,7 +31,7 @@ USES_FIXTURE = "tests.support.metrics_fixture" in METRICS_PROCESS_COMMAND
 SCRAPES_BEFORE_QUERYING = 6
 # What Grafana would substitute: one value per template variable ("All" is ".*").
 GRAFANA_VARIABLES = {"$__rate_interval": "10s", "$__range": "1m", "$service": ".*",
-                     "$project": ".*", "$key": ".*", "$host": ".*"}
+                     "$project": ".*", "$prompt": ".*", "$key": ".*", "$host": ".*"}
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +143,24 @@ def test_scraped_values_match_the_fed_events(prometheus):
     got = {r["metric"]["model"]: float(r["value"][1]) for r in _query(
         prometheus, 'sum by (model) (agentwatch_llm_errors_total{service="checkout"})')}
     assert got == {model: float(n) for model, n in errors_by_model.items()}
+
+    calls_by_version: dict[str, int] = defaultdict(int)
+    cost_by_version: dict[str, float] = defaultdict(float)
+    for call in batches.llm_calls:
+        if call.prompt_name:
+            calls_by_version[call.prompt_version] += 1
+            cost_by_version[call.prompt_version] += call.cost_usd
+    assert len(calls_by_version) == 2
+    prompt = '{service="checkout",prompt="checkout-assistant"}'
+    got = {r["metric"]["version"]: float(r["value"][1]) for r in _query(
+        prometheus, f"sum by (version) (agentwatch_prompt_calls_total{prompt})")}
+    assert got == {version: float(n) for version, n in calls_by_version.items()}
+    got = {r["metric"]["version"]: float(r["value"][1]) for r in _query(
+        prometheus, f"sum by (version) (agentwatch_prompt_cost_usd_total{prompt})")}
+    assert got == pytest.approx(cost_by_version)
+    got = {r["metric"]["version"]: float(r["value"][1]) for r in _query(
+        prometheus, f"sum by (version) (agentwatch_prompt_latency_seconds_count{prompt})")}
+    assert got == {version: float(n) for version, n in calls_by_version.items()}
 
     last_device = [s for s in batches.gpu_samples if s.pid == 0][-1]
     (device,) = _query(prometheus, 'agentwatch_vram_used_bytes{host="gpu-a",pid="0"}')

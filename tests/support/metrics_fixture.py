@@ -78,7 +78,11 @@ def deterministic_batches() -> Batches:
             cache_read_tokens=10 if i % 5 == 0 else 0,
             reasoning_tokens=5 if model == "gpt-4o" else 0,
             cost_usd=round(price * (100 + 7 * i) / 100, 6), priced=price > 0,
-            status="error" if i % 10 == 9 else "ok", error="timeout" if i % 10 == 9 else ""))
+            status="error" if i % 10 == 9 else "ok", error="timeout" if i % 10 == 9 else "",
+            # Two in three calls use a managed prompt, version 3 before version 4.
+            prompt_name="checkout-assistant" if i % 3 else "",
+            prompt_version=("3" if i < 15 else "4") if i % 3 else "",
+            latency_ms=400.0 + 50.0 * i))
     for i in range(24):
         b.tool_calls.append(ToolCall(
             ts=T0 + i, trace_id=f"{i // 4:032x}", span_id=f"{100 + i:016x}", service="checkout",
@@ -157,7 +161,9 @@ def feed_live_round(metrics: PipelineMetrics, round_no: int) -> None:
     ts = T0 + 1000 + round_no
     calls = [LlmCall(ts=ts, trace_id=f"{round_no:032x}", span_id=f"{k:016x}", service="live",
                      project="shop", model="gpt-4o", input_tokens=50, output_tokens=10,
-                     cost_usd=0.001, priced=True, status="error" if k == 0 else "ok")
+                     cost_usd=0.001, priced=True, status="error" if k == 0 else "ok",
+                     prompt_name="live-assistant", prompt_version=f"{1 + k % 2}",
+                     latency_ms=300.0 + 100.0 * k + 10.0 * (round_no % 7))
              for k in range(3)]
     tools = [ToolCall(ts=ts, trace_id=f"{round_no:032x}", span_id=f"{10 + k:016x}",
                       service="live", tool_name="search", status="error" if k == 0 else "ok")
