@@ -22,6 +22,8 @@ DEFAULT_TOPICS: Mapping[str, int] = {
     "llm_calls": 8,
     "tool_calls": 8,
     "agent_steps": 8,
+    # Tools declared on log records, for the trace stage: co-partitioned with the three above.
+    "tool_declarations": 8,
     "llm_messages": 4,
     "gpu_samples": 2,
     # Usage records for the aggregate detectors, partitioned by the field each declares.

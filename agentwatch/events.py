@@ -148,6 +148,23 @@ class LlmMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolDeclaration:
+    """Tools declared to a model on a log record rather than its span (the
+    ``gen_ai.client.inference.operation.details`` event): carried to the trace stage so the
+    trace's calls are judged against them. Not a table of its own: the declaration is stored
+    as its ``llm_messages`` row (role ``tool_definitions``).
+    """
+
+    table: ClassVar[str] = "tool_declarations"
+
+    ts: float
+    trace_id: str
+    span_id: str
+    service: str = ""
+    tool_definitions: str = ""  # normalised JSON, as LlmCall.tool_definitions
+
+
+@dataclass(frozen=True, slots=True)
 class Evaluation:
     """One ``gen_ai.evaluation.result`` event: a score an evaluator gave a model call's output.
 

@@ -1,17 +1,18 @@
 """Hallucinated tool calls: calls to tools nobody declared, and arguments that break the schema.
 
 The registry a call is judged against is the union of the configured tools (``known_tools``,
-``tool_schemas``) and the tools declared to the model earlier in the same trace
+``tool_schemas``) and the tools declared to the model in the same trace
 (``LlmCall.tool_definitions``, which the normaliser fills from ``gen_ai.tool.definitions`` and
-OpenInference tool schemas). Both what the model asked for (``LlmCall.requested_tool_calls``,
+OpenInference tool schemas, and ``ToolDeclaration`` for tools declared only on a log record). Both what the model asked for (``LlmCall.requested_tool_calls``,
 the only trace of a call to an undeclared tool when the framework refused to run it) and what
 was executed (``ToolCall``) are checked. A trace with no declared tools and an empty configured
 registry is not judged: without a registry every call would look hallucinated.
 
 A trace's verdict does not depend on the order its spans and log records arrive in: a call to a
 tool not (yet) declared is held until the trace's root span arrives (it ends last: the trace's
-spans are in), or ``declaration_grace_s`` of event time has passed since the call, or the trace
-is forgotten, and judged then against everything the trace declared by that time; a
+spans are in; unless the trace declared nothing on its spans, since log records may still
+declare), or ``declaration_grace_s`` of event time has passed since the call, or the trace is
+forgotten, and judged then against everything the trace declared by that time; a
 declaration arriving meanwhile settles it (and its arguments are checked then).
 Arguments the normaliser could not read as the call's (``ToolCall.arguments_format ==
 "unknown"``: a positional list, a bare string) are not judged, never called invalid.
@@ -31,7 +32,7 @@ from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 from agentwatch.detectors.bounded import EventTimeLru, check_at_least, check_positive, stable_hash
 from agentwatch.detectors.evidence import Evidence
 from agentwatch.detectors.loops import NOT_JSON, parsed_json, requested_calls
-from agentwatch.events import AgentStep, Finding, LlmCall, Severity, ToolCall
+from agentwatch.events import AgentStep, Finding, LlmCall, Severity, ToolCall, ToolDeclaration
 
 _EVIDENCE_TEXT_MAX = 500
 _EVIDENCE_TOOLS_MAX = 50
@@ -328,7 +329,7 @@ class HallucinatedToolDetector:
     partition_by: ClassVar[str] = "trace_id"
     # Constructor arguments that bound the state: split over the partitions of its stage.
     state_caps: ClassVar[tuple[str, ...]] = ("max_traces",)
-    accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall, AgentStep)
+    accepts: ClassVar[tuple[type, ...]] = (LlmCall, ToolCall, AgentStep, ToolDeclaration)
     _MAX_FIRED_PER_TRACE: ClassVar[int] = 16
     _MAX_PENDING_PER_TRACE: ClassVar[int] = 16  # beyond this, a trace's undeclared calls are judged at once
 
@@ -376,7 +377,7 @@ class HallucinatedToolDetector:
     def state_size(self) -> int:
         return len(self._traces)
 
-    def update(self, event: LlmCall | ToolCall | AgentStep) -> Sequence[Finding]:
+    def update(self, event: LlmCall | ToolCall | AgentStep | ToolDeclaration) -> Sequence[Finding]:
         ts = event.ts
         traces = self._traces
         findings = self._scratch  # reused: a fresh list per event is GC pressure
@@ -388,20 +389,22 @@ class HallucinatedToolDetector:
             self._judge_due(ts, findings)
         trace_id = event.trace_id
         if isinstance(event, AgentStep):
-            if not event.parent_span_id:  # the root ends last: what the trace declares is in
+            if not event.parent_span_id:  # the root ends last: what its spans declare is in
                 t = traces.entries.get(trace_id)
-                if t is not None and t.pending:
+                # A trace that declared nothing on its spans may declare on a log record, which can
+                # come after the root: its held calls wait for the grace period instead.
+                if t is not None and t.pending and (t.declared or self._has_registry):
                     self._judge_pending(trace_id, t, ts, float("inf"), findings)
             return tuple(findings) if findings else ()
         t = traces.get(trace_id)
         hold = self.declaration_grace_s > 0
-        if isinstance(event, LlmCall):
+        if isinstance(event, (LlmCall, ToolDeclaration)):
             if event.tool_definitions:
                 if t is None:
                     t = self._new_trace(trace_id, ts, findings)
                 if self._declare(t, event.tool_definitions) and t.pending:
                     self._settle_pending(trace_id, t, ts, findings)
-            if event.requested_tool_calls:
+            if isinstance(event, LlmCall) and event.requested_tool_calls:
                 if t is None:
                     if not (self._has_registry or hold):
                         return tuple(findings) if findings else ()  # no registry to judge by, ever

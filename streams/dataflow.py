@@ -3,9 +3,9 @@
 Topology (each arrow a topic; every stage's state is keyed like its input)::
 
     otlp_spans ─► map ─► llm_calls / tool_calls / agent_steps      (partitioned by trace id)
-    otlp_logs  ─► map ─► llm_messages                              (partitioned by trace id)
-    llm_calls, tool_calls, agent_steps ─► trace stage: nested-call dedup, trace rows, trace
-                                          detectors (loops, tools) ─► usage
+    otlp_logs  ─► map ─► llm_messages, tool_declarations           (partitioned by trace id)
+    llm_calls, tool_calls, agent_steps, tool_declarations ─► trace stage: nested-call dedup,
+                                          trace rows, trace detectors (loops, tools) ─► usage
     gpu_samples ─► rows ─► usage
     usage ─► keyed stage: the aggregate detectors (cost, budget, retry storm, SLO, VRAM, drift)
 
@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import msgspec
 import orjson
 
-from agentwatch.events import AgentStep, Evaluation, Finding, GpuSample, LlmCall, PiiDetection, ToolCall
+from agentwatch.events import (AgentStep, Evaluation, Finding, GpuSample, LlmCall, PiiDetection, ToolCall,
+                               ToolDeclaration)
 from agentwatch.streams.pipeline import (VALUE_REJECTED_REASON, RecordOutcome, decode_event_rows,
                                          decode_events_checked, dumps_lenient, partition_for,
                                          value_rejection_dead_letters)
@@ -49,13 +50,15 @@ from agentwatch.streams.otlp import UndecodableRecord
 
 log = logging.getLogger(__name__)
 
-TRACE_TOPICS = ("llm_calls", "tool_calls", "agent_steps")
+DECLARATIONS_TOPIC = "tool_declarations"  # tools declared on log records (ToolDeclaration)
+TRACE_TOPICS = ("llm_calls", "tool_calls", "agent_steps", DECLARATIONS_TOPIC)
 USAGE_TOPIC = "usage"
 DLQ_REASON_HEADER = "agentwatch.dlq.reason"
 CHECKPOINT_FORMAT = "agentwatch.partition-state"
 CHECKPOINT_VERSION = 1
 _EVENT_CLASS = {"llm_calls": LlmCall, "tool_calls": ToolCall, "agent_steps": AgentStep, "gpu_samples": GpuSample,
                 "pii_detections": PiiDetection, "evaluations": Evaluation}
+_DECLARATIONS_DECODER = msgspec.json.Decoder(list[ToolDeclaration])
 # Usage records are decoded straight into typed events: their values were checked and nulled
 # where the trace stage (or the GPU records' decode) read them.
 _USAGE_DECODERS: dict[str, Any] = {}
@@ -653,6 +656,9 @@ class Dataflow:
     def _trace_record(self, state: TracePartition, record: Record, out: StepOutput, *, emit: bool,
                       update: bool) -> None:
         table = record.topic
+        if table == DECLARATIONS_TOPIC:
+            self._declarations(state, record, out, emit=emit, update=update)
+            return
         decoded = decode_events_checked(table, record.value, self.value_bounds)
         received, payload = decoded.events, decoded.payload
         if emit:
@@ -722,6 +728,26 @@ class Dataflow:
                 return
             if emit:
                 self._emit_findings(out, findings)
+
+    def _declarations(self, state: TracePartition, record: Record, out: StepOutput, *, emit: bool,
+                      update: bool) -> None:
+        """Tools declared on log records: state only (their rows are llm_messages'), for the trace
+        detectors that judge calls against declarations."""
+        try:
+            declarations = _DECLARATIONS_DECODER.decode(record.value)
+        except msgspec.DecodeError as exc:  # ValidationError included
+            raise UndecodableRecord(f"rows do not match ToolDeclaration: {exc}") from exc
+        if not update or not declarations or not state.runner.detectors:
+            return
+        try:
+            findings = state.runner.process(declarations)
+        except Exception as exc:
+            log.exception("trace detector failed")
+            if emit:
+                self._dead_letter(out, record, f"detector error: {type(exc).__name__}: {exc}")
+            return
+        if emit:
+            self._emit_findings(out, findings)
 
     def _usage(self, state: KeyedPartition, record: Record, out: StepOutput, *, emit: bool, update: bool) -> None:
         key = (record.key or b"").decode("utf-8", "replace")

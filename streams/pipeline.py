@@ -20,7 +20,7 @@ import orjson
 from agentwatch.bounds import (DEFAULT_BOUNDS, FROM_INVALID_TOKENS, INT64_MAX, INT64_MIN,
                                PRICED_TOKEN_FIELDS, TableLimits, ValueBounds, ValueRejection, check_number,
                                format_flags, keepable, parse_flags)
-from agentwatch.events import EVENT_BY_TABLE
+from agentwatch.events import EVENT_BY_TABLE, ToolDeclaration
 from agentwatch.streams.normalize import NormalizedBatch, Normalizer
 from agentwatch.streams.otlp import UndecodableRecord, decode_logs, decode_traces
 
@@ -405,5 +405,11 @@ class SpanPipeline:
         pii_rows: list[dict[str, Any]] = []
         evaluation_rows: list[dict[str, Any]] = []
         _, messages = self.normalizer.normalize_logs(request, pii_rows, evaluation_rows)
-        return RecordOutcome(outputs=encode_by_partition("llm_messages", messages, self.partitions["llm_messages"]),
-                             pii_rows=pii_rows, evaluation_rows=evaluation_rows)
+        outputs = encode_by_partition("llm_messages", messages, self.partitions["llm_messages"])
+        # Tools declared only on a log record reach the trace stage, which judges the trace's calls.
+        declarations = [ToolDeclaration(ts=m.ts, trace_id=m.trace_id, span_id=m.span_id, service=m.service,
+                                        tool_definitions=m.content)
+                        for m in messages if m.role == "tool_definitions" and m.content not in ("", "[]")]
+        if declarations and "tool_declarations" in self.partitions:
+            outputs += encode_by_partition("tool_declarations", declarations, self.partitions["tool_declarations"])
+        return RecordOutcome(outputs=outputs, pii_rows=pii_rows, evaluation_rows=evaluation_rows)
