@@ -31,12 +31,19 @@ class DemoService:
     agent: str
     domains: tuple[str, ...]  # CLINC150 domains its users ask about
     tools: tuple[str, ...]
+    # Its managed system prompt (gen_ai.prompt.name / gen_ai.prompt.version on every chat span);
+    # fixed per service, so the seeded sequence does not change.
+    prompt_name: str = ""
+    prompt_version: str = ""
 
 
 SERVICES = (
-    DemoService("bank-assistant", "fintech", "banker", ("banking", "credit_cards"), ("get_balance", "list_transactions")),
-    DemoService("travel-agent", "travel", "planner", ("travel", "auto_and_commute"), ("search_flights", "get_weather")),
-    DemoService("home-helper", "consumer", "concierge", ("home", "kitchen_and_dining", "utility"), ("set_timer", "add_to_list")),
+    DemoService("bank-assistant", "fintech", "banker", ("banking", "credit_cards"), ("get_balance", "list_transactions"),
+                "banker-system", "3"),
+    DemoService("travel-agent", "travel", "planner", ("travel", "auto_and_commute"), ("search_flights", "get_weather"),
+                "planner-system", "7"),
+    DemoService("home-helper", "consumer", "concierge", ("home", "kitchen_and_dining", "utility"), ("set_timer", "add_to_list"),
+                "concierge-system", "2"),
 )
 MODELS = (("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"), ("openai", "gpt-4o", "gpt-4o-2024-08-06"),
           ("anthropic", "claude-3-5-haiku", "claude-3-5-haiku-20241022"), ("gcp.gemini", "gemini-2.0-flash", "gemini-2.0-flash"))
@@ -164,28 +171,28 @@ class AgentTraffic:
         failing = "errors" in self.incidents and incident_phase and svc.name == self.services[1].name \
             and self.rng.random() < 0.4
         for _ in range(repeats):
-            t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
+            t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale, svc,
                            tool_call=(wanted_tool, arguments))
             if wanted_tool in TOOL_SCHEMAS:
                 t = self._tool(tracer, ctx, t, wanted_tool, arguments, error=failing)
         if failing:
             self._count("errors", now_ns)
-        t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
+        t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale, svc,
                        tool_call=None, error=failing)
         if "retry_storm" in self.incidents and incident_phase and self.rng.random() < 0.02:
             # A client timed out and its SDK retried the identical request four more times.
             self._count("retry_storm", now_ns)
             input_tokens = self.rng.randint(300, 900) * token_scale
             for _ in range(4):
-                t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale,
+                t = self._chat(tracer, ctx, t, provider_name, model, response_model, prompt, tools, token_scale, svc,
                                tool_call=None, input_tokens=input_tokens)
         root.end(end_time=t)
         self.stats.traces += 1
         self.stats.spans += 1
 
     def _chat(self, tracer, ctx, t: int, provider: str, model: str, response_model: str, prompt: str,
-              tools: list[str], token_scale: int, tool_call: tuple[str, str] | None, error: bool = False,
-              input_tokens: int | None = None) -> int:
+              tools: list[str], token_scale: int, svc: DemoService, tool_call: tuple[str, str] | None,
+              error: bool = False, input_tokens: int | None = None) -> int:
         latency = self._ms(300, 1500)
         if input_tokens is None:
             input_tokens = self.rng.randint(300, 900) * token_scale
@@ -207,6 +214,10 @@ class AgentTraffic:
             "gen_ai.tool.definitions": json.dumps([{"type": "function", "name": name, "parameters": TOOL_SCHEMAS[name]}
                                                    for name in tools]),
         })
+        if svc.prompt_name:
+            span.set_attribute("gen_ai.prompt.name", svc.prompt_name)
+            if svc.prompt_version:
+                span.set_attribute("gen_ai.prompt.version", svc.prompt_version)
         if error:
             span.set_attribute("error.type", "RateLimitError")
             span.set_status(Status(StatusCode.ERROR, "429 rate limited"))
