@@ -30,7 +30,8 @@ from agentwatch.events import Finding, LlmCall, Severity
 # ``threshold_sigmas`` reads like a z-score.
 _MAD_TO_SIGMA = math.sqrt(math.pi / 2.0)
 _INF = float("inf")
-_GROUPABLE = ("project", "model", "service", "user", "agent", "provider", "host")
+_GROUPABLE = ("project", "model", "service", "user", "agent", "provider", "host", "prompt_name",
+              "prompt_version")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +49,8 @@ class CostSpikeEvidence(Evidence):
     agent: str | None = None
     provider: str | None = None
     host: str | None = None
+    prompt_name: str | None = None
+    prompt_version: str | None = None
     interval_start: float
     interval_s: float
     calls: int
@@ -115,10 +118,11 @@ class CostAnomalyDetector:
     ----------
     group_by : Sequence[Sequence[str]]
         The keys: each entry lists LlmCall fields whose values form one key
-        (``("project", "model")`` -> ``project=shop/model=gpt-4o``). Calls with an empty value
-        for a field of a key are not counted under it. The entries must share a field
-        (``partition_by``, the first shared one): workers split calls by it, so each key's calls
-        meet in one worker whatever the worker count.
+        (``("project", "model")`` -> ``project=shop/model=gpt-4o``; ``("project",
+        "prompt_name")`` for spend per managed prompt). Calls with an empty value for a field
+        of a key are not counted under it (a call without a prompt name, under a prompt key).
+        The entries must share a field (``partition_by``, the first shared one): workers split
+        calls by it, so each key's calls meet in one worker whatever the worker count.
     interval_s : float
         Interval length (event time) of the cost and token totals.
     alpha : float

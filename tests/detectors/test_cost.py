@@ -248,3 +248,28 @@ def test_retry_storm_rejects_bad_config() -> None:
         RetryStormDetector(min_repeats=1)
     with pytest.raises(ValueError):
         RetryStormDetector(window_s=0)
+
+
+def test_cost_spike_per_managed_prompt() -> None:
+    # AGENTWATCH_DETECTORS='{"cost_anomaly": {"group_by": [["project"], ["project", "prompt_name"]]}}'
+    det = CostAnomalyDetector(group_by=[("project",), ("project", "prompt_name")], min_history=5,
+                              min_excess_usd=0.5)
+    assert det.partition_by == "project"
+    # Per interval: four $0.25 "support" calls and two $0.25 calls without a managed prompt.
+    events = [call(T0 + 60 * m + 10 * i, 0.25, prompt_name="support" if i < 4 else "",
+                   prompt_version="3" if i < 4 else "")
+              for m in range(5) for i in range(6)]
+    # Interval 5: version 4 of the prompt costs twice as much per call.
+    events += [call(T0 + 300 + 2 * i, 0.5, prompt_name="support", prompt_version="4")
+               for i in range(4)]
+    found = findings_at(det, events)
+    # support: baseline $1, threshold $1.50, crossed by the 4th $0.50 call ($2.00), index 30 + 3.
+    # project: baseline $1.50, threshold $2.00, not crossed ($2.00 is not over it).
+    assert [(i, f.key, f.resolved) for i, f in found] == [
+        (33, "project=shop/prompt_name=support", False)]
+    spike = found[0][1]
+    assert spike.evidence["prompt_name"] == "support" and "prompt_version" not in spike.evidence
+    assert spike.evidence["baseline_cost_usd"] == pytest.approx(1.0)
+    assert spike.value == pytest.approx(2.0) and spike.threshold == pytest.approx(1.5)
+    # Calls without a prompt name are counted under the project only.
+    assert sorted(tuple(s[1]) for s in det.snapshot()["series"]) == [("shop",), ("shop", "support")]

@@ -84,7 +84,8 @@ def test_optional_fields_are_left_out_and_required_nulls_written() -> None:
         assert set(f.evidence) - {"project", "user"} == {
             fl.name for fl in fields(EVIDENCE_TYPES["cost_anomaly"][0])
             if fl.name not in ("project", "model", "service", "user", "agent", "provider",
-                               "host")} - ({"trigger"} if f.resolved else set())
+                               "host", "prompt_name", "prompt_version")} - (
+                {"trigger"} if f.resolved else set())
         assert {k: f.evidence[k] for k in ("project", "user") if k in f.evidence} == parse_key(f.key)
 
 

@@ -148,3 +148,56 @@ def test_embed_windows_batches_once_and_splits_back():
 def test_invalid_config(kwargs):
     with pytest.raises(ValueError):
         DriftSampler(**kwargs)
+
+
+class _PromptShiftEmbedder:
+    """Seeded normal vectors; prompts starting with "moved" are shifted by 4 sd on one axis."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def encode(self, texts):
+        vectors = self.rng.normal(size=(len(texts), 16))
+        vectors[:, 0] += [4.0 if t.startswith("moved") else 0.0 for t in texts]
+        return vectors
+
+
+def test_drift_keyed_by_service_and_prompt_name_from_the_setting(monkeypatch):
+    from agentwatch.detectors.drift import DriftDetector
+    from agentwatch.settings import Settings
+    from agentwatch.streams.dataflow import Topology
+
+    monkeypatch.setenv("AGENTWATCH_DRIFT_KEY_FIELDS", '["service","prompt_name"]')
+    fields = Settings().drift_key_fields
+    assert fields == ["service", "prompt_name"]
+    detector = DriftDetector(permutations=100, min_window_size=20)
+    # The stream partitions drift by the first field: every prompt of a service meets in one
+    # partition, and its windows there are kept apart by prompt name.
+    assert Topology.of([detector], fields).drift_field == "service"
+
+    sampler = DriftSampler(key_fields=tuple(fields), window_s=60.0, sample_size=40,
+                           min_window_size=20, grace_s=0.0)
+
+    def calls(period, name, prefix):
+        return [LlmCall(ts=60.0 * period + i, trace_id=f"t{period}{name}{i}",
+                        span_id=f"s{period}{name}{i}", service="shop", prompt_name=name,
+                        prompt_version="3", prompt=f"{prefix} {name} question {period}-{i}")
+                for i in range(40)]
+
+    sampler.offer([*calls(0, "support", "asked"), *calls(0, "triage", "asked"),
+                   *calls(0, "", "asked")])
+    first = sampler.due_windows(60.0)
+    assert sorted((w.key, w.start_ts, w.end_ts, len(w.texts)) for w in first) == [
+        ("service=shop/prompt_name=", 0.0, 60.0, 40),  # calls without a managed prompt
+        ("service=shop/prompt_name=support", 0.0, 60.0, 40),
+        ("service=shop/prompt_name=triage", 0.0, 60.0, 40)]
+    assert all(" support " in t for w in first if w.key.endswith("support") for t in w.texts)
+
+    embedder = _PromptShiftEmbedder()
+    assert [f for w in embed_windows(first, embedder) for f in detector.update(w)] == []
+    # Only the triage prompt's traffic moves; the service's other prompts stay as they were.
+    sampler.offer([*calls(1, "support", "asked"), *calls(1, "triage", "moved"),
+                   *calls(1, "", "asked")])
+    findings = [f for w in embed_windows(sampler.due_windows(120.0), embedder)
+                for f in detector.update(w)]
+    assert [(f.kind, f.key) for f in findings] == [("drift", "service=shop/prompt_name=triage")]
