@@ -169,8 +169,8 @@ GPU_DASHBOARD = "agentwatch-gpu"
 def dashboard_for(detector: str, kind: str = "") -> tuple[str, str | None]:
     """The dashboard uid and panel title that show a finding of ``detector`` (and ``kind``).
 
-    Detectors not named here (``evaluation_drop``, ``prompt_version_regression``: no panel of
-    their own yet) get the overview's findings panel, so every finding has a link.
+    Detectors not named here (``evaluation_drop``: no panel of its own yet) get the overview's
+    findings panel, so every finding has a link.
 
     >>> dashboard_for("vram_leak")
     ('agentwatch-gpu', 'VRAM slope by gpu/process')
@@ -189,6 +189,8 @@ def dashboard_for(detector: str, kind: str = "") -> tuple[str, str | None]:
         return OVERVIEW_DASHBOARD, "LLM calls / s by model"
     if detector == "pii_exposure":
         return OVERVIEW_DASHBOARD, "PII redacted / s by type and service"
+    if detector == "prompt_version_regression":
+        return OVERVIEW_DASHBOARD, "Cost per call by prompt and version"
     if detector == "slo":
         # No per-model LLM latency panel: a latency finding opens the whole overview.
         return OVERVIEW_DASHBOARD, "LLM error ratio by service and model" if kind == "error_rate" else None
