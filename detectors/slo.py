@@ -171,6 +171,19 @@ def nearest_rank_quantile(values: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def transition(firing: bool, value: float, threshold: float, resolve_ratio: float) -> bool | None:
+    """A condition's change: True when it starts firing (``value > threshold``), False when a
+    firing one resolves (``value <= resolve_ratio x threshold``), None when nothing changes. The
+    gap between the two is the hysteresis that keeps a value near its threshold from flapping.
+
+    >>> transition(False, 0.06, 0.05, 0.8), transition(True, 0.045, 0.05, 0.8), transition(True, 0.04, 0.05, 0.8)
+    (True, None, False)
+    """
+    if firing:
+        return False if value <= threshold * resolve_ratio else None
+    return True if value > threshold else None
+
+
 class SloDetector:
     """Error rate, latency and time-to-first-token quantiles per (service, model), and the share of
     provider-blocked calls per (service, provider, model), against on-call thresholds.
@@ -383,14 +396,10 @@ class SloDetector:
             b.reasons.append(reason)
         if b.calls < self.min_calls:
             return
-        share = b.blocked / b.calls
-        if b.firing:
-            if share <= b.threshold * self.resolve_ratio:
-                b.firing = False
-                findings.append(self._blocked_finding(b, ts, resolved=True))
-        elif share > b.threshold:
-            b.firing = True
-            findings.append(self._blocked_finding(b, ts, resolved=False))
+        fires = transition(b.firing, b.blocked / b.calls, b.threshold, self.resolve_ratio)
+        if fires is not None:
+            b.firing = fires
+            findings.append(self._blocked_finding(b, ts, resolved=not fires))
 
     def _blocked_finding(self, b: _BlockWindow, ts: float, *, resolved: bool, reason: str | None = None) -> Finding:
         share = b.blocked / b.calls if b.calls else 0.0
@@ -408,32 +417,23 @@ class SloDetector:
 
     def _judge(self, w: _SloWindow, ts: float, findings: list[Finding]) -> None:
         error_rate = w.errors / w.calls
-        if w.error_firing:
-            if error_rate <= w.error_rate_threshold * self.resolve_ratio:
-                w.error_firing = False
-                findings.append(self._error_finding(w, ts, error_rate, resolved=True))
-        elif error_rate > w.error_rate_threshold:
-            w.error_firing = True
-            findings.append(self._error_finding(w, ts, error_rate, resolved=False))
+        fires = transition(w.error_firing, error_rate, w.error_rate_threshold, self.resolve_ratio)
+        if fires is not None:
+            w.error_firing = fires
+            findings.append(self._error_finding(w, ts, error_rate, resolved=not fires))
         timed = w.calls - w.untimed
-        slow_fraction = w.slow / timed if timed else 0.0
-        if w.latency_firing:
-            if slow_fraction <= self._slow_fraction_limit * self.resolve_ratio:
-                w.latency_firing = False
-                findings.append(self._latency_finding(w, ts, resolved=True))
-        elif slow_fraction > self._slow_fraction_limit:
-            w.latency_firing = True
-            findings.append(self._latency_finding(w, ts, resolved=False))
+        fires = transition(w.latency_firing, w.slow / timed if timed else 0.0, self._slow_fraction_limit,
+                           self.resolve_ratio)
+        if fires is not None:
+            w.latency_firing = fires
+            findings.append(self._latency_finding(w, ts, resolved=not fires))
         if w.ttft_calls < self.min_calls and not w.ttft_firing:
             return
-        slow_ttft = w.ttft_slow / w.ttft_calls if w.ttft_calls else 0.0
-        if w.ttft_firing:
-            if slow_ttft <= self._slow_ttft_limit * self.resolve_ratio:
-                w.ttft_firing = False
-                findings.append(self._ttft_finding(w, ts, resolved=True))
-        elif slow_ttft > self._slow_ttft_limit:
-            w.ttft_firing = True
-            findings.append(self._ttft_finding(w, ts, resolved=False))
+        fires = transition(w.ttft_firing, w.ttft_slow / w.ttft_calls if w.ttft_calls else 0.0,
+                           self._slow_ttft_limit, self.resolve_ratio)
+        if fires is not None:
+            w.ttft_firing = fires
+            findings.append(self._ttft_finding(w, ts, resolved=not fires))
 
     def _evidence(self, w: _SloWindow, **extra: Any) -> dict[str, Any]:
         return SloEvidence(
