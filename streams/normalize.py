@@ -358,13 +358,28 @@ class Normalizer:
         (request_model, model, input_tokens, output_tokens, cache_read, reasoning, cache_write, provider,
          operation, host, ttft_s, ttft_ms, finish, prompt_name, prompt_version,
          text_in, text_out, image_in, image_out, audio_in, audio_out,
-         oi_model, invocation) = self._llm_fields.values(attrs)
+         oi_model, invocation, mlflow_model, mlflow_usage) = self._llm_fields.values(attrs)
         request_model = _str(request_model)
         model = _str(model) or request_model
         if oi_model is not None or invocation is not None:  # OpenInference
             model = model or _str(oi_model)
             request_model = request_model or _invocation_model(invocation) or _str(oi_model)
             model = model or request_model
+        provider = _str(provider)
+        if mlflow_model is not None or mlflow_usage is not None:  # MLflow: JSON-encoded values
+            model = model or _json_str(mlflow_model)
+            request_model = request_model or _json_str(attrs.get("model")) or _mlflow_request_model(attrs)
+            model = model or request_model
+            provider = provider or _json_str(attrs.get(sc.MLFLOW_PROVIDER))
+            if input_tokens is None and output_tokens is None:
+                input_tokens, output_tokens = _mlflow_usage(mlflow_usage)
+            if finish is None:
+                finish = _mlflow_finish_reason(attrs.get(sc.MLFLOW_OUTPUTS))
+        if "." in provider and attrs.get(sc.VERCEL_MODEL_PROVIDER) == provider:
+            provider = provider.partition(".")[0]  # the Vercel AI SDK's "openai.chat": provider, then API
+        if "/" in request_model and provider:  # LiteLLM's routing name, "openai/gpt-4o-mini" (Google ADK)
+            request_model = _without_provider(request_model, provider)
+            model = _without_provider(model, provider)
         flags: dict[str, str] = {}
         trace_id = header["trace_id"]
         modality = ""
@@ -407,7 +422,7 @@ class Normalizer:
         return {
             **header, "ts": self._ts(end), "span_id": span_id, "parent_span_id": parent_id,
             "host": _str(host) or header["host"],
-            "provider": _str(provider), "model": model,
+            "provider": provider, "model": model,
             "request_model": request_model,
             "operation": _str(operation) or "chat",
             "input_tokens": input_tokens, "output_tokens": output_tokens,
@@ -537,10 +552,16 @@ class Normalizer:
         # of the prompt, so that is all the memo keeps.
         raw = attrs.get(sc.INPUT_MESSAGES)
         if not isinstance(raw, str) or not raw:
-            return _prompt_text(attrs, span)
+            raw = attrs.get(sc.VERCEL_PROMPT_MESSAGES)  # the same message list, parts as {"type", "text"}
+            if not isinstance(raw, str) or not raw:
+                raw = attrs.get(sc.MLFLOW_INPUTS)  # the request's keyword arguments, "messages" among them
+                if not isinstance(raw, str) or not raw:
+                    return _prompt_text(attrs, span)
         prompt = self._prompt_memo.get(raw)
         if prompt is None:
             messages = _json_value(raw)
+            if isinstance(messages, dict):  # MLflow's request
+                messages = messages.get("messages")
             if not isinstance(messages, list) or not messages:
                 return _prompt_text(attrs, span)  # unusable here: the other conventions decide
             # The margin lets the redactor see an entity the cut would halve.
@@ -738,6 +759,14 @@ def _span_role(attrs: dict[str, Any]) -> str | None:
     kind = attrs.get(sc.TRACELOOP_KIND)
     if kind:
         return "tool" if kind == "tool" else "agent"
+    kind = attrs.get(sc.MLFLOW_SPAN_TYPE)
+    if kind:
+        if kind in sc.MLFLOW_LLM_TYPES:
+            return "llm"
+        if kind in sc.MLFLOW_TOOL_TYPES:
+            return "tool"
+        if kind in sc.MLFLOW_STEP_TYPES:
+            return "agent"
     if attrs.get("llm.request.type"):
         return "llm"
     for key in _MODEL_KEYS:
@@ -863,6 +892,14 @@ def _response(attrs: dict[str, Any], span: Any) -> tuple[str, list[dict[str, str
                                             ".tool_call.function.arguments", ".tool_call.id"))
     if indexed:
         return _last_message_text(indexed, None), _requested_calls(indexed)
+    mlflow = attrs.get(sc.MLFLOW_OUTPUTS)
+    if mlflow:  # MLflow: the provider's response object, OpenAI's {"choices": [{"message": ...}]}
+        output = _json_value(mlflow)
+        choices = output.get("choices") if isinstance(output, dict) else None
+        if isinstance(choices, list) and choices:
+            messages = [c["message"] for c in choices if isinstance(c, dict) and isinstance(c.get("message"), dict)]
+            if messages:
+                return _last_message_text(messages, None), _requested_calls(messages)
     vercel_calls = attrs.get(sc.VERCEL_RESPONSE_TOOL_CALLS)
     if vercel_calls is not None or sc.VERCEL_RESPONSE_TEXT in attrs:
         return _str(attrs.get(sc.VERCEL_RESPONSE_TEXT)), _vercel_calls(vercel_calls)
@@ -1000,6 +1037,9 @@ def _tool_definitions(attrs: dict[str, Any]) -> list[dict[str, Any]]:
                 if schema is not None:
                     defs.append(schema)
         defs.extend(functions[i] for i in sorted(functions))
+        mlflow = _json_value(attrs.get(sc.MLFLOW_TOOLS))
+        if isinstance(mlflow, list):  # MLflow: the request's tools, OpenAI's shape
+            defs.extend(mlflow)
         vercel = attrs.get(sc.VERCEL_PROMPT_TOOLS)
         if vercel:  # a list of JSON texts, one per tool ({"type": "function", "name": ..., "parameters": ...})
             for item in vercel if isinstance(vercel, list) else [vercel]:
@@ -1015,7 +1055,9 @@ def _tool_definitions(attrs: dict[str, Any]) -> list[dict[str, Any]]:
         function = item.get("function") if isinstance(item.get("function"), dict) else item
         name = _str(function.get("name"))
         if name:
-            parameters = function.get("parameters", function.get("input_schema"))
+            parameters = function.get("parameters")
+            if parameters is None:  # Anthropic's name; the Vercel AI SDK's (5 and later) in ai.prompt.tools
+                parameters = function.get("input_schema", function.get("inputSchema"))
             out.append({"name": name, "parameters": parameters if isinstance(parameters, dict) else {}})
     return out
 
@@ -1228,7 +1270,7 @@ def _tool_result(value: Any) -> tuple[str, str]:
         if value[:1] == '"':
             decoded = _json_value(value)
             return (decoded, "") if isinstance(decoded, str) else (value, "")
-        if value.startswith(('{"output"', '{"type"')):  # only these envelopes are parsed
+        if value.startswith(('{"output"', '{"type"', '{"result"')):  # only these envelopes are parsed
             parsed = _json_value(value)
             found = _tool_message(parsed) if isinstance(parsed, dict) else None
             return found if found is not None else (value, "")
@@ -1247,8 +1289,12 @@ def _tool_message(envelope: dict[str, Any]) -> tuple[str, str] | None:
     (``message_to_dict``). OpenLLMetry: ``{"output": <returned value>, "kwargs": {...}}``, the
     value a ToolMessage's constructor form ``{"lc": 1, "type": "constructor", "id": [...,
     "ToolMessage"], "kwargs": {"content": ..., "tool_call_id": ...}}`` or the tool's own value.
+    Google ADK: ``{"result": <returned value>}``, how it wraps a function tool's non-dict return.
     """
     keys = envelope.keys()
+    if keys == _ADK_RESULT_KEYS:
+        result = envelope["result"]
+        return (result if isinstance(result, str) else _dump(result) or _str(result)), ""
     if keys == _OI_TOOL_MESSAGE_KEYS:
         data = envelope["data"]
         if envelope["type"] == "tool" and isinstance(data, dict) and data.get("type") == "tool" and "content" in data:
@@ -1270,6 +1316,7 @@ def _tool_message(envelope: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+_ADK_RESULT_KEYS = frozenset({"result"})
 _OI_TOOL_MESSAGE_KEYS = frozenset({"type", "data"})
 _TRACELOOP_TOOL_OUTPUT_KEYS = frozenset({"output", "kwargs"})
 
@@ -1279,6 +1326,52 @@ def _message_content(content: Any) -> str:
     if isinstance(content, str):
         return content
     return _content_text(content) or _dump(content)
+
+
+def _json_str(value: Any) -> str:
+    """A text attribute MLflow JSON-encoded (``'"gpt-4o-mini"'``), decoded; other text as sent."""
+    if isinstance(value, str) and value[:1] == '"':
+        decoded = _json_value(value)
+        return decoded if isinstance(decoded, str) else value
+    return _str(value)
+
+
+def _mlflow_request_model(attrs: Mapping[str, Any]) -> str:
+    """The model in an MLflow model span's inputs (the request's keyword arguments), else ""."""
+    inputs = attrs.get(sc.MLFLOW_INPUTS)
+    if not isinstance(inputs, str) or '"model"' not in inputs:
+        return ""
+    parsed = _json_value(inputs)
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return model if isinstance(model, str) else ""
+
+
+def _mlflow_finish_reason(value: Any) -> str | None:
+    """The first choice's finish reason in MLflow's outputs (an OpenAI response object), else None."""
+    if not isinstance(value, str) or '"finish_reason"' not in value:
+        return None
+    output = _json_value(value)
+    choices = output.get("choices") if isinstance(output, dict) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) and reason else None
+    return None
+
+
+def _mlflow_usage(value: Any) -> tuple[Any, Any]:
+    """(input tokens, output tokens) from MLflow's ``mlflow.chat.tokenUsage`` JSON, None when absent."""
+    usage = _json_value(value)
+    if not isinstance(usage, dict):
+        return None, None
+    return usage.get("input_tokens"), usage.get("output_tokens")
+
+
+def _without_provider(model: str, provider: str) -> str:
+    """``model`` without a leading ``<provider>/`` naming the span's own provider: LiteLLM routes
+    by "openai/gpt-4o-mini" and Google ADK records that name, while the provider is asked for
+    "gpt-4o-mini". A prefix naming another party (a router's "openai/gpt-4o" on OpenRouter) stays."""
+    prefix, slash, bare = model.partition("/")
+    return bare if slash and bare and prefix == provider else model
 
 
 def _invocation_model(value: Any) -> str:
@@ -1338,7 +1431,7 @@ _LLM_FIELDS = (sc.REQUEST_MODEL, sc.RESPONSE_MODEL, sc.INPUT_TOKENS, sc.OUTPUT_T
                sc.REASONING_TOKENS, sc.CACHE_WRITE_TOKENS, sc.PROVIDER, sc.OPERATION, sc.HOST,
                sc.TIME_TO_FIRST_CHUNK_S, sc.TIME_TO_FIRST_CHUNK_MS, sc.FINISH_REASONS, sc.PROMPT_NAME,
                sc.PROMPT_VERSION, *((key,) for key, _ in sc.MODALITY_TOKENS), sc.OI_MODEL_NAME,
-               sc.OI_INVOCATION_PARAMETERS)
+               sc.OI_INVOCATION_PARAMETERS, sc.MLFLOW_MODEL, sc.MLFLOW_TOKEN_USAGE)
 _TOOL_FIELDS = (sc.TOOL_NAME, sc.HOST, sc.TOOL_CALL_ID, sc.TOOL_ARGUMENTS, sc.TOOL_ARGUMENTS_WRAPPED,
                 sc.TOOL_RESULT)
 _STEP_FIELDS = (sc.AGENT, sc.HOST)

@@ -35,7 +35,7 @@ TIME_TO_FIRST_CHUNK_S = ("gen_ai.response.time_to_first_chunk", "gen_ai.server.t
 # ... and in milliseconds (Vercel AI SDK).
 TIME_TO_FIRST_CHUNK_MS = ("ai.response.msToFirstChunk",)
 FINISH_REASONS = ("gen_ai.response.finish_reasons", "gen_ai.response.finish_reason", "ai.response.finishReason",
-                  "gen_ai.completion.0.finish_reason", "llm.response.finish_reason")
+                  "gen_ai.completion.0.finish_reason", "llm.response.finish_reason", "llm.finish_reason")
 PROMPT_NAME = ("gen_ai.prompt.name", "langfuse.observation.prompt.name", "langfuse.prompt.name",
                "traceloop.prompt.key")
 PROMPT_VERSION = ("gen_ai.prompt.version", "langfuse.observation.prompt.version", "langfuse.prompt.version",
@@ -55,10 +55,11 @@ HOST = ("host.name", "k8s.node.name", "host.id")
 
 TOOL_NAME = ("gen_ai.tool.name", "tool.name", "ai.toolCall.name")
 TOOL_CALL_ID = ("gen_ai.tool.call.id", "tool_call.id", "tool.id", "ai.toolCall.id")
-# The call's arguments as the call's own JSON object (or a Python repr of it, OpenLIT). Not
+# The call's arguments as the call's own JSON object (or a Python repr of it, OpenLIT; MLflow's
+# inputs of a traced tool function are its arguments by name). Not
 # ``tool.parameters``: OpenInference and CrewAI put the tool's parameter *schema* there.
 TOOL_ARGUMENTS = ("gen_ai.tool.call.arguments", "tool_call.function.arguments", "ai.toolCall.args",
-                  "ai.toolCall.input")
+                  "ai.toolCall.input", "mlflow.spanInputs")
 # Framework envelopes around the arguments: OpenLLMetry's {"args": [...], "kwargs": {...}} and
 # its LangChain {"input_str": ..., "inputs": ..., "tags": ..., "metadata": ...}; OpenInference's
 # function input or LangChain's bare input string.
@@ -68,7 +69,7 @@ TOOL_ARGUMENTS_WRAPPED = ("traceloop.entity.input", "input.value")
 # (OpenLLMetry: {"output": {..., "kwargs": {"content": ...}}, "kwargs": ...}; OpenInference:
 # {"type": "tool", "data": {"content": ..., "tool_call_id": ...}}).
 TOOL_RESULT = ("gen_ai.tool.call.result", "output.value", "traceloop.entity.output", "ai.toolCall.result",
-               "ai.toolCall.output")
+               "ai.toolCall.output", "mlflow.spanOutputs")
 
 INPUT_MESSAGES = "gen_ai.input.messages"
 OUTPUT_MESSAGES = "gen_ai.output.messages"
@@ -81,11 +82,30 @@ EVALUATION_NAME = "gen_ai.evaluation.name"
 EVALUATION_SCORE = "gen_ai.evaluation.score.value"
 EVALUATION_LABEL = "gen_ai.evaluation.score.label"
 EVALUATION_EXPLANATION = "gen_ai.evaluation.explanation"
-# Vercel AI SDK: tools declared (a list of JSON texts, one per tool) and calls requested.
+# Vercel AI SDK: the messages sent (JSON text, as gen_ai.input.messages), tools declared (a list
+# of JSON texts, one per tool) and calls requested.
+VERCEL_PROMPT_MESSAGES = "ai.prompt.messages"
+# Its provider id, "<provider>.<api>" ("openai.chat"), also sent as gen_ai.system.
+VERCEL_MODEL_PROVIDER = "ai.model.provider"
 VERCEL_PROMPT_TOOLS = "ai.prompt.tools"
 VERCEL_RESPONSE_TOOL_CALLS = "ai.response.toolCalls"
 VERCEL_RESPONSE_TEXT = "ai.response.text"
 TOOL_DEFINITIONS = "gen_ai.tool.definitions"
+# MLflow tracing (its own OTLP export, default shape): every value JSON-encoded ('"CHAT_MODEL"').
+# The span type; the call's inputs (a model call's request kwargs, a tool's arguments by name)
+# and outputs (the provider's response object, a tool's return value); the response model, the
+# usage ({"input_tokens", "output_tokens", ...}) and the tools declared (OpenAI's shape).
+MLFLOW_SPAN_TYPE = "mlflow.spanType"
+MLFLOW_INPUTS = "mlflow.spanInputs"
+MLFLOW_OUTPUTS = "mlflow.spanOutputs"
+MLFLOW_MODEL = ("mlflow.llm.model",)
+MLFLOW_PROVIDER = "mlflow.llm.provider"
+MLFLOW_TOKEN_USAGE = ("mlflow.chat.tokenUsage",)
+MLFLOW_TOOLS = "mlflow.chat.tools"
+MLFLOW_LLM_TYPES = frozenset({'"CHAT_MODEL"', '"LLM"', '"EMBEDDING"', "CHAT_MODEL", "LLM", "EMBEDDING"})
+MLFLOW_TOOL_TYPES = frozenset({'"TOOL"', "TOOL"})
+# Agent-like steps; UNKNOWN (any @mlflow.trace function), PARSER and the like are not GenAI.
+MLFLOW_STEP_TYPES = frozenset({'"AGENT"', '"CHAIN"', '"RETRIEVER"', "AGENT", "CHAIN", "RETRIEVER"})
 LEGACY_PROMPT = "gen_ai.prompt"
 LEGACY_COMPLETION = "gen_ai.completion"
 OI_INPUT = "input.value"

@@ -12,7 +12,7 @@ import pytest
 from streams_otlp_helpers import SECOND, logs_payload, normalize, pricing, spans_payload, timed_span
 
 from agentwatch.streams.normalize import Normalizer
-from agentwatch.streams.otlp import decode_logs
+from agentwatch.streams.otlp import decode_logs, decode_traces
 from agentwatch.streams.pipeline import SpanPipeline
 
 
@@ -447,3 +447,139 @@ def test_openinference_agent_span_is_named_by_its_span_name():
     steps = {s.name: s for s in normalize(spans_payload(build)[0]).agent_steps}
     assert (steps["support_agent"].agent, steps["named"].agent, steps["RunnableSequence"].agent) == (
         "support_agent", "triage", "")
+
+
+# -- Vercel AI SDK, Google ADK, MLflow (captured in tests/fixtures/frameworks) -------------------
+
+def test_openinference_finish_reason():  # openinference-instrumentation-openai (seen under CrewAI)
+    assert _one(_llm({"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-mini",
+                      "llm.finish_reason": "tool_calls"}).llm_calls).finish_reason == "tool_calls"
+
+
+def test_vercel_ai_sdk_prompt_messages_and_input_schema():
+    schema = {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}
+    call = _one(_llm({"gen_ai.request.model": "gpt-4o-mini", "ai.prompt.messages": _messages(
+        {"role": "system", "content": "You are a shop assistant."},
+        {"role": "user", "content": [{"type": "text", "text": "Where is my order A-1042?"}]},
+        {"role": "tool", "content": [{"type": "tool-result", "toolCallId": "c1", "toolName": "get_order_status",
+                                      "output": {"type": "text", "value": "shipped"}}]}),
+        # AI SDK 5 and later name the schema inputSchema
+        "ai.prompt.tools": [json.dumps({"type": "function", "name": "get_order_status", "inputSchema": schema})]},
+        name="ai.generateText.doGenerate").llm_calls)
+    assert call.prompt == "Where is my order A-1042?"
+    assert json.loads(call.tool_definitions) == [{"name": "get_order_status", "parameters": schema}]
+
+
+@pytest.mark.parametrize("attrs,provider", [
+    ({"gen_ai.system": "openai.chat", "ai.model.provider": "openai.chat"}, "openai"),  # Vercel: provider.api
+    ({"gen_ai.system": "anthropic.messages", "ai.model.provider": "anthropic.messages"}, "anthropic"),
+    ({"gen_ai.system": "openai.chat"}, "openai.chat"),  # not the Vercel AI SDK: as sent
+    ({"gen_ai.system": "vertex.ai", "ai.model.provider": "google.vertex"}, "vertex.ai"),
+])
+def test_vercel_ai_sdk_provider_id_is_the_provider(attrs, provider):
+    assert _one(_llm({"gen_ai.request.model": "gpt-4o-mini", **attrs}).llm_calls).provider == provider
+
+
+@pytest.mark.parametrize("attrs,request_model,priced", [
+    # Google ADK on LiteLLM records LiteLLM's routing name; the provider is asked for the bare one
+    ({"gen_ai.provider.name": "openai", "gen_ai.request.model": "openai/gpt-4o-mini"}, "gpt-4o-mini", True),
+    # a prefix naming someone else (a router's namespace) stays
+    ({"gen_ai.provider.name": "openrouter", "gen_ai.request.model": "openai/gpt-4o-mini"}, "openai/gpt-4o-mini",
+     True),
+    ({"gen_ai.request.model": "openai/gpt-4o-mini"}, "openai/gpt-4o-mini", True),
+    ({"gen_ai.provider.name": "openai", "gen_ai.request.model": "openai/"}, "openai/", False),
+])
+def test_a_model_prefixed_with_its_own_provider_is_read_bare(attrs, request_model, priced):
+    call = _one(_llm({"gen_ai.operation.name": "generate_content", **attrs}).llm_calls)
+    assert (call.request_model, call.model, call.priced) == (request_model, request_model, priced)
+
+
+@pytest.mark.parametrize("result,expected", [
+    ('{"result": "shipped"}', "shipped"),  # Google ADK wraps a function tool's non-dict return value
+    ('{"result": {"status": "shipped"}}', '{"status":"shipped"}'),
+    ('{"result": 3}', "3"),
+    ('{"result": "x", "more": 1}', '{"result": "x", "more": 1}'),  # not the wrapper: as sent
+])
+def test_google_adk_result_wrapper_is_unwrapped(result, expected):
+    tool = _tool({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "t", "gen_ai.tool.call.result": result})
+    assert tool.result == expected
+
+
+_MLFLOW_TOOLS = json.dumps([{"type": "function", "function": {
+    "name": "get_order_status", "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}}}}])
+
+
+_MLFLOW_TOOL_CALL_CHOICE = {"index": 0, "finish_reason": "tool_calls", "message": {
+    "role": "assistant", "content": None, "tool_calls": [{"id": "call_A1042", "type": "function", "function": {
+        "name": "get_order_status", "arguments": '{"order_id": "A-1042"}'}}]}}
+
+
+def _mlflow_llm(**extra):
+    return {"mlflow.spanType": '"CHAT_MODEL"', "mlflow.traceRequestId": '"tr-1"', "model": '"gpt-4o-mini"',
+            "mlflow.spanInputs": json.dumps({"model": "gpt-4o-mini", "messages": [
+                {"role": "system", "content": "You are a shop assistant."},
+                {"role": "user", "content": "Where is my order A-1042? Mail me at jane.doe@example.com"}]}),
+            "mlflow.llm.model": '"gpt-4o-mini-2024-07-18"',
+            "mlflow.chat.tokenUsage": json.dumps({"input_tokens": 64, "output_tokens": 18, "total_tokens": 82}),
+            "mlflow.chat.tools": _MLFLOW_TOOLS,
+            "mlflow.spanOutputs": json.dumps({"id": "chatcmpl-2", "choices": [_MLFLOW_TOOL_CALL_CHOICE]}),
+            **extra}
+
+
+def test_mlflow_model_span_maps_model_tokens_prompt_tools_and_requested_calls():
+    call = _one(_llm(_mlflow_llm(), name="Completions").llm_calls)
+    assert (call.request_model, call.model) == ("gpt-4o-mini", "gpt-4o-mini-2024-07-18")
+    assert (call.input_tokens, call.output_tokens) == (64, 18)
+    # gpt-4o-mini: 0.15 in / 0.60 out per 1M -> 64 * 0.15 + 18 * 0.60 = 20.4 per 1M
+    assert call.priced and call.cost_usd == pytest.approx(20.4e-6, rel=1e-12)
+    assert call.prompt == "Where is my order A-1042? Mail me at jane.doe@example.com"
+    assert json.loads(call.tool_definitions) == [{"name": "get_order_status", "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string"}}}}]
+    assert json.loads(call.requested_tool_calls) == [
+        {"name": "get_order_status", "arguments": '{"order_id": "A-1042"}', "id": "call_A1042"}]
+    assert (call.finish_reason, call.provider) == ("tool_calls", "")
+    assert _one(_llm(_mlflow_llm(**{"mlflow.llm.provider": '"openai"'}), name="Completions").llm_calls).provider == (
+        "openai")
+    # request model from the inputs when the "model" attribute is absent; the answer's text
+    bare = _llm_without("model", mlflow_outputs=json.dumps({"choices": [{"message": {
+        "role": "assistant", "content": "Your order A-1042 has shipped."}}]}))
+    assert (bare.request_model, bare.response) == ("gpt-4o-mini", "Your order A-1042 has shipped.")
+
+
+def _llm_without(key, mlflow_outputs):
+    attrs = _mlflow_llm(**{"mlflow.spanOutputs": mlflow_outputs})
+    del attrs[key]
+    return _one(_llm(attrs, name="Completions").llm_calls)
+
+
+def test_mlflow_prompt_is_redacted():
+    from agentwatch.streams.pii import PiiPolicy, Redactor
+
+    def build(tracer):
+        timed_span(tracer, "Completions", _mlflow_llm(), 100.0, 102.0)
+    batch = Normalizer(pricing(), redactor=Redactor(PiiPolicy())).normalize_traces(
+        decode_traces(spans_payload(build)[0]))
+    row = _one(batch.llm_call_rows)
+    assert "jane.doe@example.com" not in row["prompt"] and row["prompt"].startswith("Where is my order A-1042?")
+    assert [(r["field"], r["entity_type"]) for r in batch.pii_rows] == [("llm_calls.prompt", "EMAIL")]
+
+
+@pytest.mark.parametrize("span_type,role", [
+    ('"CHAT_MODEL"', "llm"), ('"LLM"', "llm"), ('"TOOL"', "tool"), ('"AGENT"', "agent"), ('"CHAIN"', "agent"),
+    ('"RETRIEVER"', "agent"), ('"UNKNOWN"', None), ('"PARSER"', None),
+])
+def test_mlflow_span_types(span_type, role):
+    def build(tracer):
+        timed_span(tracer, "f", {"mlflow.spanType": span_type}, 100.0, 101.0)
+    batch = normalize(spans_payload(build)[0])
+    found = [r for r, rows in (("llm", batch.llm_call_rows), ("tool", batch.tool_call_rows),
+                               ("agent", batch.agent_step_rows)) if rows]
+    assert found == ([role] if role else [])
+
+
+def test_mlflow_tool_span_arguments_and_result():
+    tool = _tool({"mlflow.spanType": '"TOOL"', "mlflow.spanFunctionName": '"run_tool"',
+                  "mlflow.spanInputs": '{"order_id": "A-1042"}', "mlflow.spanOutputs": '"shipped"'},
+                 name="get_order_status")
+    assert (tool.tool_name, tool.arguments, tool.arguments_format, tool.result) == (
+        "get_order_status", '{"order_id": "A-1042"}', "", "shipped")
