@@ -406,6 +406,14 @@ class Normalizer:
         else:  # a price times an implausible count is not a cost
             cost, priced = None, self.pricing.cost_usd(model, 0, 0)[1]
             flags["cost_usd"] = FROM_INVALID_TOKENS
+        reported = _first(attrs, sc.REPORTED_COST)
+        if "cost_usd" not in flags and type(reported) in (int, float) and reported > 0:
+            # The instrumentation priced the call itself (OpenLIT, LiteLLM, pydantic-ai): its price
+            # list knows contract prices and models ours lacks. 0 means it had no price: ours stands.
+            cost, priced = float(reported), True
+            limit = self._cost_limit
+            if not limit.low <= cost <= limit.high:
+                cost = _rejected(cost, limit, flags, LlmCall.table, trace_id, span_id, rejections)
         if not priced and model and len(self.unpriced_models) < 1000:
             self.unpriced_models[model[:_UNPRICED_NAME_CHARS]] += 1
         ttft = None

@@ -142,3 +142,6 @@ MESSAGE_EVENT_ROLES = {
     "gen_ai.content.prompt": "user",
     "gen_ai.content.completion": "assistant",
 }
+
+# The cost an instrumentation computed itself (USD): OpenLIT, LiteLLM's OTel callback, pydantic-ai.
+REPORTED_COST = ("gen_ai.usage.cost", "gen_ai.cost.total_cost", "operation.cost")

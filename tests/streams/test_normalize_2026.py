@@ -583,3 +583,22 @@ def test_mlflow_tool_span_arguments_and_result():
                  name="get_order_status")
     assert (tool.tool_name, tool.arguments, tool.arguments_format, tool.result) == (
         "get_order_status", '{"order_id": "A-1042"}', "", "shipped")
+
+
+@pytest.mark.parametrize("attribute", ["gen_ai.usage.cost", "gen_ai.cost.total_cost", "operation.cost"])
+def test_a_cost_the_instrumentation_reported_is_used(attribute):
+    call = _call({"gen_ai.request.model": "my-private-model", "gen_ai.usage.input_tokens": 10,
+                  "gen_ai.usage.output_tokens": 5, attribute: 0.0123})
+    assert (call.cost_usd, call.priced) == (0.0123, True)
+
+
+def test_a_reported_cost_of_zero_leaves_the_price_table_to_decide():
+    ours = _call({"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 1_000_000})
+    reported_zero = _call({"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 1_000_000,
+                           "gen_ai.usage.cost": 0.0})
+    assert reported_zero.cost_usd == ours.cost_usd > 0 and reported_zero.priced
+
+
+def test_an_implausible_reported_cost_is_nulled_and_flagged():
+    batch_call = _call({"gen_ai.request.model": "gpt-4o", "gen_ai.usage.cost": 1e12})
+    assert batch_call.cost_usd == 0.0 and "cost_usd" in batch_call.invalid_fields
