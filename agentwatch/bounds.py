@@ -169,6 +169,7 @@ NULLABLE_FIELDS: Mapping[str, Mapping[str, str]] = {
     "llm_messages": {},
     "pii_detections": {},
     "evaluations": {},
+    "span_coverage": {},
     "gpu_samples": {"memory_used_bytes": "gpu_memory_bytes", "memory_free_bytes": "gpu_memory_bytes",
                     "memory_total_bytes": "gpu_memory_bytes", "utilization_pct": "gpu_utilization_pct",
                     "temperature_c": "gpu_temperature_c", "power_w": "gpu_power_w"},
@@ -180,6 +181,7 @@ ROW_FIELDS: Mapping[str, Mapping[str, str]] = {
     "llm_messages": {"ts": "timestamp_s"},
     "pii_detections": {"ts": "timestamp_s"},
     "evaluations": {"ts": "timestamp_s"},
+    "span_coverage": {"ts": "timestamp_s"},
     "gpu_samples": {"ts": "timestamp_s", "gpu": "gpu_index", "pid": "pid"},
 }
 _INTEGRAL_KINDS = frozenset({"tokens", "gpu_memory_bytes", "gpu_index", "pid"})

@@ -40,6 +40,9 @@ NOTE = "note"
 KINDS: dict[str, tuple[str, str]] = {
     "nothing_received": ("no model calls, tool calls or agent steps",
                          "check the exporter endpoint and token, and that spans carry gen_ai.* attributes"),
+    "unmapped_spans": ("spans received, none a model call, tool call or agent step agentwatch knows",
+                       "describe your span shape in a mapping file (AGENTWATCH_MAPPING_PATH; start from "
+                       "streams/mapping.example.yaml, try it with agentwatch mapping check)"),
     "no_service": ("model calls with no service.name", "set service.name on the resource (OTEL_SERVICE_NAME)"),
     "no_model": ("model calls with no model", "set gen_ai.request.model (and gen_ai.response.model)"),
     "no_tokens": ("model calls with no tokens",
@@ -209,9 +212,32 @@ def snapshot_problems(con: Any, *, since_ts: float, until_ts: float, service: st
                                     details.get(kind, {}).get(svc, "")))
     counts = service_counts(con, since_ts=since_ts, until_ts=until_ts, service=service)
     problems += _services_without_model_calls(con, counts, params, service)
-    if not counts:
+    unmapped = _unmapped_services(con, params, service)
+    problems += unmapped
+    if not counts and not unmapped:
         problems.append(Problem(service or "", "nothing_received", 0, None, "", "", KINDS["nothing_received"][1]))
     return sorted(problems, key=_problem_order)
+
+
+def _unmapped_services(con: Any, params: dict[str, Any], service: str | None) -> list[Problem]:
+    """Services whose spans (``span_coverage``, written by the normaliser) all mapped to nothing:
+    without this they leave no row anywhere. A service with some spans recognised (a web app's
+    HTTP spans beside its model calls) is fine."""
+    try:
+        rows = con.execute(f"""
+            SELECT coalesce(service, ''), sum(spans)::BIGINT, sum(mapped)::BIGINT,
+                   arg_max([example_trace_id, example_span_id, example_name, example_attributes], ts)
+            FROM span_coverage_raw WHERE {_where(service)} GROUP BY 1 ORDER BY 1""", params).fetchall()
+    except Exception:  # no span_coverage file yet: nothing went unrecognised
+        return []
+    problems = []
+    for svc, spans, recognised, (trace_id, span_id, name, names) in rows:
+        if recognised:
+            continue
+        detail = f"e.g. span {name!r} with attributes {names.replace(',', ', ') or '(none)'}"
+        problems.append(Problem(svc, "unmapped_spans", int(spans), None, trace_id or "", span_id or "",
+                                KINDS["unmapped_spans"][1], detail))
+    return problems
 
 
 def _problem_order(p: Problem) -> tuple[Any, ...]:
@@ -498,11 +524,9 @@ def check_dead_letters(bootstrap_servers: str | None, *, broker_port: int, since
 # -- the report -----------------------------------------------------------------------------------
 
 FOOTNOTES = (
-    "Spans with no GenAI attributes (no gen_ai.operation.name, model, tool or agent name, and none "
-    "of the OpenInference/OpenLLMetry kinds) never become rows, so a service that sends only such "
-    "spans does not appear here at all. The workers count spans per topic "
-    "(agentwatch_spans_total{topic}), not spans seen against spans mapped per service, so /metrics "
-    "cannot tell either.",
+    "Spans with no GenAI attributes agentwatch knows never become rows; the normaliser counts them "
+    "per service (span_coverage), so a service whose spans all map to nothing is listed with an "
+    "example. One that also sends recognised spans (HTTP spans beside its model calls) is not.",
     "The normaliser records a model call with no gen_ai.operation.name as 'chat', so 'no operation' "
     "only shows rows written by other producers.",
     "Implausible values nulled in a kept row are reported under 'implausible values', not again "

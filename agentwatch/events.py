@@ -148,6 +148,26 @@ class LlmMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class SpanCoverage:
+    """Spans one service sent in one input record and how many the normaliser recognised, with
+    an example of one it did not (no GenAI attributes it knows). Written only when some spans
+    were not recognised: ``agentwatch doctor`` tells a service whose spans all map to nothing,
+    which otherwise leaves no row anywhere.
+    """
+
+    table: ClassVar[str] = "span_coverage"
+
+    ts: float
+    service: str = ""
+    spans: int = 0
+    mapped: int = 0  # recognised as a model call, tool call or agent step
+    example_trace_id: str = ""
+    example_span_id: str = ""
+    example_name: str = ""  # redacted like every text
+    example_attributes: str = ""  # the example's attribute names, comma-separated (the first 20)
+
+
+@dataclass(frozen=True, slots=True)
 class ToolDeclaration:
     """Tools declared to a model on a log record rather than its span (the
     ``gen_ai.client.inference.operation.details`` event): carried to the trace stage so the
@@ -264,7 +284,7 @@ class Finding:
 
 
 EVENT_TYPES: tuple[type, ...] = (LlmCall, ToolCall, AgentStep, LlmMessage, GpuSample, PiiDetection, Evaluation,
-                                 Finding)
+                                 SpanCoverage, Finding)
 EVENT_BY_TABLE: dict[str, type] = {t.table: t for t in EVENT_TYPES}
 
 E = TypeVar("E")

@@ -629,6 +629,9 @@ class Dataflow:
             if self.metrics is not None:
                 self.metrics.observe_pii_detections(detections)
             self._forward_usage(out, record, "pii_detections", detections)
+        if outcome.coverage_rows:
+            # Only for `agentwatch doctor`: which services send spans that map to nothing.
+            out.rows.append(Rows("span_coverage", dumps_lenient(outcome.coverage_rows), len(outcome.coverage_rows)))
         if outcome.evaluation_rows:
             # Like the detections: rows with the record, per-service detectors through the usage topic.
             rows = outcome.evaluation_rows

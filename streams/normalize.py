@@ -99,6 +99,9 @@ class NormalizedBatch:
     rejections: list[ValueRejection] = field(default_factory=list)
     # What the PII redactor found in the rows above: PiiDetection rows (type and field, no value).
     pii_rows: list[dict[str, Any]] = field(default_factory=list)
+    # SpanCoverage rows: per service with spans the normaliser did not recognise, how many of its
+    # spans it did, and an example of one it did not.
+    coverage_rows: list[dict[str, Any]] = field(default_factory=list)
     # Evaluation rows: gen_ai.evaluation.result span events.
     evaluation_rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -241,9 +244,15 @@ class Normalizer:
         # gen_ai.evaluation.result span events: (event attributes, its span's attributes, resource,
         # trace id, span id, event time in ns).
         evaluations: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any], str, str, int]] = []
+        # service -> [spans, recognised, (span, attrs, resource) of the first one not recognised]
+        coverage: dict[str, list[Any]] = {}
         for resource_spans in request.resource_spans:
             resource = _resource_context(attributes(resource_spans.resource.attributes))
+            seen = coverage.get(resource["service"])
+            if seen is None:
+                seen = coverage[resource["service"]] = [0, 0, None]
             for scope_spans in resource_spans.scope_spans:
+                seen[0] += len(scope_spans.spans)
                 for span in scope_spans.spans:
                     batch.spans += 1
                     try:
@@ -254,6 +263,7 @@ class Normalizer:
                             _read_span_events(span, attrs, resource, evaluations)
                         role = _span_role(attrs)
                         if role is not None:
+                            seen[1] += 1
                             trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
                             parent_id = span.parent_span_id.hex()
                             staged.append((role, span, attrs, resource, trace_id, span_id, parent_id))
@@ -263,10 +273,16 @@ class Normalizer:
                                 llm_by_id[(trace_id, span_id)] = (attrs, parent_key)
                             if not _CONTEXT_KEYS.isdisjoint(attrs):
                                 genai_context.append((attrs, trace_id))
-                        elif not _CONTEXT_KEYS.isdisjoint(attrs):
-                            other_context.append((attrs, span.trace_id.hex()))
+                        else:
+                            if seen[2] is None:
+                                seen[2] = (span, attrs, resource)
+                            if not _CONTEXT_KEYS.isdisjoint(attrs):
+                                other_context.append((attrs, span.trace_id.hex()))
                     except Exception as exc:  # hostile attribute content must not sink the batch
                         batch.failures.append((span.span_id.hex(), f"{type(exc).__name__}: {exc}"))
+        for service, (spans, recognised, example) in coverage.items():
+            if example is not None:
+                self._coverage_row(batch, service, spans, recognised, *example)
         if not staged and not evaluations:
             return batch
 
@@ -504,6 +520,20 @@ class Normalizer:
         flags[limit.name] = reason
         rejections.append(ValueRejection(LlmCall.table, limit.name, reason, keepable(raw), trace_id, span_id))
         return None
+
+    def _coverage_row(self, batch: NormalizedBatch, service: str, spans: int, recognised: int, span: Any,
+                      attrs: Mapping[str, Any], resource: Mapping[str, Any]) -> None:
+        end = span.end_time_unix_nano / 1e9
+        if not self._ts_low <= end <= self._ts_high:
+            return  # a row needs a time to be filed under; the counts come again with the next record
+        row = {"ts": end, "service": service, "spans": spans, "mapped": recognised,
+               "example_trace_id": span.trace_id.hex(), "example_span_id": span.span_id.hex(),
+               "example_name": self._text(span.name, "span_coverage.example_name", resource),
+               "example_attributes": ",".join(sorted(attrs)[:20])[:2000]}
+        batch.coverage_rows.append(row)
+        if self._found:
+            self._pii_rows(batch.pii_rows, {**row, "trace_id": row["example_trace_id"],
+                                            "span_id": row["example_span_id"], "project": resource["project"]})
 
     def _text(self, text: str, where: str, header: Mapping[str, Any], *, clip: bool = True) -> str:
         """A free-text field as stored: redacted (detections noted for the row), cut to max_text_chars.

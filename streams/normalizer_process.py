@@ -55,6 +55,7 @@ def _without_batch(outcome: RecordOutcome) -> RecordOutcome:
     """The outcome the agent uses; the typed batch stays behind (it would cost a pickle)."""
     return RecordOutcome(outputs=outcome.outputs, dead_letter_reason=outcome.dead_letter_reason,
                          spans=outcome.spans, rejections=outcome.rejections, pii_rows=outcome.pii_rows,
+                         coverage_rows=outcome.coverage_rows,
                          evaluation_rows=outcome.evaluation_rows)
 
 

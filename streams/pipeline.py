@@ -40,6 +40,8 @@ class RecordOutcome:
     rejections: list[ValueRejection] = field(default_factory=list)
     # PiiDetection rows: what the redactor found (and replaced) in this record's texts.
     pii_rows: list[dict[str, Any]] = field(default_factory=list)
+    # SpanCoverage rows: services with spans the normaliser did not recognise.
+    coverage_rows: list[dict[str, Any]] = field(default_factory=list)
     # Evaluation rows: the gen_ai.evaluation.result events among this record's spans or logs.
     evaluation_rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -387,7 +389,8 @@ class SpanPipeline:
             return RecordOutcome(dead_letter_reason=f"undecodable otlp_spans record: {exc}")
         batch = self.normalizer.normalize_traces(request)
         outcome = RecordOutcome(spans=batch.spans, batch=batch, rejections=batch.rejections,
-                                pii_rows=batch.pii_rows, evaluation_rows=batch.evaluation_rows)
+                                pii_rows=batch.pii_rows, evaluation_rows=batch.evaluation_rows,
+                                coverage_rows=batch.coverage_rows)
         for table, rows in (("llm_calls", batch.llm_call_rows), ("tool_calls", batch.tool_call_rows),
                             ("agent_steps", batch.agent_step_rows)):
             outcome.outputs += encode_by_partition(table, rows, self.partitions[table], _row_trace_id)

@@ -117,7 +117,7 @@ def test_report_text_groups_by_service(tmp_path):
     assert any(line.strip() == "my-llm (1)" for line in lines)
     assert "Dead letters: not checked: no broker here" in lines
     assert "Result: 7 problems found (exit code 1)" in lines
-    assert any("cannot tell either" in line for line in lines)  # the footnote on non-GenAI spans
+    assert any("map to nothing is listed" in line for line in lines)  # the footnote on non-GenAI spans
     assert report.exit_code == 1
 
 
@@ -415,3 +415,34 @@ def test_dead_letters_read_from_the_embedded_broker():
         broker.stop()
     assert check == DeadLetterCheck(True, address, 3)
     assert [(p.service, p.count, p.example_span_id) for p in problems] == [("chat-api", 6, A.hex())]
+
+
+def test_a_service_whose_spans_all_map_to_nothing_is_named_with_an_example(tmp_path):
+    # The normaliser's span_coverage rows are the only trace such a service leaves: it has no
+    # model call, tool call or agent step at all.
+    from agentwatch.broker import DEFAULT_TOPICS
+    from agentwatch.streams.normalize import Normalizer
+    from agentwatch.streams.pipeline import SpanPipeline
+    from agentwatch.streams.pricing import PricingTable
+    from tests.support.dataflow_testing import SpanSpec, otlp_traces
+
+    custom = [SpanSpec(bytes([1] * 16), bytes([i] * 8), "ai_inference", T0 + i, T0 + i + 1,
+                       {"prompt.length": 42, "user.id": "u-1", "tokens.consumed": 900},
+                       resource=(("service.name", "custom-ai"),)) for i in (1, 2)]
+    web = [SpanSpec(bytes([2] * 16), bytes([9] * 8), "GET /orders", T0 + 3, T0 + 4, {"http.method": "GET"},
+                    resource=(("service.name", "shop"),)),
+           SpanSpec(bytes([2] * 16), bytes([8] * 8), "chat gpt-4o", T0 + 3, T0 + 3.5,
+                    {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"},
+                    resource=(("service.name", "shop"),))]
+    outcome = SpanPipeline(Normalizer(PricingTable.load()), DEFAULT_TOPICS).on_traces(otlp_traces(custom + web))
+    sink = SnapshotSink(tmp_path, writer_id="test")
+    sink.add_rows("span_coverage", outcome.coverage_rows)
+    sink.add_events(outcome.batch.llm_calls)
+    sink.flush(force=True)
+    problems = snapshot_problems(connect(tmp_path), since_ts=SINCE, until_ts=UNTIL)
+    assert [(p.service, p.kind, p.count, p.example_trace_id, p.example_span_id) for p in problems
+            if p.kind == "unmapped_spans"] == [("custom-ai", "unmapped_spans", 2, "01" * 16, "01" * 8)]
+    (found,) = [p for p in problems if p.kind == "unmapped_spans"]
+    assert found.detail == "e.g. span 'ai_inference' with attributes prompt.length, tokens.consumed, user.id"
+    assert "mapping" in found.hint
+
