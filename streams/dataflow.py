@@ -722,15 +722,20 @@ class Dataflow:
             # Before the trace detectors: a failing one must not cost the project its usage.
             self._forward_usage(out, record, table, events)
         if state.runner.detectors:
-            try:
-                findings = state.runner.process([*events, *as_steps] if as_steps else events)
-            except Exception as exc:
-                log.exception("trace detector failed")
-                if emit:
-                    self._dead_letter(out, record, f"detector error: {type(exc).__name__}: {exc}")
-                return
+            self._detect(state.runner, [*events, *as_steps] if as_steps else events, out, record, emit=emit)
+
+    def _detect(self, runner: Any, events: Sequence[Any], out: StepOutput, record: Record, *, emit: bool) -> None:
+        """Run ``events`` through ``runner``; a detector that fails dead-letters the record (its
+        state updates so far stand), and never stops the partition."""
+        try:
+            findings = runner.process(events)
+        except Exception as exc:
+            log.exception("detector failed on %s[%s]@%s", record.topic, record.partition, record.offset)
             if emit:
-                self._emit_findings(out, findings)
+                self._dead_letter(out, record, f"detector error: {type(exc).__name__}: {exc}")
+            return
+        if emit:
+            self._emit_findings(out, findings)
 
     def _declarations(self, state: TracePartition, record: Record, out: StepOutput, *, emit: bool,
                       update: bool) -> None:
@@ -740,17 +745,8 @@ class Dataflow:
             declarations = _DECLARATIONS_DECODER.decode(record.value)
         except msgspec.DecodeError as exc:  # ValidationError included
             raise UndecodableRecord(f"rows do not match ToolDeclaration: {exc}") from exc
-        if not update or not declarations or not state.runner.detectors:
-            return
-        try:
-            findings = state.runner.process(declarations)
-        except Exception as exc:
-            log.exception("trace detector failed")
-            if emit:
-                self._dead_letter(out, record, f"detector error: {type(exc).__name__}: {exc}")
-            return
-        if emit:
-            self._emit_findings(out, findings)
+        if update and declarations and state.runner.detectors:
+            self._detect(state.runner, declarations, out, record, emit=emit)
 
     def _usage(self, state: KeyedPartition, record: Record, out: StepOutput, *, emit: bool, update: bool) -> None:
         key = (record.key or b"").decode("utf-8", "replace")
@@ -782,15 +778,7 @@ class Dataflow:
             raise UndecodableRecord(f"usage rows do not match {_EVENT_CLASS[table].__name__}: {exc}") from exc
         if family == self.topology.drift_field and state.sampler is not None and table == "llm_calls":
             state.sampler.offer(events)
-        try:
-            findings = runner.process(events)
-        except Exception as exc:
-            log.exception("keyed detector failed")
-            if emit:
-                self._dead_letter(out, record, f"detector error: {type(exc).__name__}: {exc}")
-            return
-        if emit:
-            self._emit_findings(out, findings)
+        self._detect(runner, events, out, record, emit=emit)
 
     def _gpu_samples(self, record: Record) -> StepOutput:
         out = StepOutput()
