@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -12,11 +13,32 @@ from agentwatch.streams.dataflow import Dataflow
 log = logging.getLogger(__name__)
 
 
+# The embedding threads' nice value: they run on CPU the stream does not use.
+EMBED_NICE = 19
+
+
+def lower_thread_priority(nice: int = EMBED_NICE) -> None:
+    """Give the calling thread (on Linux, threads have nice values of their own) the lowest CPU
+    priority: drift windows close every few minutes and may wait, ingest may not. Under
+    sustained full load they wait, bounded: the samplers drop the oldest pending windows and
+    count them (``agentwatch_drift_windows_dropped_total``). Elsewhere a no-op."""
+    get_id = getattr(threading, "get_native_id", None)
+    if get_id is None or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, get_id(), nice)
+    except OSError as exc:  # a sandbox that refuses it: embedding still works, at normal priority
+        log.warning("embedding thread priority not lowered: %s", exc)
+
+
 class DriftStage:
     """Embedding of closed drift windows and the drift detectors' updates, in one thread.
 
     The windows are sampled per keyed partition (the core's samplers); the model loads in this
-    thread on the first due window or at :meth:`preload`, so workers start fast.
+    thread on the first due window or at :meth:`preload`, so workers start fast. The thread
+    (and the preload's) runs at the lowest CPU priority, with one torch thread
+    (``Embedder(threads=1)``): embedding costs the stream no CPU it needs. torch releases the
+    GIL in its kernels, so the Python loop does not wait on it either.
     """
 
     def __init__(self, settings: Settings, dataflow: Dataflow) -> None:
@@ -28,13 +50,18 @@ class DriftStage:
         self.dataflow = dataflow
         self.embedder = Embedder(settings.embedding_model, max_sentences_per_s=settings.embed_max_sentences_per_s)
         self.store = ReferenceStore(settings.data_dir)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed",
+                                           initializer=lower_thread_priority)
         self._references_loaded_at: dict[int, float] = {}
 
     def preload(self) -> None:
         """Load torch and the model now, in a thread of its own (not the embedding thread, so a
         checkpoint right after a start does not wait for the whole load)."""
-        threading.Thread(target=lambda: self.embedder.dimension, name="embed-preload", daemon=True).start()
+        def load() -> None:
+            lower_thread_priority()
+            _ = self.embedder.dimension
+
+        threading.Thread(target=load, name="embed-preload", daemon=True).start()
 
     def check(self, due: list[tuple[Any, list[Any]]], now: float) -> list[Any]:
         """Embed the due windows and run each partition's drift detector (in the executor).

@@ -76,3 +76,16 @@ def test_calm_and_raised_checks_set_the_gauges_and_count(tmp_path):
     assert finding.value > finding.threshold
     # No reference bound: no skew series.
     assert v("agentwatch_drift_checks_total", {"key": KEY, "check": "skew"}) is None
+
+
+def test_embedding_runs_at_the_lowest_priority_and_the_stream_does_not(tmp_path):
+    import os
+
+    stage = DriftStage(Settings(data_dir=tmp_path), _OnePartition(DriftDetector(), None))
+    try:
+        embed_nice = stage.executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    finally:
+        stage.executor.shutdown()
+    assert embed_nice == 19
+    # Per thread: the thread that runs the stream keeps its priority.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
