@@ -24,6 +24,11 @@ class Detector(Protocol[E_contra]):
     # ``service``, ``host``): the stream routes events to the detector by it, so one key's events
     # meet in one partition's detector whatever the worker count. A class or instance attribute.
     partition_by: str
+    # Optional, for a detector that accepts LlmCall and runs outside the trace stage: the
+    # LlmCall fields ``update`` reads (a class or instance attribute). The stream forwards only
+    # those (the prompt, response and tool texts make up most of a call's bytes), the others
+    # arrive as their defaults; a detector without it gets whole calls.
+    # llm_call_reads: frozenset[str]
 
     def update(self, event: E_contra) -> Sequence[Finding]: ...
 

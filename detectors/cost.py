@@ -187,6 +187,8 @@ class CostAnomalyDetector:
         check_at_least("min_history", min_history, 1)
         check_at_least("max_keys", max_keys, 1)
         self.group_by = group_by
+        self.llm_call_reads = frozenset({"ts", "cost_usd", "priced", "input_tokens", "output_tokens",
+                                         *(f for fields in group_by for f in fields)})
         # The field every key includes: the stream partitions this detector's calls by it.
         self.partition_by = shared[0]
         self.interval_s = float(interval_s)
@@ -432,6 +434,7 @@ class BudgetDetector:
     name: ClassVar[str] = "budget"
     partition_by: ClassVar[str] = "project"
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
+    llm_call_reads: ClassVar[frozenset[str]] = frozenset({"ts", "project", "cost_usd"})
 
     def __init__(self, *, budgets: Mapping[str, Mapping[str, float]] | None = None,
                  levels: Sequence[float] = (0.5, 0.8, 1.0),
@@ -646,6 +649,8 @@ class RetryStormDetector:
     partition_by: ClassVar[str] = "project"
     state_caps: ClassVar[tuple[str, ...]] = ("max_entries",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
+    llm_call_reads: ClassVar[frozenset[str]] = frozenset({
+        "ts", "trace_id", "project", "service", "user", "session", "input_tokens", "prompt", "cost_usd"})
     _MAX_TRACE_IDS: ClassVar[int] = 5
 
     def __init__(self, *, window_s: float = 10.0, min_repeats: int = 3,

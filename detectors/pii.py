@@ -200,6 +200,7 @@ class PiiExposureDetector:
     # Constructor arguments that bound the state: split over the partitions of its stage.
     state_caps: ClassVar[tuple[str, ...]] = ("max_services", "max_keys")
     accepts: ClassVar[tuple[type, ...]] = (LlmCall, PiiDetection)
+    llm_call_reads: ClassVar[frozenset[str]] = frozenset({"ts", "service"})
     _MAX_FIELDS: ClassVar[int] = 8
 
     def __init__(self, *, warmup_s: float = 3_600.0, window_s: float = 300.0,

@@ -354,6 +354,9 @@ class PromptVersionRegressionDetector:
     # Constructor arguments that bound the state: split over the partitions of its stage.
     state_caps: ClassVar[tuple[str, ...]] = ("max_prompts",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall, Evaluation)
+    llm_call_reads: ClassVar[frozenset[str]] = frozenset({
+        "ts", "service", "prompt_name", "prompt_version", "status", "invalid_fields", "cost_usd", "priced",
+        "latency_ms"})
 
     def __init__(self, *, min_samples: int = 30, alpha: float = 0.001, min_effect: float = 0.2,
                  looks: int = 4, reservoir_size: int = 200, max_versions: int = 4,

@@ -62,6 +62,11 @@ class DetectorRunner:
             self._routes[event_type] = routes
         return routes
 
+    def route_as(self, view_type: type, event_type: type) -> None:
+        """Route events of ``view_type`` (a view of ``event_type`` with the same field names) to
+        the detectors of ``event_type``."""
+        self._routes[view_type] = self.routes_for(event_type)
+
     def update(self, event: Any) -> list[Finding]:
         findings: list[Finding] = []
         for update in self.routes_for(type(event)):

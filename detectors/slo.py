@@ -241,6 +241,9 @@ class SloDetector:
     # Constructor arguments that bound the state: split over the partitions of its stage.
     state_caps: ClassVar[tuple[str, ...]] = ("max_keys",)
     accepts: ClassVar[tuple[type, ...]] = (LlmCall,)
+    llm_call_reads: ClassVar[frozenset[str]] = frozenset({
+        "ts", "service", "model", "provider", "status", "latency_ms", "time_to_first_token_ms", "finish_reason",
+        "invalid_fields"})
 
     def __init__(self, *, window_s: float = 300.0, n_buckets: int = 10, min_calls: int = 100,
                  error_rate_threshold: float = 0.05, latency_threshold_ms: float = 20_000.0,

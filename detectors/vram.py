@@ -368,6 +368,7 @@ class VramLeakDetector:
     # Constructor arguments that bound the state: split over the partitions of its stage.
     state_caps: ClassVar[tuple[str, ...]] = ("max_keys",)
     accepts: ClassVar[tuple[type, ...]] = (GpuSample, LlmCall)
+    llm_call_reads: ClassVar[frozenset[str]] = frozenset({"ts", "host", "service"})
     kind: ClassVar[str] = "vram_leak"
 
     def __init__(self, *, bucket_s: float = 60.0, floor_span_s: float = 300.0,
@@ -446,8 +447,7 @@ class VramLeakDetector:
         """Feed one event; returns the findings it caused (``()`` when none)."""
         if isinstance(event, GpuSample):
             return self._on_sample(event)
-        if isinstance(event, LlmCall):
-            self._on_call(event)
+        self._on_call(event)  # an LlmCall, or the stream's view of one (same fields)
         return ()
 
     def state_size(self) -> int:
