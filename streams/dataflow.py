@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import operator
 import threading
@@ -826,8 +827,6 @@ class Dataflow:
     def _forward_usage(self, out: StepOutput, record: Record, table: str, events: Sequence[Any]) -> None:
         """One usage record per family that reads these events and partition they go to, keyed
         ``<table>:<family>@<source topic>:<partition>:<offset>:<chunk>`` (the keyed stage's dedup).
-
-        Each event is encoded once, whatever the number of families it goes to.
         """
         cls = _EVENT_CLASS[table]
         families = [f for f, accepted in self.topology.accepts.items() if cls in accepted and hasattr(events[0], f)]
@@ -835,22 +834,20 @@ class Dataflow:
             return
         partitions = self.partitions.get(USAGE_TOPIC, 1)
         source = f"{record.topic}:{record.partition}:{record.offset}"
-        whole: list[bytes] | None = None
         for family in families:
             # A call carries only what the family's detectors read: the response and tool texts
             # never leave the trace stage, the prompt only where a detector reads it.
             fields = self.topology.llm_call_fields.get(family) if cls is LlmCall else None
-            if fields is None:
-                if whole is None:
-                    whole = [orjson.dumps(e) for e in events]
-                items = whole
-            else:
-                items = usage_items(events, fields)
-            groups: dict[int, list[bytes]] = {}
-            for event, item in zip(events, items):
-                groups.setdefault(partition_for(str(getattr(event, family)), partitions), []).append(item)
+            groups: dict[int, list[Any]] = {}
+            where: dict[Any, int] = {}  # a family has few distinct values: hash each once
+            for event in events:
+                value = getattr(event, family)
+                partition = where.get(value)
+                if partition is None:
+                    partition = where[value] = partition_for(str(value), partitions)
+                groups.setdefault(partition, []).append(event)
             for partition, group in groups.items():
-                for chunk, payload in enumerate(_json_arrays(group, self.max_record_bytes)):
+                for chunk, payload in enumerate(usage_payloads(group, fields, self.max_record_bytes)):
                     out.sends.append(Send(USAGE_TOPIC, partition, payload,
                                           key=f"{table}:{family}@{source}:{chunk}".encode()))
 
@@ -952,10 +949,28 @@ class Dataflow:
             return [(state, {**state.checkpoint(), "log_epoch": self.log_epoch}) for state in states]
 
 
-def usage_items(events: Sequence[Any], fields: Sequence[str]) -> list[bytes]:
-    """Each event as a JSON object of ``fields`` only (at least two): a usage record's items."""
-    pick = operator.attrgetter(*fields)
-    return [orjson.dumps(dict(zip(fields, pick(e)))) for e in events]
+@functools.lru_cache(maxsize=64)
+def _projection(fields: tuple[str, ...]) -> tuple[Callable[[Any], tuple[Any, ...]], type]:
+    """A getter of ``fields`` (at least two) and a Struct of them: an event's projection is
+    built in C and encoded as a JSON object of those fields in one call per record."""
+    return operator.attrgetter(*fields), msgspec.defstruct("Usage", [(f, Any) for f in fields])
+
+
+_USAGE_ENCODER = msgspec.json.Encoder()
+
+
+def usage_payloads(events: Sequence[Any], fields: tuple[str, ...] | None, limit: int) -> list[bytes]:
+    """``events`` as JSON arrays of at most about ``limit`` bytes each (one when they fit; an
+    event larger than the limit goes alone): each event whole, or as an object of ``fields``."""
+    if fields is None:
+        items = [orjson.dumps(e) for e in events]
+        return _json_arrays(items, limit)
+    pick, view = _projection(fields)
+    views = [view(*pick(e)) for e in events]
+    payload = _USAGE_ENCODER.encode(views)
+    if len(payload) <= limit:
+        return [payload]
+    return _json_arrays([_USAGE_ENCODER.encode(v) for v in views], limit)
 
 
 def decode_usage(table: str, payload: bytes) -> list[Any]:

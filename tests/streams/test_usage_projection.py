@@ -4,7 +4,7 @@
 Two checks per keyed detector that reads calls, over every call of every contract stream:
 what ``update`` reads is among what it declares (a recording view catches a field read but not
 declared, which would arrive as its default), and its findings on calls sent through the usage
-encoding and decoding (:func:`usage_items`, :func:`decode_usage`) equal its findings on the
+encoding and decoding (:func:`usage_payloads`, :func:`decode_usage`) equal its findings on the
 whole calls.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from agentwatch.detectors.registry import DETECTORS
 from agentwatch.events import LlmCall
-from agentwatch.streams.dataflow import LlmCallView, Topology, decode_usage, usage_items
+from agentwatch.streams.dataflow import LlmCallView, Topology, decode_usage, usage_payloads
 from tests.support.contract_streams import CONTRACT_STREAMS
 
 KEYED = sorted(name for name, cls in DETECTORS.items()
@@ -81,7 +81,8 @@ def test_findings_on_projected_calls_equal_those_on_whole_calls(name: str, seed:
     for event in _all_events(name, seed):
         if isinstance(event, LlmCall):
             calls += 1
-            (view,) = decode_usage("llm_calls", b"[" + usage_items([event], fields)[0] + b"]")
+            (payload,) = usage_payloads([event], fields, 1 << 20)
+            (view,) = decode_usage("llm_calls", payload)
             assert isinstance(view, LlmCallView)
             found_projected += projected.update(view)
         elif isinstance(event, cls.accepts):
@@ -112,3 +113,19 @@ def test_a_detector_that_declares_nothing_gets_whole_calls():
 
     detectors = [DETECTORS["budget"](), Undeclared()]
     assert Topology.of(detectors).llm_call_fields["project"] is None
+
+
+@pytest.mark.parametrize("limit", (50, 400, 4_000, 1 << 20))
+def test_usage_payloads_keep_every_call_in_order_under_the_record_limit(limit: int) -> None:
+    prompts = ["", "hi", "x" * 300, "안녕 " * 500, "y" * 3_000]
+    calls = [LlmCall(ts=float(i), trace_id=f"t{i}", span_id=f"s{i}", project="p", prompt=prompts[i % 5],
+                     cost_usd=0.01 * i, time_to_first_token_ms=None if i % 2 else 12.5) for i in range(40)]
+    fields = ("ts", "trace_id", "span_id", "project", "prompt", "cost_usd", "time_to_first_token_ms")
+    payloads = usage_payloads(calls, fields, limit)
+    decoded = [call for payload in payloads for call in decode_usage("llm_calls", payload)]
+    assert [(c.trace_id, c.prompt, c.cost_usd, c.time_to_first_token_ms) for c in decoded] == \
+        [(c.trace_id, c.prompt, c.cost_usd, c.time_to_first_token_ms) for c in calls]
+    for payload in payloads:
+        # Over the limit only when one call alone is.
+        assert len(payload) <= limit or len(decode_usage("llm_calls", payload)) == 1
+    assert len(payloads) == 1 or limit < sum(map(len, payloads))
