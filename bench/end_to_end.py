@@ -115,6 +115,35 @@ def cpu_seconds(procs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def worker_thread_seconds(procs: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds of each worker process's threads, in three groups: ``<worker>-main`` (the
+    event loop: Faust, the stages, the detectors), ``<worker>-embedding`` (threads at the
+    lowest priority: the drift embedding, which runs on CPU the stream leaves idle) and
+    ``<worker>-other-threads`` (the producer's thread, the Parquet writes, ...)."""
+    out: dict[str, float] = {}
+    for name, proc in procs.items():
+        if not (name.startswith("worker-") and name.count("-") == 1):
+            continue
+        try:
+            threads = proc.threads()
+        except Exception:  # psutil.NoSuchProcess, AccessDenied: the run reports without it
+            continue
+        for thread in threads:
+            group = "main" if thread.id == proc.pid else "embedding" if _nice(proc.pid, thread.id) > 0 \
+                else "other-threads"
+            key = f"{name}-{group}"
+            out[key] = out.get(key, 0.0) + thread.user_time + thread.system_time
+    return out
+
+
+def _nice(pid: int, tid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[16])
+    except (OSError, IndexError, ValueError):  # not Linux, or the thread just ended
+        return 0
+
+
 def _rows(data_dir: Path) -> int:
     from agentwatch.streams.snapshots import query_snapshots
 
@@ -191,6 +220,7 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
         last_end_sums: dict[str, int] = {}
         last_growth: dict[str, float] = {}
         cpu_before = cpu_seconds(procs)
+        threads_before = worker_thread_seconds(procs)
         started = time.perf_counter()
         if on_clock_start is not None:
             on_clock_start(procs)
@@ -224,6 +254,7 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
             # group commits once a second anyway).
             time.sleep(0.25)
         cpu_after = cpu_seconds(procs)
+        threads_after = worker_thread_seconds(procs)
         probe.close()
         producer.close()
         if finished is None:
@@ -236,6 +267,9 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
     cpu = {name: s for name, s in cpu.items() if not (name.endswith("-exited-children") and s == 0)}
     cpu_us = {name: round(s / spans * 1e6, 2) for name, s in cpu.items()}
     cpu_us["total"] = round(sum(cpu.values()) / spans * 1e6, 2)
+    # Threads that started during the run (a new embedding thread) count from zero.
+    thread_us = {name: round((seconds - threads_before.get(name, 0.0)) / spans * 1e6, 2)
+                 for name, seconds in sorted(threads_after.items())}
     return {"workers": workers, "spans": spans, "seconds": round(seconds, 3),
             "spans_per_s": round(spans / seconds), "produce_seconds": round(produced_at, 3),
             # When each stage's input was all committed (seen by the probe, every ~0.3 s), and
@@ -243,7 +277,7 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
             "stage_committed_s": stage_done,
             "topic_last_grew_s": {t: round(s, 3) for t, s in last_growth.items() if t in ("usage", *EVENT_TABLES)},
             "rows_expected": expected_rows, "rows_written": rows_written, "idle_wait_s": round(idle_wait_s, 1),
-            "probe_looks": looks, "cpu_us_per_span": cpu_us}
+            "probe_looks": looks, "cpu_us_per_span": cpu_us, "worker_threads_cpu_us_per_span": thread_us}
 
 
 def _spread(values: Sequence[float]) -> dict[str, Any]:
@@ -278,6 +312,11 @@ def bench_end_to_end_rounds(records: list[bytes], warmup: list[bytes], expected_
                                                                if k != "total"), 2)} for run in runs[name]]
         return {k: round(statistics.median(c.get(k, 0.0) for c in per_run), 2) for k in [*roles, "total"]}
 
+    def thread_medians(name: str) -> dict[str, float]:
+        keys = sorted({k for run in runs[name] for k in run.get("worker_threads_cpu_us_per_span", {})})
+        return {k: round(statistics.median(run.get("worker_threads_cpu_us_per_span", {}).get(k, 0.0)
+                                           for run in runs[name]), 2) for k in keys}
+
     return {
         "what": "otlp_spans records produced to the embedded broker until every worker input topic is "
                 "committed by the worker group and the event rows are in Parquet (whole pipeline: map, "
@@ -292,4 +331,5 @@ def bench_end_to_end_rounds(records: list[bytes], warmup: list[bytes], expected_
         "ratio_goal": 0.35,
         "two_workers_vs_one": {"median": round(statistics.median(two_vs_one), 3), "per_round": two_vs_one},
         "cpu_us_per_span": {name: cpu_medians(name) for name in ("workers_1", "workers_2", "transport_floor")},
+        "worker_threads_cpu_us_per_span": {name: thread_medians(name) for name in ("workers_1", "workers_2")},
     }

@@ -98,5 +98,40 @@ def test_end_to_end_clock_stops_when_the_worker_group_committed_everything_and_r
     run = run_end_to_end(records, warmup, workers=1, expected_rows=events, spans_per_record=200, timeout_s=120)
     assert run["rows_written"] == events == run["rows_expected"]
     assert set(run["stage_committed_s"]) == {"map", "trace", "keyed"}
+    assert "worker-0-main" in run["worker_threads_cpu_us_per_span"]
     assert {"broker", "worker-0", "worker-0-normaliser", "bench", "total"} <= set(run["cpu_us_per_span"])
     assert run["cpu_us_per_span"]["worker-0"] > 0
+
+
+def test_worker_threads_are_grouped_into_the_loop_the_embedding_and_the_rest():
+    import threading
+    import time
+
+    import psutil
+
+    from agentwatch.streams.drift_stage import lower_thread_priority
+    from bench.end_to_end import worker_thread_seconds
+
+    def spin(lower: bool, stop: threading.Event) -> None:
+        if lower:
+            lower_thread_priority()
+        while not stop.is_set():
+            sum(range(1000))
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=spin, args=(lower, stop)) for lower in (True, False)]
+    for t in threads:
+        t.start()
+    started = time.process_time()
+    while time.process_time() - started < 0.5:  # main thread busy too
+        sum(range(1000))
+    try:  # threads are read while they live
+        seconds = worker_thread_seconds({"worker-0": psutil.Process(), "worker-0-normaliser": psutil.Process(),
+                                         "broker": psutil.Process()})
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(seconds) == {"worker-0-main", "worker-0-embedding", "worker-0-other-threads"}
+    assert seconds["worker-0-main"] > 0.1
+    assert seconds["worker-0-embedding"] > 0 and seconds["worker-0-other-threads"] > 0
