@@ -47,14 +47,36 @@ class PortInUseError(RuntimeError):
 
 def free_port(count: int = 1) -> int:
     """A free port, or the first of ``count`` consecutive free ones (the stack numbers its
-    /metrics ports from --metrics-port: workers, notifier, supervisor)."""
-    for _ in range(100):
+    /metrics ports from --metrics-port: workers, notifier, supervisor).
+
+    Taken below the kernel's ephemeral range where there is room: a port from inside it can be
+    handed to any outgoing connection (the stack's own Kafka clients open dozens) between this
+    check and the bind of the process it is meant for."""
+    import random
+
+    low, _high = _ephemeral_range()
+    first_allowed = 10_000
+    for _ in range(200):
+        if low - first_allowed > count:
+            port = random.randrange(first_allowed, low - count)
+            if not all(_port_free(p) for p in range(port, port + count)):
+                continue
+            return port
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         if all(_port_free(p) for p in range(port + 1, port + count)):
             return port
     raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux; elsewhere the IANA range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49_152, 65_535
 
 
 def _port_free(port: int) -> bool:

@@ -11,11 +11,12 @@ Topology (each arrow a topic; every stage's state is keyed like its input)::
 
 The map stage holds no state that spans records: it decodes a request and maps each span. The
 trace stage sees every span of a trace, because the event topics are partitioned by trace id
-and co-partitioned (partition ``p`` of all three goes to one worker). It forwards a compact
-usage record per event to ``usage``, partitioned by the field each aggregate detector declares
-(``partition_by``): all of a project's calls meet in one partition's budget detector whatever
-the worker count. A usage record's key names its table and field (``llm_calls:project``), so the
-keyed stage hands it to the detectors of that field only.
+and co-partitioned (partition ``p`` of all three goes to one worker). It forwards each event to
+``usage``, once per field an aggregate detector declares (``partition_by``) and partitioned by
+it: all of a project's calls meet in one partition's budget detector whatever the worker count.
+A call carries only the fields that field's detectors read (``llm_call_reads``). A usage
+record's key names its table and field (``llm_calls:project``), so the keyed stage hands it to
+the detectors of that field only.
 
 State lives per input partition (:class:`TracePartition`, :class:`KeyedPartition`) and is
 checkpointed with the offsets it reflects (:class:`PartitionCheckpoint`). When a partition

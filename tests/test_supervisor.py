@@ -152,3 +152,19 @@ def test_a_started_and_stopped_stack_leaves_no_tmp_run_folder_and_says_where_its
     assert stack.run_dir.parent == tmp_path / "data" / "logs"
     assert {"broker.log", "collector.log", "worker-0.log"} <= {p.name for p in stack.run_dir.iterdir()}
     assert f"logs      {stack.run_dir}" in said
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_free():
+    import socket
+
+    from agentwatch.broker import _ephemeral_range, free_port
+
+    low, _high = _ephemeral_range()
+    for count in (1, 5):
+        port = free_port(count)
+        if low > 10_000 + count:
+            # An outgoing connection can never be handed it between this check and the bind.
+            assert 10_000 <= port and port + count <= low
+        for p in range(port, port + count):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", p))
