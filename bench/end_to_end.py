@@ -77,7 +77,8 @@ class CommitProbe:
 
 def stack_processes(stack: Any) -> dict[str, Any]:
     """Role -> psutil.Process: the broker, every child of the stack, each worker's own children
-    (its normaliser process, the resource tracker of its process pool), and this process."""
+    (its normaliser and embedder processes, the resource tracker of its process pools), and this
+    process."""
     import psutil
 
     procs: dict[str, Any] = {"bench": psutil.Process()}
@@ -89,8 +90,9 @@ def stack_processes(stack: Any) -> dict[str, Any]:
             procs[child.name] = parent
             for sub in parent.children(recursive=True):
                 cmdline = " ".join(sub.cmdline())
+                # Both process-pool children are spawned alike: the embedder is the one at nice 19.
                 role = "resource-tracker" if "resource_tracker" in cmdline else \
-                    "normaliser" if "spawn_main" in cmdline else f"child-{sub.pid}"
+                    ("embedder" if sub.nice() > 0 else "normaliser") if "spawn_main" in cmdline else f"child-{sub.pid}"
                 name = f"{child.name}-{role}"
                 procs[name if name not in procs else f"{name}-{sub.pid}"] = sub
         except psutil.NoSuchProcess:
@@ -117,8 +119,8 @@ def cpu_seconds(procs: dict[str, Any]) -> dict[str, float]:
 
 def worker_thread_seconds(procs: dict[str, Any]) -> dict[str, float]:
     """CPU seconds of each worker process's threads, in three groups: ``<worker>-main`` (the
-    event loop: Faust, the stages, the detectors), ``<worker>-embedding`` (threads at the
-    lowest priority: the drift embedding, which runs on CPU the stream leaves idle) and
+    event loop: Faust, the stages, the detectors), ``<worker>-drift`` (threads at the lowest
+    priority: the drift detectors' updates, on CPU the stream leaves idle) and
     ``<worker>-other-threads`` (the producer's thread, the Parquet writes, ...)."""
     out: dict[str, float] = {}
     for name, proc in procs.items():
@@ -129,7 +131,7 @@ def worker_thread_seconds(procs: dict[str, Any]) -> dict[str, float]:
         except Exception:  # psutil.NoSuchProcess, AccessDenied: the run reports without it
             continue
         for thread in threads:
-            group = "main" if thread.id == proc.pid else "embedding" if _nice(proc.pid, thread.id) > 0 \
+            group = "main" if thread.id == proc.pid else "drift" if _nice(proc.pid, thread.id) > 0 \
                 else "other-threads"
             key = f"{name}-{group}"
             out[key] = out.get(key, 0.0) + thread.user_time + thread.system_time

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
@@ -13,55 +12,49 @@ from agentwatch.streams.dataflow import Dataflow
 log = logging.getLogger(__name__)
 
 
-# The embedding threads' nice value: they run on CPU the stream does not use.
-EMBED_NICE = 19
+def lower_thread_priority() -> None:
+    """Run the calling thread (on Linux, threads have their own policy and nice value) at idle
+    priority (see :func:`~agentwatch.streams.embedder_process.idle_priority`)."""
+    from agentwatch.streams.embedder_process import idle_priority
 
-
-def lower_thread_priority(nice: int = EMBED_NICE) -> None:
-    """Give the calling thread (on Linux, threads have nice values of their own) the lowest CPU
-    priority: drift windows close every few minutes and may wait, ingest may not. Under
-    sustained full load they wait, bounded: the samplers drop the oldest pending windows and
-    count them (``agentwatch_drift_windows_dropped_total``). Elsewhere a no-op."""
     get_id = getattr(threading, "get_native_id", None)
-    if get_id is None or not hasattr(os, "setpriority"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, get_id(), nice)
-    except OSError as exc:  # a sandbox that refuses it: embedding still works, at normal priority
-        log.warning("embedding thread priority not lowered: %s", exc)
+    if get_id is not None:
+        idle_priority(tid=get_id())
 
 
 class DriftStage:
     """Embedding of closed drift windows and the drift detectors' updates, in one thread.
 
-    The windows are sampled per keyed partition (the core's samplers); the model loads in this
-    thread on the first due window or at :meth:`preload`, so workers start fast. The thread
-    (and the preload's) runs at the lowest CPU priority, with one torch thread
-    (``Embedder(threads=1)``): embedding costs the stream no CPU it needs. torch releases the
-    GIL in its kernels, so the Python loop does not wait on it either.
+    The windows are sampled per keyed partition (the core's samplers). The model runs in a
+    child process at the lowest CPU priority (:class:`EmbedderProcess`: in this process its
+    Python-level steps would hold the GIL the event loop needs), loaded at :meth:`preload` or
+    on the first due window, so workers start fast. The thread that waits for it and updates
+    the drift detectors runs at the lowest priority too: closed windows wait for CPU the stream
+    leaves idle (drift windows close every few minutes; ingest may not wait). Under sustained
+    full load they wait, bounded: the samplers drop the oldest pending windows and count them
+    (``agentwatch_drift_windows_dropped_total``).
     """
 
-    def __init__(self, settings: Settings, dataflow: Dataflow) -> None:
+    def __init__(self, settings: Settings, dataflow: Dataflow, embedder: Any = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from agentwatch.reference import ReferenceStore
-        from agentwatch.streams.embeddings import Embedder
 
         self.dataflow = dataflow
-        self.embedder = Embedder(settings.embedding_model, max_sentences_per_s=settings.embed_max_sentences_per_s)
+        if embedder is None:
+            from agentwatch.streams.embedder_process import EmbedderProcess
+
+            embedder = EmbedderProcess(settings.embedding_model, max_sentences_per_s=settings.embed_max_sentences_per_s)
+        self.embedder = embedder
         self.store = ReferenceStore(settings.data_dir)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed",
                                            initializer=lower_thread_priority)
         self._references_loaded_at: dict[int, float] = {}
 
     def preload(self) -> None:
-        """Load torch and the model now, in a thread of its own (not the embedding thread, so a
-        checkpoint right after a start does not wait for the whole load)."""
-        def load() -> None:
-            lower_thread_priority()
-            _ = self.embedder.dimension
-
-        threading.Thread(target=load, name="embed-preload", daemon=True).start()
+        """Load the model now, in the drift thread (which lives as long as the worker: a child
+        process restarted from it dies with the worker, not with a passing thread)."""
+        self.executor.submit(lambda: self.embedder.dimension)
 
     def check(self, due: list[tuple[Any, list[Any]]], now: float) -> list[Any]:
         """Embed the due windows and run each partition's drift detector (in the executor).

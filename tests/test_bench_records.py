@@ -103,7 +103,7 @@ def test_end_to_end_clock_stops_when_the_worker_group_committed_everything_and_r
     assert run["cpu_us_per_span"]["worker-0"] > 0
 
 
-def test_worker_threads_are_grouped_into_the_loop_the_embedding_and_the_rest():
+def test_worker_threads_are_grouped_into_the_loop_the_drift_thread_and_the_rest():
     import threading
     import time
 
@@ -132,6 +132,6 @@ def test_worker_threads_are_grouped_into_the_loop_the_embedding_and_the_rest():
         stop.set()
         for t in threads:
             t.join()
-    assert set(seconds) == {"worker-0-main", "worker-0-embedding", "worker-0-other-threads"}
+    assert set(seconds) == {"worker-0-main", "worker-0-drift", "worker-0-other-threads"}
     assert seconds["worker-0-main"] > 0.1
-    assert seconds["worker-0-embedding"] > 0 and seconds["worker-0-other-threads"] > 0
+    assert seconds["worker-0-drift"] > 0 and seconds["worker-0-other-threads"] > 0

@@ -52,8 +52,7 @@ def test_calm_and_raised_checks_set_the_gauges_and_count(tmp_path):
     registry = CollectorRegistry()
     metrics = PipelineMetrics(registry)
     stage = DriftStage(Settings(data_dir=tmp_path), _OnePartition(
-        DriftDetector(permutations=100, history_windows=1), metrics))
-    stage.embedder = _ShiftingEmbedder()
+        DriftDetector(permutations=100, history_windows=1), metrics), embedder=_ShiftingEmbedder())
     v = registry.get_sample_value
     labels = {"key": KEY, "check": "drift", "statistic": "mmd"}
 
@@ -78,14 +77,15 @@ def test_calm_and_raised_checks_set_the_gauges_and_count(tmp_path):
     assert v("agentwatch_drift_checks_total", {"key": KEY, "check": "skew"}) is None
 
 
-def test_embedding_runs_at_the_lowest_priority_and_the_stream_does_not(tmp_path):
+def test_the_drift_thread_runs_at_the_lowest_priority_and_the_stream_does_not(tmp_path):
     import os
 
-    stage = DriftStage(Settings(data_dir=tmp_path), _OnePartition(DriftDetector(), None))
+    stage = DriftStage(Settings(data_dir=tmp_path), _OnePartition(DriftDetector(), None), embedder=_ShiftingEmbedder())
     try:
-        embed_nice = stage.executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        drift_thread = stage.executor.submit(lambda: (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+                                                      os.sched_getscheduler(threading.get_native_id()))).result()
     finally:
         stage.executor.shutdown()
-    assert embed_nice == 19
+    assert drift_thread == (19, os.SCHED_IDLE)
     # Per thread: the thread that runs the stream keeps its priority.
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
