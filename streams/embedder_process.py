@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from agentwatch.streams.embeddings import Embedder, TokenBucket
+from agentwatch.streams.embeddings import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _child_priority() -> tuple[int, bool]:
     return os.getpriority(os.PRIO_PROCESS, 0), idle
 
 
-class EmbedderProcess:
+class EmbedderProcess(Embedder):
     """An :class:`~agentwatch.streams.embeddings.Embedder` whose model runs in a child process
     at idle priority (SCHED_IDLE, nice 19), rate-limited in this one.
 
@@ -79,26 +79,18 @@ class EmbedderProcess:
     use (nice 19 alone still took about a third of a core from a saturated stream: 10-20% of
     its throughput): under full load windows wait, bounded and counted by the samplers.
 
-    Same interface as ``Embedder`` (``encode``, ``dimension``, ``model_name``, and the
-    counters the metrics read). Start it from a thread that lives as long as the worker (the
-    child's parent-death signal follows the thread that started it). A child that dies (the
-    OOM killer) is replaced on the next call; the batch it held is tried once more.
+    Batching, the rate limit and the counters are the in-process embedder's; each batch is
+    encoded in the child. Start it from a thread that lives as long as the worker (the child's
+    parent-death signal follows the thread that started it). A child that dies (the OOM
+    killer) is replaced on the next call; the batch it held is tried once more.
     """
 
     def __init__(self, model: str | Path | None = None, *, batch_size: int = 64,
                  max_sentences_per_s: float | None = 100.0, burst: float | None = None,
                  threads: int | None = 1, nice: int = EMBED_NICE) -> None:
-        # Validates the arguments (and names the model) exactly as the in-process embedder does.
-        local = Embedder(model, batch_size=batch_size, max_sentences_per_s=max_sentences_per_s, burst=burst,
+        super().__init__(model, batch_size=batch_size, max_sentences_per_s=max_sentences_per_s, burst=burst,
                          threads=threads)
-        self.model = local.model
-        self.model_name = local.model_name
-        self.batch_size = batch_size
-        self.max_sentences_per_s = max_sentences_per_s
-        self.bucket: TokenBucket | None = local.bucket
         self.initargs = (self.model, batch_size, threads, nice)
-        self.sentences_embedded = 0
-        self.seconds_throttled = 0.0
         self.restarts = 0
         self._lock = threading.Lock()
         self._dimension: int | None = None
@@ -149,20 +141,8 @@ class EmbedderProcess:
         processes = getattr(self._pool, "_processes", None) or {}
         return next(iter(processes), None)
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts`` as a ``(len(texts), dim)`` float32 array, batch by batch; blocks while
-        the rate limiter is empty (call it from an executor thread)."""
-        texts = [str(t) for t in texts]
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        parts = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = texts[start:start + self.batch_size]
-            if self.bucket is not None:
-                self.seconds_throttled += self.bucket.acquire(len(batch))
-            parts.append(np.asarray(self._call(_child_encode, batch), dtype=np.float32))
-            self.sentences_embedded += len(batch)
-        return np.concatenate(parts, axis=0)
+    def _encode_batch(self, batch: list[str]) -> np.ndarray:
+        return self._call(_child_encode, batch)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -186,7 +186,6 @@ class Embedder:
 
         Blocks while the rate limiter is empty: call it from an executor thread.
         """
-        model = self._load()
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
@@ -195,11 +194,13 @@ class Embedder:
             batch = texts[start:start + self.batch_size]
             if self.bucket is not None:
                 self.seconds_throttled += self.bucket.acquire(len(batch))
-            parts.append(np.asarray(model.encode(
-                batch, batch_size=self.batch_size, normalize_embeddings=self.normalize,
-                convert_to_numpy=True, show_progress_bar=False), dtype=np.float32))
+            parts.append(np.asarray(self._encode_batch(batch), dtype=np.float32))
             self.sentences_embedded += len(batch)
         return np.concatenate(parts, axis=0)
+
+    def _encode_batch(self, batch: list[str]) -> np.ndarray:
+        return self._load().encode(batch, batch_size=self.batch_size, normalize_embeddings=self.normalize,
+                                   convert_to_numpy=True, show_progress_bar=False)
 
 
 def measure_embeddings_per_s(embedder: Embedder, texts: Sequence[str]) -> float:

@@ -11,22 +11,10 @@ import pytest
 
 from agentwatch.streams.embedder_process import EmbedderProcess
 from agentwatch.streams.embeddings import Embedder, TokenBucket
+from tests.support.clocks import SleepRecordingClock
 
 TEXTS = ["how do i freeze my bank account", "freeze my account please", "what's the weather tomorrow",
          "book a flight to paris", "cancel my card", "play some jazz"]
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-        self.slept = []
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +35,7 @@ def test_the_same_vectors_as_in_process_from_a_child_at_the_lowest_priority(embe
 
 
 def test_the_rate_limit_is_charged_here_per_batch(embedder):
-    clock = Clock()
+    clock = SleepRecordingClock()
     embedder.bucket = TokenBucket(rate=2.0, burst=4.0, clock=clock, sleep=clock.sleep)
     try:
         before = embedder.seconds_throttled

@@ -6,23 +6,11 @@ import numpy as np
 import pytest
 
 from agentwatch.streams.embeddings import Embedder, TokenBucket, default_model_path
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-        self.slept = []
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.slept.append(seconds)
-        self.now += seconds
+from tests.support.clocks import SleepRecordingClock
 
 
 def test_token_bucket_refills_at_rate_and_caps_at_burst():
-    clock = Clock()
+    clock = SleepRecordingClock()
     bucket = TokenBucket(rate=10.0, burst=5.0, clock=clock, sleep=clock.sleep)
     assert bucket.try_acquire(5) and not bucket.try_acquire(1)
     clock.now = 0.25  # 2.5 tokens back
@@ -32,7 +20,7 @@ def test_token_bucket_refills_at_rate_and_caps_at_burst():
 
 
 def test_token_bucket_acquire_sleeps_exactly_the_deficit_in_burst_parts():
-    clock = Clock()
+    clock = SleepRecordingClock()
     bucket = TokenBucket(rate=4.0, burst=8.0, clock=clock, sleep=clock.sleep)
     assert bucket.acquire(8) == 0.0
     # 20 more: parts of 8, 8, 4 at 4/s -> 2 s, 2 s, 1 s of sleep.
@@ -54,7 +42,7 @@ def test_default_model_is_the_bundled_one():
 
 @pytest.fixture(scope="module")
 def embedder():
-    clock = Clock()
+    clock = SleepRecordingClock()
     bucket = TokenBucket(rate=2.0, burst=4.0, clock=clock, sleep=clock.sleep)
     e = Embedder(batch_size=4, bucket=bucket, threads=1)
     e.test_clock = clock
