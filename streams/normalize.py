@@ -588,13 +588,12 @@ class Normalizer:
         # Agents re-send the conversation at every step, so most input-message texts of a trace
         # were seen a moment ago: parse each distinct one once. The row keeps only max_text_chars
         # of the prompt, so that is all the memo keeps.
-        raw = attrs.get(sc.INPUT_MESSAGES)
-        if not isinstance(raw, str) or not raw:
-            raw = attrs.get(sc.VERCEL_PROMPT_MESSAGES)  # the same message list, parts as {"type", "text"}
-            if not isinstance(raw, str) or not raw:
-                raw = attrs.get(sc.MLFLOW_INPUTS)  # the request's keyword arguments, "messages" among them
-                if not isinstance(raw, str) or not raw:
-                    return _prompt_text(attrs, span)
+        for key in _MESSAGE_LIST_KEYS:
+            raw = attrs.get(key)
+            if isinstance(raw, str) and raw:
+                break
+        else:
+            return _prompt_text(attrs, span)
         prompt = self._prompt_memo.get(raw)
         if prompt is None:
             messages = _json_value(raw)
@@ -779,15 +778,24 @@ class Normalizer:
 
 # -- classification ---------------------------------------------------------------------------
 
+def _roles(llm: Iterable[str], tool: Iterable[str], agent: Iterable[str]) -> dict[str, str]:
+    """One lookup from a convention's span kind to its role (the three sets are disjoint)."""
+    return {**dict.fromkeys(agent, "agent"), **dict.fromkeys(tool, "tool"), **dict.fromkeys(llm, "llm")}
+
+
+_OPERATION_ROLES = _roles(sc.LLM_OPERATIONS, sc.TOOL_OPERATIONS, sc.AGENT_OPERATIONS)
+_MLFLOW_ROLES = _roles(sc.MLFLOW_LLM_TYPES, sc.MLFLOW_TOOL_TYPES, sc.MLFLOW_STEP_TYPES)
+# Where a span keeps its input message list: the GenAI attribute, the Vercel AI SDK's (parts as
+# {"type", "text"}), MLflow's request keyword arguments ("messages" among them).
+_MESSAGE_LIST_KEYS = (sc.INPUT_MESSAGES, sc.VERCEL_PROMPT_MESSAGES, sc.MLFLOW_INPUTS)
+
+
 def _span_role(attrs: dict[str, Any]) -> str | None:
     op = attrs.get("gen_ai.operation.name")
     if op:
-        if op in sc.LLM_OPERATIONS:
-            return "llm"
-        if op in sc.TOOL_OPERATIONS:
-            return "tool"
-        if op in sc.AGENT_OPERATIONS:
-            return "agent"
+        role = _OPERATION_ROLES.get(op)
+        if role:
+            return role
     kind = attrs.get(sc.OPENINFERENCE_KIND)
     if kind:
         kind = str(kind).upper()
@@ -799,12 +807,9 @@ def _span_role(attrs: dict[str, Any]) -> str | None:
         return "tool" if kind == "tool" else "agent"
     kind = attrs.get(sc.MLFLOW_SPAN_TYPE)
     if kind:
-        if kind in sc.MLFLOW_LLM_TYPES:
-            return "llm"
-        if kind in sc.MLFLOW_TOOL_TYPES:
-            return "tool"
-        if kind in sc.MLFLOW_STEP_TYPES:
-            return "agent"
+        role = _MLFLOW_ROLES.get(kind)
+        if role:
+            return role
     if attrs.get("llm.request.type"):
         return "llm"
     for key in _MODEL_KEYS:
