@@ -105,6 +105,12 @@ def attributes(kvs: Iterable[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kv in kvs:
         value = kv.value
+        # Most values are non-empty strings: one field read answers them (an unset string field
+        # reads "", so "" and every other kind take the oneof test below).
+        text = value.string_value
+        if text:
+            out[kv.key] = text
+            continue
         kind = value.WhichOneof("value")
         if kind is None:
             out[kv.key] = None

@@ -147,3 +147,24 @@ def test_every_truncation_of_a_protobuf_record_is_undecodable():
 
 def test_undecodable_is_a_value_error_so_callers_can_catch_either():
     assert issubclass(UndecodableRecord, ValueError)
+
+
+def test_attributes_reads_every_value_kind_as_any_value_does():
+    """The string fast path must not change what the other kinds, or an empty string, read as."""
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    values = {
+        "text": AnyValue(string_value="gpt-4o"), "empty_text": AnyValue(string_value=""),
+        "count": AnyValue(int_value=0), "tokens": AnyValue(int_value=120),
+        "flag": AnyValue(bool_value=False), "ratio": AnyValue(double_value=0.5),
+        "raw": AnyValue(bytes_value=b"\x00\x01"), "unset": AnyValue(),
+        "list": AnyValue(array_value={"values": [AnyValue(string_value="stop"), AnyValue(int_value=2)]}),
+        "map": AnyValue(kvlist_value={"values": [KeyValue(key="role", value=AnyValue(string_value="user"))]}),
+    }
+    kvs = [KeyValue(key=key, value=value) for key, value in values.items()]
+
+    read = attributes(kvs)
+
+    assert read == {key: any_value(value) for key, value in values.items()}
+    assert read["empty_text"] == "" and read["unset"] is None and read["count"] == 0 and read["flag"] is False
+    assert read["list"] == ["stop", 2] and read["map"] == {"role": "user"}
