@@ -186,7 +186,10 @@ ROW_FIELDS: Mapping[str, Mapping[str, str]] = {
 }
 _INTEGRAL_KINDS = frozenset({"tokens", "gpu_memory_bytes", "gpu_index", "pid"})
 # Fields whose event type is ``T | None``: absent reads None, and only a present value is checked.
-OPTIONAL_FIELDS: Mapping[str, frozenset[str]] = {"llm_calls": frozenset({"time_to_first_token_ms"})}
+OPTIONAL_FIELDS: Mapping[str, frozenset[str]] = {
+    "llm_calls": frozenset({"time_to_first_token_ms"}),
+    "gpu_samples": frozenset({"utilization_pct", "temperature_c", "power_w"}),
+}
 
 
 def _table_limits(bounds: ValueBounds, table: str) -> TableLimits:

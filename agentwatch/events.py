@@ -229,7 +229,10 @@ class GpuSample:
     """One NVML (or DCGM) reading.
 
     ``pid == 0`` is the whole device; otherwise the row is one compute process on it and
-    ``memory_used_bytes`` is that process's usage.
+    ``memory_used_bytes`` is that process's usage. Utilisation, temperature and power are the
+    device's: None on process rows and wherever the device did not report them (NotSupported
+    on consumer cards, a field the exporter lacks), so an average over a column is not pulled
+    towards a 0 nobody read.
     """
 
     table: ClassVar[str] = "gpu_samples"
@@ -244,9 +247,9 @@ class GpuSample:
     memory_used_bytes: int = 0
     memory_free_bytes: int = 0
     memory_total_bytes: int = 0
-    utilization_pct: float = 0.0
-    temperature_c: float = 0.0
-    power_w: float = 0.0
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
     simulated: bool = False  # True when the sample came from the demo's simulated source
     invalid_fields: str = ""
 

@@ -158,9 +158,9 @@ class NvmlSampler:
                           memory_free_bytes=int(memory.free), memory_total_bytes=int(memory.total))
             rows.append(GpuSample(
                 **common, pid=0, memory_used_bytes=int(memory.used),
-                utilization_pct=float(util.gpu) if util is not None else 0.0,
-                temperature_c=float(temp) if temp is not None else 0.0,
-                power_w=power_mw / 1000.0 if power_mw is not None else 0.0))
+                utilization_pct=float(util.gpu) if util is not None else None,
+                temperature_c=float(temp) if temp is not None else None,
+                power_w=power_mw / 1000.0 if power_mw is not None else None))
             procs = self._optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
             for proc in procs:
                 used = getattr(proc, "usedGpuMemory", None)
@@ -228,9 +228,9 @@ def parse_dcgm_metrics(text: str, *, ts: float, host: str | None = None,
             gpu_uuid=labels.get("UUID", ""), gpu_name=labels.get("modelName", ""), pid=0,
             memory_used_bytes=int(used * MIB), memory_free_bytes=int(free * MIB),
             memory_total_bytes=int(total * MIB),
-            utilization_pct=dev.get("DCGM_FI_DEV_GPU_UTIL", 0.0),
-            temperature_c=dev.get("DCGM_FI_DEV_GPU_TEMP", 0.0),
-            power_w=dev.get("DCGM_FI_DEV_POWER_USAGE", 0.0)))
+            utilization_pct=dev.get("DCGM_FI_DEV_GPU_UTIL"),
+            temperature_c=dev.get("DCGM_FI_DEV_GPU_TEMP"),
+            power_w=dev.get("DCGM_FI_DEV_POWER_USAGE")))
     return rows
 
 

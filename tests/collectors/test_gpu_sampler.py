@@ -28,13 +28,17 @@ def test_first_round_maps_every_nvml_reading():
         GpuSample(**common0, pid=31337, process_name="python3.11", memory_used_bytes=13958643712),
         # NVML could not name it (another PID namespace): the row stays, nameless
         GpuSample(**common0, pid=5150, process_name="", memory_used_bytes=268435456),
-        # power NotSupported on the T4 -> 0.0, memory figures intact, no processes
+        # power NotSupported on the T4 -> None (not a reading of 0 W); memory figures intact,
+        # an idle GPU's real 0% utilisation kept; no processes
         GpuSample(ts=1_700_000_000.0, host="gpu-node-1", gpu=1,
                   gpu_uuid="GPU-0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", gpu_name="Tesla T4",
                   pid=0, memory_used_bytes=463863808, memory_free_bytes=15642263552,
                   memory_total_bytes=16106127360, utilization_pct=0.0, temperature_c=31.0,
-                  power_w=0.0),
+                  power_w=None),
     ]
+    # process rows carry no device readings of their own
+    assert all(r.utilization_pct is None and r.temperature_c is None and r.power_w is None
+               for r in rows if r.pid)
     assert not any(r.simulated for r in rows)
 
 

@@ -7,7 +7,7 @@ import json
 import duckdb
 import pytest
 
-from agentwatch.events import Finding, LlmCall, LlmMessage, Severity, ToolCall
+from agentwatch.events import Finding, GpuSample, LlmCall, LlmMessage, Severity, ToolCall
 from agentwatch.streams.snapshots import SCHEMAS, SnapshotSink, connect, query_snapshots, refresh_catalog
 
 # 1_700_000_000 is 2023-11-14 22:13:20 UTC; one hour later is 23:13:20 the same day.
@@ -64,6 +64,22 @@ def test_flush_by_age_of_the_oldest_row(tmp_path):
     assert sink.flush() == 0  # a new buffer starts its own age
     assert sink.flush(force=True) == 1
     assert _count(tmp_path, "llm_calls") == 3
+
+
+def test_gpu_readings_not_taken_are_null_in_sql_not_zero(tmp_path):
+    """A process row and a device without a power sensor store NULL, so SQL averages skip them."""
+    sink = SnapshotSink(tmp_path, writer_id="w1", flush_rows=1000, flush_seconds=60)
+    sink.add_events([GpuSample(ts=T0, host="h", gpu=0, memory_used_bytes=8, utilization_pct=90.0,
+                               temperature_c=70.0, power_w=300.0),
+                     GpuSample(ts=T0, host="h", gpu=1, memory_used_bytes=8, utilization_pct=0.0,
+                               temperature_c=40.0),  # power NotSupported
+                     GpuSample(ts=T0, host="h", gpu=0, pid=4242, memory_used_bytes=4)])
+    sink.flush(force=True)
+
+    averages = query_snapshots(tmp_path, "SELECT avg(power_w) AS power, avg(utilization_pct) AS util, "
+                                         "count(temperature_c) AS temps FROM gpu_samples").to_pylist()
+
+    assert averages == [{"power": 300.0, "util": 45.0, "temps": 2}]
 
 
 def test_invalid_sink_settings(tmp_path):
