@@ -153,6 +153,25 @@ def _rows(data_dir: Path) -> int:
     return int(query_snapshots(data_dir, sql).column("n")[0].as_py())
 
 
+def _rows_by_table(data_dir: Path) -> dict[str, int]:
+    from agentwatch.streams.snapshots import query_snapshots
+
+    return {t: int(query_snapshots(data_dir, f"SELECT count(*) AS n FROM {t}_raw").column("n")[0].as_py())
+            for t in EVENT_TABLES}
+
+
+def _dead_letters(bootstrap: str) -> dict[str, int]:
+    """Dead letters on the broker by source topic and reason: where rows that never landed went."""
+    from collections import Counter
+
+    from agentwatch.doctor import read_dead_letters
+    from agentwatch.streams.dataflow import DLQ_REASON_HEADER
+
+    letters = read_dead_letters(bootstrap, since_ts=0.0, until_ts=time.time() + 60).letters
+    return dict(Counter(f"{letter.headers.get('agentwatch.dlq.topic', '?')}: "
+                        f"{letter.headers.get(DLQ_REASON_HEADER, '?')[:200]}" for letter in letters))
+
+
 def _wait_drained(bootstrap: str, group: str, topics: Sequence[str], timeout_s: float) -> None:
     from agentwatch.broker import unconsumed_records
 
@@ -262,7 +281,9 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
         if finished is None:
             raise RuntimeError(f"end to end ({workers} worker(s)): not done in {timeout_s:g}s: "
                                f"{unconsumed_records(bootstrap, group, topics)} uncommitted, "
-                               f"{rows_written} of {expected_rows} rows")
+                               f"{rows_written} of {expected_rows} rows; rows per table "
+                               f"{_rows_by_table(data_dir)}; dead letters {_dead_letters(bootstrap)}; "
+                               f"worker logs and snapshots kept in {data_dir}")
     seconds = finished - started
     spans = len(records) * spans_per_record
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before}

@@ -135,3 +135,16 @@ def test_worker_threads_are_grouped_into_the_loop_the_drift_thread_and_the_rest(
     assert set(seconds) == {"worker-0-main", "worker-0-drift", "worker-0-other-threads"}
     assert seconds["worker-0-main"] > 0.1
     assert seconds["worker-0-drift"] > 0 and seconds["worker-0-other-threads"] > 0
+
+
+def test_a_run_that_misses_rows_names_the_table_they_are_missing_from(tmp_path):
+    from agentwatch.events import LlmCall, ToolCall
+    from agentwatch.streams.snapshots import SnapshotSink
+    from bench.end_to_end import _rows_by_table
+
+    sink = SnapshotSink(tmp_path, writer_id="w0")
+    sink.add_events([LlmCall(ts=1_700_000_000.0 + i, trace_id=f"t{i}", span_id=f"s{i}") for i in range(3)])
+    sink.add_events([ToolCall(ts=1_700_000_000.0, trace_id="t0", span_id="x")])
+    sink.flush(force=True)
+
+    assert _rows_by_table(tmp_path) == {"llm_calls": 3, "tool_calls": 1, "agent_steps": 0}
