@@ -612,6 +612,10 @@ class WorkerStateCollector:
                                   "Span ids forgotten by the duplicate-span memory while still within its "
                                   "window (the cap was reached): re-sends of those would count twice; raise "
                                   "the cap if this grows.", value=float(flow.get("dedup_evicted_early", 0)))
+        yield CounterMetricFamily("agentwatch_offset_gaps",
+                                  "Records the worker's Kafka consumer skipped (offsets that jumped within one "
+                                  "assignment): their rows may be missing. Anything above 0 is a fault.",
+                                  value=float(flow.get("offset_gaps", 0)))
         yield CounterMetricFamily("agentwatch_drift_prompts_offered",
                                   "Prompts offered to the drift sampler.", value=count("offered"))
         def by_reason(name: str, doc: str, reasons: Mapping[str, str]) -> Any:

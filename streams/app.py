@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import faust
 from faust.types import TP
@@ -140,6 +140,33 @@ def _record(event: Any) -> Record:
     return Record(message.topic, message.partition, message.offset, event.value, message.key)
 
 
+class OffsetContinuity:
+    """The offsets a worker is handed must follow on, partition by partition.
+
+    Our topics are neither compacted nor written in transactions, so within one assignment a
+    record handed over after offset ``n`` is ``n + 1`` (or an earlier one again, after a seek
+    back). A jump means the consumer skipped records: their rows would be missing while their
+    offsets commit. :meth:`check` names the skipped range so it is logged and counted, never
+    silent. A partition given up is forgotten: its next owner may have moved it on meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._next: dict[tuple[str, int], int] = {}
+
+    def check(self, topic: str, partition: int, offset: int) -> tuple[int, int] | None:
+        """``(first, end)`` of the offsets skipped before ``offset``, or None."""
+        key = (topic, partition)
+        expected = self._next.get(key)
+        self._next[key] = offset + 1 if expected is None else max(expected, offset + 1)
+        if expected is not None and offset > expected:
+            return expected, offset
+        return None
+
+    def forget(self, topic_partitions: Iterable[tuple[str, int]]) -> None:
+        for key in topic_partitions:
+            self._next.pop(key, None)
+
+
 class _Pending:
     """An input record waiting for its rows: acknowledged when the last of them is written."""
 
@@ -162,6 +189,15 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     out_topics = {name: raw_topic(app, name) for name in dataflow.partitions}
     unacked = Unacked()
     positions: dict[tuple[str, int], int] = {}
+    continuity = OffsetContinuity()
+
+    def check_continuity(record: Record) -> None:
+        skipped = continuity.check(record.topic, record.partition, record.offset)
+        if skipped is not None:
+            first, end = skipped
+            dataflow.counts["offset_gaps"] += end - first
+            log.error("%s[%s]: offsets %d..%d were never handed to this worker; their rows may be missing "
+                      "(agentwatch_offset_gaps_total)", record.topic, record.partition, first, end - 1)
 
     async def send(sends: list[Send]) -> None:
         for s in sends:
@@ -281,6 +317,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
                 group = []
                 for event in events:
                     record = _record(event)
+                    check_continuity(record)
                     future = None if empty_record_reason(record.value) else asyncio.ensure_future(
                         normalize(record.value))
                     group.append((event, record, future))
@@ -298,7 +335,9 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     async def map_logs(stream: faust.StreamT) -> None:
         stream = stream.noack()
         async for event in stream.events():
-            await apply(dataflow.on_record(_record(event)), lambda event=event: stream.ack(event))
+            record = _record(event)
+            check_continuity(record)
+            await apply(dataflow.on_record(record), lambda event=event: stream.ack(event))
 
     # Replay reads about two records' worth at a time: bounded memory whatever a record's size.
     replay_chunk_bytes = settings.max_message_bytes * 2
@@ -344,6 +383,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         stream = stream.noack()
         async for event in stream.events():
             record = _record(event)
+            check_continuity(record)
             positions[(record.topic, record.partition)] = record.offset + 1
             await replay_before(record)
             unacked.add(record)
@@ -418,6 +458,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         # Faust has waited for every record handed out to be acknowledged: the states of the
         # revoked partitions reflect exactly what was stored. Save them, then forget them.
         tps = [(tp.topic, tp.partition) for tp in revoked]
+        continuity.forget(tps)
         states = [s for s in dataflow.owned_states()
                   if any((topic in TRACE_TOPICS and s.stage == "trace" or topic == USAGE_TOPIC and s.stage == "keyed")
                          and partition == s.partition for topic, partition in tps)]
@@ -466,4 +507,5 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     return app
 
 
-__all__ = ["create_app", "DriftStage", "PartitionCheckpointer", "WorkerApp", "faust_app", "raw_topic"]
+__all__ = ["create_app", "DriftStage", "OffsetContinuity", "PartitionCheckpointer", "WorkerApp", "faust_app",
+           "raw_topic"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agentwatch.streams.app import _send_until_accepted
+from agentwatch.streams.app import OffsetContinuity, _send_until_accepted
 from agentwatch.streams.partition_checkpoint import Unacked
 from agentwatch.streams.dataflow import Record, Send, TracePartition
 
@@ -93,3 +93,24 @@ def test_a_checkpoint_is_written_only_after_its_records_are_written_and_committe
     committed[("tool_calls", 2)] = 9
     assert asyncio.run(checkpointer.save(flow.owned_states())) == 1
     assert store.load("trace", 2)["offsets"] == {"tool_calls": 9}
+
+
+def test_offsets_that_jump_within_an_assignment_are_named_and_seek_backs_are_not() -> None:
+    continuity = OffsetContinuity()
+    handed = [("llm_calls", 6, o) for o in (14, 15, 17, 16, 18)] + [("llm_calls", 2, 40), ("usage", 6, 3)]
+
+    skipped = [continuity.check(*h) for h in handed]
+
+    # The first record of a partition starts it wherever the group resumes; 16 after 17 is a seek
+    # back (records handed again), not a gap; only 15 -> 17 skipped one.
+    assert skipped == [None, None, (16, 17), None, None, None, None]
+    assert continuity.check("llm_calls", 6, 25) == (19, 25)  # six never handed over
+
+
+def test_a_partition_given_up_starts_afresh_when_it_comes_back() -> None:
+    continuity = OffsetContinuity()
+    continuity.check("llm_calls", 6, 10)
+    continuity.forget([("llm_calls", 6)])  # its next owner moved it on meanwhile
+
+    assert continuity.check("llm_calls", 6, 90) is None
+    assert continuity.check("llm_calls", 6, 92) == (91, 92)
