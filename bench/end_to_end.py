@@ -147,17 +147,14 @@ def _nice(pid: int, tid: int) -> int:
 
 
 def _rows(data_dir: Path) -> int:
-    from agentwatch.streams.snapshots import query_snapshots
-
-    sql = "SELECT " + " + ".join(f"(SELECT count(*) FROM {t}_raw)" for t in EVENT_TABLES) + " AS n"
-    return int(query_snapshots(data_dir, sql).column("n")[0].as_py())
+    return sum(_rows_by_table(data_dir).values())
 
 
 def _rows_by_table(data_dir: Path) -> dict[str, int]:
     from agentwatch.streams.snapshots import query_snapshots
 
-    return {t: int(query_snapshots(data_dir, f"SELECT count(*) AS n FROM {t}_raw").column("n")[0].as_py())
-            for t in EVENT_TABLES}
+    sql = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t}_raw) AS {t}" for t in EVENT_TABLES)
+    return {t: int(n) for t, n in query_snapshots(data_dir, sql).to_pylist()[0].items()}
 
 
 def _dead_letters(bootstrap: str) -> dict[str, int]:

@@ -162,6 +162,10 @@ class OffsetContinuity:
             return expected, offset
         return None
 
+    def next_offset(self, topic: str, partition: int) -> int | None:
+        """The offset after the furthest one handed over (None: none yet in this assignment)."""
+        return self._next.get((topic, partition))
+
     def forget(self, topic_partitions: Iterable[tuple[str, int]]) -> None:
         for key in topic_partitions:
             self._next.pop(key, None)
@@ -188,7 +192,6 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
                         flush_rows=settings.snapshot_flush_rows, flush_seconds=settings.snapshot_flush_seconds)
     out_topics = {name: raw_topic(app, name) for name in dataflow.partitions}
     unacked = Unacked()
-    positions: dict[tuple[str, int], int] = {}
     continuity = OffsetContinuity()
 
     def check_continuity(record: Record) -> None:
@@ -384,7 +387,6 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         async for event in stream.events():
             record = _record(event)
             check_continuity(record)
-            positions[(record.topic, record.partition)] = record.offset + 1
             await replay_before(record)
             unacked.add(record)
 
@@ -418,7 +420,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         consumer = app.consumer
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
-            done = positions.get((tp.topic, tp.partition))
+            done = continuity.next_offset(tp.topic, tp.partition)
             if high is not None and done is not None:
                 metrics.set_consumer_lag(tp.topic, tp.partition, max(0, high - done))
 
