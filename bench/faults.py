@@ -158,14 +158,15 @@ class AckedTraffic:
 
 
 def stored_span_ids(data_dir: Path) -> tuple[set[str], int]:
-    """Distinct span ids in the span tables, and the number of rows (rows - ids = repeats)."""
+    """Distinct span ids in the span tables, and the rows stored (rows - ids = the copies that
+    redelivered records wrote again; the analyst views show each span once)."""
     from agentwatch.streams.snapshots import query_snapshots
 
     ids: set[str] = set()
     rows = 0
     for table in SPAN_TABLES:
         try:
-            found = query_snapshots(data_dir, f"SELECT span_id FROM {table}").column("span_id").to_pylist()
+            found = query_snapshots(data_dir, f"SELECT span_id FROM {table}_raw").column("span_id").to_pylist()
         except Exception:  # no file written for this table yet
             continue
         rows += len(found)

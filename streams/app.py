@@ -17,13 +17,13 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import faust
 from faust.types import TP
 
 from agentwatch.settings import Settings
-from agentwatch.streams.dataflow import (TRACE_TOPICS, USAGE_TOPIC, Dataflow, Record, Send, StepOutput,
+from agentwatch.streams.dataflow import (TRACE_TOPICS, USAGE_TOPIC, Dataflow, Record, Rows, Send, StepOutput,
                                          empty_record_reason)
 from agentwatch.streams.drift_stage import DriftStage
 from agentwatch.streams.kafka_compat import cap_consumer_fetch_wait, committed_offsets, fetch_range
@@ -194,13 +194,52 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     unacked = Unacked()
     continuity = OffsetContinuity()
 
-    def check_continuity(record: Record) -> None:
+    # Replay and gap reads fetch about two records' worth at a time: bounded memory whatever a
+    # record's size.
+    read_chunk_bytes = settings.max_message_bytes * 2
+
+    async def read_range(topic: str, partition: int, start: int, end: int, purpose: str
+                         ) -> AsyncIterator[list[Record]]:
+        """Records ``[start, end)`` of one partition, read outside the group in chunks; a failing
+        fetch is retried (the caller's live record waits for them). Records the log no longer
+        holds are logged as missing."""
+        backoff = 0.5
+        loop = asyncio.get_running_loop()
+        while start < end:
+            try:
+                chunk = await loop.run_in_executor(None, lambda at=start: fetch_range(
+                    settings.bootstrap_servers, topic, partition, at, end, max_fetch_bytes=read_chunk_bytes))
+            except Exception as exc:
+                log.warning("%s of %s[%s] from %d failed (%s: %s); retrying in %.1fs", purpose, topic, partition,
+                            start, type(exc).__name__, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if not chunk:
+                log.error("%s of %s[%s]: nothing readable in %d..%d; those records are missing", purpose, topic,
+                          partition, start, end - 1)
+                return
+            if chunk[0][0] > start:
+                log.error("%s of %s[%s]: records %d..%d are no longer in the log (retention) and are missing",
+                          purpose, topic, partition, start, chunk[0][0] - 1)
+            yield [Record(topic, partition, offset, value, key) for offset, key, value in chunk]
+            start = chunk[-1][0] + 1
+
+    async def skipped_before(record: Record) -> AsyncIterator[list[Record]]:
+        """The records the consumer skipped before ``record`` in this assignment (none, normally).
+
+        A skipped record would have its offset committed with the ones after it and its rows
+        never written, silently. So a gap is an error, counted (agentwatch_offset_gaps_total),
+        and its records are read from the log and processed before ``record``."""
         skipped = continuity.check(record.topic, record.partition, record.offset)
-        if skipped is not None:
-            first, end = skipped
-            dataflow.counts["offset_gaps"] += end - first
-            log.error("%s[%s]: offsets %d..%d were never handed to this worker; their rows may be missing "
-                      "(agentwatch_offset_gaps_total)", record.topic, record.partition, first, end - 1)
+        if skipped is None:
+            return
+        first, end = skipped
+        dataflow.counts["offset_gaps"] += end - first
+        log.error("%s[%s]: the consumer skipped offsets %d..%d; reading them from the log to process them "
+                  "(agentwatch_offset_gaps_total)", record.topic, record.partition, first, end - 1)
+        async for chunk in read_range(record.topic, record.partition, first, end, "gap read"):
+            yield chunk
 
     async def send(sends: list[Send]) -> None:
         for s in sends:
@@ -260,9 +299,12 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
             return dataflow.mapper.on_traces(payload)
         return await pool(payload)
 
-    async def finish_group(group: list[tuple[Any, Record, Any]], acknowledge: Callable[[Any], Any]) -> None:
+    async def finish_group(group: list[tuple[Any, Record, Any]], acknowledge: Callable[[Any], Any],
+                           carried: list[Rows]) -> None:
         """A group's outcomes, in order: its events sent (merged per topic and partition), then
-        each record acknowledged once its rows are written."""
+        each record acknowledged once its rows are written. A record read to fill a gap (event
+        None) has no acknowledgement of its own: its rows are ``carried`` to the next record
+        handed over, which is acknowledged only once they are written too."""
         started = time.perf_counter()
         outputs: list[tuple[str, int, bytes]] = []
         after_sends: list[tuple[StepOutput, Any]] = []
@@ -290,7 +332,11 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
             after_sends.append((StepOutput(rows=out.rows), event))
         await send([Send(t, p, v) for t, p, v in merge_event_records(outputs, int(settings.max_message_bytes * 0.9))])
         for rows, event in after_sends:
-            await apply(rows, acknowledge(event))
+            if event is None:
+                carried += rows.rows
+                continue
+            await apply(StepOutput(rows=carried + rows.rows), acknowledge(event))
+            carried.clear()
         if metrics is not None:
             metrics.observe_batch(topic="otlp_spans", spans=spans, seconds=time.perf_counter() - started)
 
@@ -305,32 +351,45 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         # when the normaliser is the slower.
         stream = stream.noack()
 
+        async def no_ack() -> None:
+            return None
+
         def acknowledge(event: Any) -> Callable[[], Awaitable[None]]:
-            return lambda: stream.ack(event)
+            return no_ack if event is None else lambda: stream.ack(event)
 
         groups: asyncio.Queue = asyncio.Queue(maxsize=MAP_GROUPS_IN_FLIGHT - 1)
+        carried: list[Rows] = []
 
         async def finisher() -> None:
             while True:
-                await finish_group(await groups.get(), acknowledge)
+                await finish_group(await groups.get(), acknowledge, carried)
 
         finishing = asyncio.ensure_future(finisher())
+
+        async def hand_over(group: list[tuple[Any, Record, Any]]) -> None:
+            queued = asyncio.ensure_future(groups.put(group))
+            await asyncio.wait([queued, finishing], return_when=asyncio.FIRST_COMPLETED)
+            if finishing.done():
+                # A send that cannot succeed (the only way out of finish_group): the agent
+                # fails with it, as it did when it finished groups itself.
+                queued.cancel()
+                finishing.result()
+
+        def start(event: Any, record: Record) -> tuple[Any, Record, Any]:
+            future = None if empty_record_reason(record.value) else asyncio.ensure_future(normalize(record.value))
+            return event, record, future
+
         try:
             async for events in stream.take_events(16, within=0.005):
                 group = []
                 for event in events:
                     record = _record(event)
-                    check_continuity(record)
-                    future = None if empty_record_reason(record.value) else asyncio.ensure_future(
-                        normalize(record.value))
-                    group.append((event, record, future))
-                queued = asyncio.ensure_future(groups.put(group))
-                await asyncio.wait([queued, finishing], return_when=asyncio.FIRST_COMPLETED)
-                if finishing.done():
-                    # A send that cannot succeed (the only way out of finish_group): the agent
-                    # fails with it, as it did when it finished groups itself.
-                    queued.cancel()
-                    finishing.result()
+                    async for skipped in skipped_before(record):
+                        if group:
+                            await hand_over(group)
+                        group = [start(None, r) for r in skipped]
+                    group.append(start(event, record))
+                await hand_over(group)
         finally:
             finishing.cancel()
 
@@ -339,43 +398,28 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         stream = stream.noack()
         async for event in stream.events():
             record = _record(event)
-            check_continuity(record)
-            await apply(dataflow.on_record(record), lambda event=event: stream.ack(event))
-
-    # Replay reads about two records' worth at a time: bounded memory whatever a record's size.
-    replay_chunk_bytes = settings.max_message_bytes * 2
+            skipped_rows: list[Rows] = []
+            async for skipped in skipped_before(record):
+                for r in skipped:
+                    out = dataflow.on_record(r)
+                    await send(out.sends)
+                    skipped_rows += out.rows
+            out = dataflow.on_record(record)
+            out.rows[:0] = skipped_rows
+            await apply(out, lambda event=event: stream.ack(event))
 
     async def replay_before(record: Record) -> None:
-        """Replay what was committed since the partition's checkpoint into its state, in chunks;
-        a failing fetch is retried (the live record waits: applied before its history, the state
-        would differ from an uninterrupted run's)."""
+        """Replay what was committed since the partition's checkpoint into its state (the live
+        record waits: applied before its history, the state would differ from an uninterrupted
+        run's)."""
         replay = dataflow.replay_needed(record, app.consumer.highwater(TP(record.topic, record.partition)))
         if replay is None:
             return
-        started, start, replayed, backoff = time.perf_counter(), replay.start, 0, 0.5
-        loop = asyncio.get_running_loop()
-        while start < replay.end:
-            try:
-                chunk = await loop.run_in_executor(None, lambda at=start: fetch_range(
-                    settings.bootstrap_servers, replay.topic, replay.partition, at, replay.end,
-                    max_fetch_bytes=replay_chunk_bytes))
-            except Exception as exc:
-                log.warning("replay of %s[%s] from %d failed (%s: %s); retrying in %.1fs", replay.topic,
-                            replay.partition, start, type(exc).__name__, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            if not chunk:
-                log.warning("replay of %s[%s]: nothing readable in %d..%d", replay.topic, replay.partition,
-                            start, replay.end)
-                break
-            if chunk[0][0] > start:
-                log.warning("replay of %s[%s]: records %d..%d are no longer in the log (retention); the "
-                            "state misses them", replay.topic, replay.partition, start, chunk[0][0])
-            for offset, key, value in chunk:
-                dataflow.replay(Record(replay.topic, replay.partition, offset, value, key))
+        started, replayed = time.perf_counter(), 0
+        async for chunk in read_range(replay.topic, replay.partition, replay.start, replay.end, "replay"):
+            for r in chunk:
+                dataflow.replay(r)
             replayed += len(chunk)
-            start = chunk[-1][0] + 1
         log.info("partition %s[%s]: replayed %d records (%d..%d) into its restored state in %.2fs",
                  replay.topic, replay.partition, replayed, replay.start, replay.end, time.perf_counter() - started)
 
@@ -386,15 +430,26 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         stream = stream.noack()
         async for event in stream.events():
             record = _record(event)
-            check_continuity(record)
             await replay_before(record)
+            skipped_rows: list[Rows] = []
+            skipped_records: list[Record] = []
+            async for skipped in skipped_before(record):
+                for r in skipped:
+                    unacked.add(r)
+                    out = dataflow.on_record(r)
+                    await send(out.sends)
+                    skipped_rows += out.rows
+                    skipped_records.append(r)
             unacked.add(record)
 
-            async def ack(event: Any = event, record: Record = record) -> None:
-                unacked.done(record)
+            async def ack(event: Any = event, records: list[Record] = [*skipped_records, record]) -> None:
+                for r in records:
+                    unacked.done(r)
                 await stream.ack(event)
 
-            await apply(dataflow.on_record(record), ack)
+            out = dataflow.on_record(record)
+            out.rows[:0] = skipped_rows
+            await apply(out, ack)
 
     app.flush_buffered = lambda: flush(force=True)
     # The supervisor sends SIGUSR1 before a stop, while it waits for the consumers to commit

@@ -460,22 +460,38 @@ def _table_source(data_dir: Path, table: str) -> str:
     return _empty_select(schema)
 
 
+# Delivery is at least once: a record processed again (its worker killed, or stalled past the
+# session timeout, between writing its rows and committing it) writes its rows again. The analyst
+# views hold one row per identity: a span is one row of its table; any other row is itself (a
+# copy is equal in every column). The ``<table>_raw`` views keep every stored copy.
+SPAN_TABLES = ("llm_calls", "tool_calls", "agent_steps")
+
+
+def _one_row_per_identity(table: str) -> str:
+    if table in SPAN_TABLES:
+        return f"SELECT DISTINCT ON (trace_id, span_id) * FROM {table}_raw"
+    if table in FREE_FORM_TABLES:  # the notifier's own records: it absorbs repeats by alert identity
+        return f"SELECT * FROM {table}_raw"
+    return f"SELECT DISTINCT * FROM {table}_raw"
+
+
 def view_statements(data_dir: str | Path) -> list[str]:
-    """DDL of the analyst views. ``llm_calls`` fills prompt/response from log-record messages."""
+    """DDL of the analyst views: one row per identity (see above); ``llm_calls`` fills
+    prompt/response from log-record messages."""
     data_dir = Path(data_dir)
     statements = [f"CREATE OR REPLACE VIEW {name}_raw AS {_table_source(data_dir, name)}"
                   for name in list(SCHEMAS) + list(FREE_FORM_TABLES)]
     for name in list(SCHEMAS) + list(FREE_FORM_TABLES):
         if name != LlmCall.table:
-            statements.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {name}_raw")
+            statements.append(f"CREATE OR REPLACE VIEW {name} AS {_one_row_per_identity(name)}")
     # Prompt text may arrive as log records (openai-v2): joined by trace and span id; the last
     # user message is the prompt, as it is when taken from span attributes.
-    statements.append("""
+    statements.append(f"""
         CREATE OR REPLACE VIEW llm_calls AS
         SELECT c.* REPLACE (
                  coalesce(nullif(c.prompt, ''), m.prompt, '') AS prompt,
                  coalesce(nullif(c.response, ''), m.response, '') AS response)
-        FROM llm_calls_raw c
+        FROM ({_one_row_per_identity(LlmCall.table)}) c
         LEFT JOIN (
             SELECT trace_id, span_id,
                    last(content ORDER BY ts) FILTER (WHERE role = 'user') AS prompt,

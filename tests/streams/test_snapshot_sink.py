@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import duckdb
@@ -202,3 +203,32 @@ def test_free_form_alert_rows_keep_structured_fields_as_json(tmp_path):
     sink.flush(force=True)
     row = query_snapshots(tmp_path, "SELECT id, labels, count FROM alerts").to_pylist()[0]
     assert (row["id"], json.loads(row["labels"]), row["count"]) == ("a1", {"team": "shop"}, 2)
+
+
+def test_rows_stored_twice_by_a_redelivery_are_one_row_in_the_analyst_views(tmp_path):
+    """A record processed by two workers (the first stalled past the session timeout, or killed
+    before its commit) is written by both: the views count it once, the _raw views keep both."""
+    calls = [_call(1, cost_usd=1.25), _call(2, cost_usd=0.5)]
+    finding = Finding(detector="budget", key="project=p", kind="budget_daily_80pct", severity=Severity.WARNING,
+                      ts=T0, value=0.8, threshold=0.8, evidence={"spent": 8.0})
+    gpu = GpuSample(ts=T0, host="h", gpu=0, memory_used_bytes=8)
+    for writer in ("stalled-w1", "new-owner-w0"):
+        sink = SnapshotSink(tmp_path, writer_id=writer, clock=FakeClock())
+        sink.add_events(calls)
+        sink.add_events([ToolCall(ts=T0, trace_id="t1", span_id="tool", tool_name="search")])
+        sink.add_events([finding])
+        sink.add_events([gpu])
+        sink.flush(force=True)
+    # Not copies: another span of the same trace, another reading of the same GPU.
+    sink.add_events([_call(3, cost_usd=0.5)])
+    sink.add_events([dataclasses.replace(gpu, memory_used_bytes=9)])
+    sink.flush(force=True)
+
+    def one(sql):
+        return query_snapshots(tmp_path, sql).to_pylist()[0]
+
+    assert one("SELECT count(*) AS n, sum(cost_usd) AS cost FROM llm_calls") == {"n": 3, "cost": 2.25}
+    assert one("SELECT count(*) AS n, sum(cost_usd) AS cost FROM llm_calls_raw") == {"n": 5, "cost": 4.0}
+    counts = {table: _count(tmp_path, table) for table in ("tool_calls", "findings", "gpu_samples")}
+    assert counts == {"tool_calls": 1, "findings": 1, "gpu_samples": 2}
+    assert _count(tmp_path, "gpu_samples_raw") == 3
