@@ -26,7 +26,8 @@ from agentwatch.settings import Settings
 from agentwatch.streams.dataflow import (TRACE_TOPICS, USAGE_TOPIC, Dataflow, Record, Rows, Send, StepOutput,
                                          empty_record_reason)
 from agentwatch.streams.drift_stage import DriftStage
-from agentwatch.streams.kafka_compat import cap_consumer_fetch_wait, committed_offsets, fetch_range
+from agentwatch.streams.kafka_compat import (assignment_start_offsets, cap_consumer_fetch_wait, committed_offsets,
+                                             fetch_range)
 from agentwatch.streams.normalizer_process import NormalizerDied, NormalizerProcess
 from agentwatch.streams.partition_checkpoint import PartitionCheckpointer, Unacked
 from agentwatch.streams.pipeline import merge_event_records
@@ -153,6 +154,11 @@ class OffsetContinuity:
     def __init__(self) -> None:
         self._next: dict[tuple[str, int], int] = {}
 
+    def start_at(self, topic: str, partition: int, offset: int) -> None:
+        """Where the consumer starts a partition it was just assigned (its committed offset): the
+        first record handed over is checked against it like any other."""
+        self._next.setdefault((topic, partition), offset)
+
     def check(self, topic: str, partition: int, offset: int) -> tuple[int, int] | None:
         """``(first, end)`` of the offsets skipped before ``offset``, or None."""
         key = (topic, partition)
@@ -193,6 +199,8 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
     out_topics = {name: raw_topic(app, name) for name in dataflow.partitions}
     unacked = Unacked()
     continuity = OffsetContinuity()
+    # Per partition of the current assignment, until its first record: where the consumer starts it.
+    assignment_starts: dict[tuple[str, int], asyncio.Future] = {}
 
     # Replay and gap reads fetch about two records' worth at a time: bounded memory whatever a
     # record's size.
@@ -225,12 +233,29 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
             yield [Record(topic, partition, offset, value, key) for offset, key, value in chunk]
             start = chunk[-1][0] + 1
 
+    async def assignment_start(record: Record) -> int | None:
+        """For the first record of a partition in this assignment: the offset the consumer
+        started it at (its committed offset), which the record's offset is checked against."""
+        start = assignment_starts.pop((record.topic, record.partition), None)
+        if start is None:
+            return None
+        try:
+            offset = (await start).get((record.topic, record.partition))
+        except Exception as exc:  # the check of this assignment's first record is lost, nothing else
+            log.warning("start offsets of the assignment unreadable (%s: %s); the first record of %s[%s] "
+                        "is not checked", type(exc).__name__, exc, record.topic, record.partition)
+            return None
+        if offset is not None:
+            continuity.start_at(record.topic, record.partition, offset)
+        return offset
+
     async def skipped_before(record: Record) -> AsyncIterator[list[Record]]:
         """The records the consumer skipped before ``record`` in this assignment (none, normally).
 
         A skipped record would have its offset committed with the ones after it and its rows
         never written, silently. So a gap is an error, counted (agentwatch_offset_gaps_total),
         and its records are read from the log and processed before ``record``."""
+        await assignment_start(record)
         skipped = continuity.check(record.topic, record.partition, record.offset)
         if skipped is None:
             return
@@ -412,7 +437,9 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         """Replay what was committed since the partition's checkpoint into its state (the live
         record waits: applied before its history, the state would differ from an uninterrupted
         run's)."""
-        replay = dataflow.replay_needed(record, app.consumer.highwater(TP(record.topic, record.partition)))
+        committed = await assignment_start(record)
+        replay = dataflow.replay_needed(record, app.consumer.highwater(TP(record.topic, record.partition)),
+                                        committed)
         if replay is None:
             return
         started, replayed = time.perf_counter(), 0
@@ -510,12 +537,23 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         async def checkpoint_partitions() -> None:
             await checkpointer.maybe_save()
 
+    @app.on_partitions_assigned.connect
+    async def read_start_offsets(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        # Read while the group finishes its rebalance; a partition's first record waits for it.
+        tps = sorted((tp.topic, tp.partition) for tp in assigned)
+        if tps:
+            starts = asyncio.get_running_loop().run_in_executor(
+                None, assignment_start_offsets, settings.bootstrap_servers, settings.app_id, tps)
+            assignment_starts.update((tp, starts) for tp in tps)
+
     @app.on_partitions_revoked.connect
     async def hand_over(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # Faust has waited for every record handed out to be acknowledged: the states of the
         # revoked partitions reflect exactly what was stored. Save them, then forget them.
         tps = [(tp.topic, tp.partition) for tp in revoked]
         continuity.forget(tps)
+        for tp in tps:
+            assignment_starts.pop(tp, None)
         states = [s for s in dataflow.owned_states()
                   if any((topic in TRACE_TOPICS and s.stage == "trace" or topic == USAGE_TOPIC and s.stage == "keyed")
                          and partition == s.partition for topic, partition in tps)]

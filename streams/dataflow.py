@@ -556,11 +556,16 @@ class Dataflow:
 
     # -- replay ----------------------------------------------------------------------------------
 
-    def replay_needed(self, record: Record, log_end: int | None = None) -> Replay | None:
+    def replay_needed(self, record: Record, log_end: int | None = None, committed: int | None = None
+                      ) -> Replay | None:
         """The records to replay before ``record``, the first live one of its partition since the
         state was restored: those after the checkpoint and before the committed offset (the
         group resumes there). A partition without a checkpoint replays from offset 0 when
         checkpoints are kept: what an earlier owner committed without saving is in no file.
+
+        ``committed``: where the group resumes, if known; otherwise ``record``'s offset stands in
+        for it. Records from there to ``record`` were committed by nobody (the consumer skipped
+        them): they are live, not history, and are not replayed.
 
         ``log_end``: the partition's end offset, if known. A checkpoint past it was saved
         against another incarnation of the log (the embedded broker starts empty on every
@@ -577,11 +582,12 @@ class Dataflow:
             state.restored_offsets.pop(record.topic, None)
             state.offsets.pop(record.topic, None)
             return None
+        end = record.offset if committed is None else min(record.offset, committed)
         if start is None:
-            start = 0 if self.checkpoints is not None else record.offset
-        if start >= record.offset:
+            start = 0 if self.checkpoints is not None else end
+        if start >= end:
             return None
-        return Replay(record.topic, record.partition, start, record.offset)
+        return Replay(record.topic, record.partition, start, end)
 
     def replay(self, record: Record) -> None:
         """Apply a record to its partition's state only: its rows, records and findings went out

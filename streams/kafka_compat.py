@@ -42,6 +42,26 @@ def committed_offsets(bootstrap_servers: str, group: str, topic_partitions: list
         consumer.close()
 
 
+def assignment_start_offsets(bootstrap_servers: str, group: str, topic_partitions: list[tuple[str, int]]
+                             ) -> dict[tuple[str, int], int]:
+    """Where the group's consumer starts each partition on assignment: the committed offset, or
+    the log's first offset where nothing is committed (the workers reset to the earliest)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers.split(","), group_id=group,
+                             enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(t, p) for t, p in topic_partitions]
+        begins = consumer.beginning_offsets(tps)
+        starts = {}
+        for tp in tps:
+            committed = consumer.committed(tp)
+            starts[(tp.topic, tp.partition)] = max(committed, begins[tp]) if committed is not None else begins[tp]
+        return starts
+    finally:
+        consumer.close()
+
+
 def fetch_range(bootstrap_servers: str, topic: str, partition: int, start: int, end: int, *,
                 max_fetch_bytes: int, timeout_s: float = 60.0) -> list[tuple[int, bytes | None, bytes | None]]:
     """Records from ``[start, end)`` of one partition as (offset, key, value), about

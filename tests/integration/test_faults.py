@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,13 +68,14 @@ def test_sigkill_of_a_child_loses_no_acknowledged_span_and_no_alert(alerting_sta
 def test_records_the_consumer_skips_are_read_from_the_log_and_stored(tmp_path, monkeypatch):
     """A delivery gap in the Kafka client: a record fetched and never handed to the agent, its
     offset committed with the next one's. Injected into the worker process (aiokafka's fetcher
-    drops one record of each of three topics), the worker notices the jump, reads the skipped
-    record from the log and processes it: every acknowledged span is stored, and each gap is an
-    error in the worker's log."""
+    drops records of three topics: the first one fetched, where the gap shows against the
+    assignment's start offset, and one later, where it shows against the record before), the
+    worker notices each jump, reads the skipped record from the log and processes it: every
+    acknowledged span is stored, and each gap is an error in the worker's log."""
     injector = Path(__file__).resolve().parents[1] / "support" / "consumer_skip"
     skipped_log = tmp_path / "skipped.txt"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(injector), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("AGENTWATCH_FAULT_SKIP", "otlp_spans@2,llm_calls@1,usage@1")
+    monkeypatch.setenv("AGENTWATCH_FAULT_SKIP", "otlp_spans@0,otlp_spans@2,llm_calls@0,llm_calls@1,usage@0,usage@1")
     monkeypatch.setenv("AGENTWATCH_FAULT_SKIP_LOG", str(skipped_log))
     settings = stack_settings(tmp_path / "data", gpu_exporter="off")
     stack = Stack(settings, say=lambda _m: None).start()
@@ -84,10 +86,11 @@ def test_records_the_consumer_skips_are_read_from_the_log_and_stored(tmp_path, m
         stack.stop()
 
     skipped = sorted(line.split()[0] for line in skipped_log.read_text().splitlines())
-    assert skipped == ["llm_calls", "otlp_spans", "usage"], "the injected fault did not happen"
+    assert skipped == ["llm_calls"] * 2 + ["otlp_spans"] * 2 + ["usage"] * 2, "the injected fault did not happen"
     assert result.acknowledged > 500
     assert result.lost == 0 and result.stored == result.acknowledged, result
-    assert worker.log_path.read_text().count("the consumer skipped offsets") == 3
+    gaps = re.findall(r"the consumer skipped offsets (\d+)\.\.(\d+)", worker.log_path.read_text())
+    assert sum(int(last) - int(first) + 1 for first, last in gaps) == len(skipped)
 
 
 def test_stop_right_after_a_burst_writes_every_acknowledged_span(tmp_path):

@@ -471,6 +471,20 @@ def test_replay_covers_records_no_checkpoint_reflects(tmp_path: Path, file_befor
     assert heir.replay_needed(live) == Replay("llm_calls", 0, 0, 1)
 
 
+def test_replay_stops_at_the_committed_offset_when_the_first_live_record_comes_later(tmp_path: Path) -> None:
+    """Committed up to 1, first record handed over at 3: 1 and 2 were skipped by the consumer, not
+    processed by anyone, so they are live (processed in full before 3), not history to replay."""
+    rows = [orjson.dumps([{"ts": T0 + k, "trace_id": "ab" * 16, "span_id": f"{k:016x}", "tool_name": "search"}])
+            for k in range(4)]
+    heir = FACTORY(TestingBroker().topics, PartitionCheckpointStore(tmp_path, "a"))
+    live = Record("tool_calls", 0, 3, rows[3])
+    assert heir.replay_needed(live, committed=1) == Replay("tool_calls", 0, 0, 1)
+    for offset in (1, 2):
+        assert heir.on_record(Record("tool_calls", 0, offset, rows[offset])).rows  # stored, not dropped as seen
+    fresh = FACTORY(TestingBroker().topics, PartitionCheckpointStore(tmp_path / "none", "a"))
+    assert fresh.replay_needed(Record("tool_calls", 0, 3, rows[3]), committed=0) is None
+
+
 @pytest.mark.parametrize("bad", [None, b"", b"\xff not json"], ids=["tombstone", "empty", "undecodable"])
 def test_replay_passes_over_dead_lettered_records(tmp_path: Path, bad: bytes | None) -> None:
     search = {"ts": T0, "trace_id": "ab" * 16, "tool_name": "search", "arguments": '{"q": 1}'}

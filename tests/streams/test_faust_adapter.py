@@ -114,3 +114,14 @@ def test_a_partition_given_up_starts_afresh_when_it_comes_back() -> None:
 
     assert continuity.check("llm_calls", 6, 90) is None
     assert continuity.check("llm_calls", 6, 92) == (91, 92)
+
+
+def test_the_first_record_of_an_assignment_is_checked_against_where_the_consumer_started() -> None:
+    continuity = OffsetContinuity()
+    continuity.start_at("llm_calls", 6, 40)  # the group's committed offset when it was assigned
+    continuity.start_at("llm_calls", 2, 7)
+
+    assert continuity.check("llm_calls", 6, 43) == (40, 43)  # 40..42 never handed over
+    assert continuity.check("llm_calls", 2, 7) is None
+    continuity.start_at("llm_calls", 2, 3)  # a later start does not move a partition already going
+    assert continuity.check("llm_calls", 2, 8) is None

@@ -2,9 +2,10 @@
 the client would.
 
 On a worker's ``PYTHONPATH`` this module is imported at interpreter start. With
-``AGENTWATCH_FAULT_SKIP="otlp_spans@1,llm_calls@2"`` aiokafka's fetcher drops, once per topic,
-the first record it fetches at that offset or later (any partition); Faust then never hands it
-to an agent and commits past it, as it does for any gap. Each drop is appended to the file
+``AGENTWATCH_FAULT_SKIP="otlp_spans@0,otlp_spans@3,llm_calls@2"`` aiokafka's fetcher drops, for
+each item once, the first record of that topic it fetches at that offset or later (any
+partition); Faust then never hands it to an agent and commits past it, as it does for any gap.
+An item at offset 0 drops the first record of a partition after the assignment. Each drop is appended to the file
 ``AGENTWATCH_FAULT_SKIP_LOG`` names (``topic partition offset`` per line), so a test can tell
 the fault happened.
 """
@@ -19,7 +20,7 @@ if _spec:
 
     from aiokafka.consumer.fetcher import Fetcher
 
-    _pending = {topic: int(offset) for topic, offset in (item.split("@") for item in _spec.split(","))}
+    _pending = [(topic, int(offset)) for topic, offset in (item.split("@") for item in _spec.split(","))]
     _log_path = os.environ["AGENTWATCH_FAULT_SKIP_LOG"]
     _lock = threading.Lock()
     _fetched_records = Fetcher.fetched_records
@@ -28,14 +29,14 @@ if _spec:
         batches = await _fetched_records(self, *args, **kwargs)
         with _lock:
             for tp, records in batches.items():
-                at = _pending.get(tp.topic)
-                victim = next((r for r in records if at is not None and r.offset >= at), None)
-                if victim is None:
-                    continue
-                del _pending[tp.topic]
-                records.remove(victim)
-                with open(_log_path, "a") as log:
-                    log.write(f"{tp.topic} {tp.partition} {victim.offset}\n")
+                for item in [item for item in _pending if item[0] == tp.topic]:
+                    victim = next((r for r in records if r.offset >= item[1]), None)
+                    if victim is None:
+                        continue
+                    _pending.remove(item)
+                    records.remove(victim)
+                    with open(_log_path, "a") as log:
+                        log.write(f"{tp.topic} {tp.partition} {victim.offset}\n")
         return batches
 
     Fetcher.fetched_records = fetched_records
