@@ -150,10 +150,13 @@ def _rows(data_dir: Path) -> int:
     return sum(_rows_by_table(data_dir).values())
 
 
-def _rows_by_table(data_dir: Path) -> dict[str, int]:
+def _rows_by_table(data_dir: Path, *, stored_copies: bool = False) -> dict[str, int]:
+    """Rows per table as analysts see them (one per span), or every copy stored (``_raw``): a
+    record processed twice stores its rows twice, which must not hide a row that is missing."""
     from agentwatch.streams.snapshots import query_snapshots
 
-    sql = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t}_raw) AS {t}" for t in EVENT_TABLES)
+    suffix = "_raw" if stored_copies else ""
+    sql = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t}{suffix}) AS {t}" for t in EVENT_TABLES)
     return {t: int(n) for t, n in query_snapshots(data_dir, sql).to_pylist()[0].items()}
 
 
@@ -279,7 +282,8 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
             raise RuntimeError(f"end to end ({workers} worker(s)): not done in {timeout_s:g}s: "
                                f"{unconsumed_records(bootstrap, group, topics)} uncommitted, "
                                f"{rows_written} of {expected_rows} rows; rows per table "
-                               f"{_rows_by_table(data_dir)}; dead letters {_dead_letters(bootstrap)}; "
+                               f"{_rows_by_table(data_dir)} ({_rows_by_table(data_dir, stored_copies=True)} "
+                               f"stored); dead letters {_dead_letters(bootstrap)}; "
                                f"worker logs and snapshots kept in {data_dir}")
     seconds = finished - started
     spans = len(records) * spans_per_record
