@@ -590,6 +590,8 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
                         log.exception("partition %s/%s: shutdown checkpoint failed", state.stage, state.partition)
         if pool is not None:
             pool.shutdown()
+        if drift is not None:
+            drift.shutdown()
 
     if ready_file is not None:
         @app.task

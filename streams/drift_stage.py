@@ -56,6 +56,15 @@ class DriftStage:
         process restarted from it dies with the worker, not with a passing thread)."""
         self.executor.submit(lambda: self.embedder.dimension)
 
+    def shutdown(self) -> None:
+        """At a stop: the embedding child goes at once, whatever it was doing (loading the model
+        at idle priority takes as long as the CPU stays busy, and the interpreter's exit would
+        wait for it); drift windows not yet checked are a sample, not data."""
+        shutdown = getattr(self.embedder, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
     def check(self, due: list[tuple[Any, list[Any]]], now: float) -> list[Any]:
         """Embed the due windows and run each partition's drift detector (in the executor).
 

@@ -94,6 +94,7 @@ class EmbedderProcess(Embedder):
         self.restarts = 0
         self._lock = threading.Lock()
         self._dimension: int | None = None
+        self._closed = False
         self._pool = self._spawn()
 
     def _spawn(self) -> Any:
@@ -114,6 +115,8 @@ class EmbedderProcess(Embedder):
             return pool.submit(fn, *args).result()
         except BrokenProcessPool as exc:
             with self._lock:
+                if self._closed:
+                    raise
                 if self._pool is pool:
                     pool.shutdown(wait=False, cancel_futures=True)
                     self._pool = self._spawn()
@@ -145,4 +148,13 @@ class EmbedderProcess(Embedder):
         return self._call(_child_encode, batch)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the child now, mid-batch if it is in one: the caller waiting on it gets
+        BrokenProcessPool, and no child is started again."""
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        children = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in children:
+            child.kill()
+            child.join(5.0)

@@ -57,3 +57,21 @@ def test_arguments_are_validated_before_a_child_starts():
     for kwargs in ({"batch_size": 0}, {"max_sentences_per_s": 0}, {"threads": 0}):
         with pytest.raises(ValueError):
             EmbedderProcess(**kwargs)
+
+
+def test_a_shutdown_stops_the_child_mid_load_and_starts_none_again():
+    """A worker stopping while its child still loads the model (at idle priority that lasts as
+    long as the CPU is busy) must not wait for it: the interpreter's exit joins the pool."""
+    from concurrent.futures import CancelledError, ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    embedder = EmbedderProcess(max_sentences_per_s=None)
+    with ThreadPoolExecutor(1) as thread:
+        loading = thread.submit(embedder.preload)
+        child = embedder.child_pid()
+        embedder.shutdown()
+        with pytest.raises((BrokenProcessPool, CancelledError)):  # running, or still queued
+            loading.result(timeout=30)
+    assert embedder.restarts == 0 and embedder.child_pid() in (None, child)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
