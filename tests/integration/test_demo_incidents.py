@@ -1,7 +1,10 @@
-"""The default `agentwatch demo`: a clean baseline, then a mix of incidents, and a closing table
-that pairs every injected incident with the finding it raised and the alert's delivery."""
+"""The default `agentwatch demo`: a clean baseline, then a mix of incidents (drift among them:
+real stack, real embeddings), and a closing table that pairs every injected incident with the
+finding it raised and the alert's delivery."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 from stack_helpers import stack_settings
@@ -53,6 +56,11 @@ def test_default_demo_closes_with_every_incident_and_its_finding(tmp_path, recei
             assert count >= 1, row
             assert outcome["delivered_to"] == ["slack"] or outcome["delivered_to"] == ("slack",), row
             assert "slack after" in row, row
+        # Drift is raised on the service whose prompts changed; an unchanged one may see a rare
+        # false alarm (at most 1% of windows), never more than the drifting one.
+        drift = Counter(key for (key,) in con.execute(
+            "SELECT key FROM findings WHERE detector = 'drift' AND NOT resolved").fetchall())
+        assert drift[outcomes["drift"]["key"]] == max(drift.values()), drift
     finally:
         con.close()
     delivered = " ".join(str(r.body) for r in slack.snapshot())
