@@ -214,6 +214,7 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
     from kafka import KafkaProducer
 
     from agentwatch.broker import unconsumed_records
+    from agentwatch.demo import scrape_counter
     from agentwatch.settings import Settings
     from agentwatch.stack import WORKER_INPUT_TOPICS, Stack
 
@@ -276,6 +277,9 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
             time.sleep(0.25)
         cpu_after = cpu_seconds(procs)
         threads_after = worker_thread_seconds(procs)
+        # Records a worker's Kafka client skipped (read from the log and processed all the same):
+        # anything above 0 is a client fault worth a look, even in a run that stored every row.
+        offset_gaps = int(scrape_counter(stack.worker_metrics_ports(), "agentwatch_offset_gaps_total"))
         probe.close()
         producer.close()
         if finished is None:
@@ -301,7 +305,7 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
             "stage_committed_s": stage_done,
             "topic_last_grew_s": {t: round(s, 3) for t, s in last_growth.items() if t in ("usage", *EVENT_TABLES)},
             "rows_expected": expected_rows, "rows_written": rows_written, "idle_wait_s": round(idle_wait_s, 1),
-            "probe_looks": looks, "cpu_us_per_span": cpu_us, "worker_threads_cpu_us_per_span": thread_us}
+            "probe_looks": looks, "offset_gaps": offset_gaps, "cpu_us_per_span": cpu_us, "worker_threads_cpu_us_per_span": thread_us}
 
 
 def _spread(values: Sequence[float]) -> dict[str, Any]:
