@@ -23,6 +23,7 @@ machine's speed drifts between seconds, and the figures only compare when measur
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -289,6 +290,10 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
                                f"{_rows_by_table(data_dir)} ({_rows_by_table(data_dir, stored_copies=True)} "
                                f"stored); dead letters {_dead_letters(bootstrap)}; "
                                f"worker logs and snapshots kept in {data_dir}")
+    # Every copy stored, against one per span in rows_written: a record processed twice (a
+    # worker stalled or killed before its commit) stores its rows again.
+    rows_stored = sum(_rows_by_table(data_dir, stored_copies=True).values()) - rows_before
+    shutil.rmtree(data_dir, ignore_errors=True)  # kept only when the run fails
     seconds = finished - started
     spans = len(records) * spans_per_record
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before}
@@ -304,7 +309,7 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
             # when each topic last grew: the gap to "seconds" is commit/flush latency, not work.
             "stage_committed_s": stage_done,
             "topic_last_grew_s": {t: round(s, 3) for t, s in last_growth.items() if t in ("usage", *EVENT_TABLES)},
-            "rows_expected": expected_rows, "rows_written": rows_written, "idle_wait_s": round(idle_wait_s, 1),
+            "rows_expected": expected_rows, "rows_written": rows_written, "rows_stored": rows_stored, "idle_wait_s": round(idle_wait_s, 1),
             "probe_looks": looks, "offset_gaps": offset_gaps, "cpu_us_per_span": cpu_us, "worker_threads_cpu_us_per_span": thread_us}
 
 
