@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -21,9 +20,11 @@ def receivers():
     slack.down()
 
 
-@pytest.fixture
-def running_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(stack_settings(tmp_path / "data"), say=lambda _m: None)
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack for a module's tests: each counts only what it sent (its own service names,
+    counter deltas), so they pass in any order and together."""
+    stack = Stack(stack_settings(tmp_path_factory.mktemp("stack") / "data"), say=lambda _m: None)
     stack.start()
     try:
         yield stack

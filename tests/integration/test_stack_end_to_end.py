@@ -40,6 +40,7 @@ def _rows(stack, sql: str) -> list[dict]:
 
 
 def test_sdk_spans_arrive_in_duckdb_with_tokens_cost_and_model(running_stack):
+    before = _spans_ingested(running_stack)
     provider = _provider(running_stack, "checkout", **{"agentwatch.project": "shop"})
     tracer = provider.get_tracer("test")
     for i in range(5):
@@ -54,8 +55,9 @@ def test_sdk_spans_arrive_in_duckdb_with_tokens_cost_and_model(running_stack):
                     "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "lookup"}):
                 pass
     provider.shutdown()
-    wait_until(lambda: _spans_ingested(running_stack) >= 15)
-    rows = wait_until(lambda: _rows(running_stack, "SELECT * FROM llm_calls ORDER BY input_tokens"))
+    wait_until(lambda: _spans_ingested(running_stack) - before >= 15)
+    rows = wait_until(lambda: _rows(running_stack, "SELECT * FROM llm_calls WHERE service = 'checkout' "
+                                                   "ORDER BY input_tokens"))
     assert len(rows) == 5  # the agent span is not counted as a second model call
     # gpt-4o-mini: 0.15 $/M input, 0.60 $/M output -> 1000*i*0.15e-6 + 100*0.6e-6
     for i, row in enumerate(rows, start=1):
@@ -65,14 +67,15 @@ def test_sdk_spans_arrive_in_duckdb_with_tokens_cost_and_model(running_stack):
         assert row["cost_usd"] == pytest.approx(1000 * i * 0.15e-6 + 100 * 0.60e-6)
         assert row["service"] == "checkout" and row["project"] == "shop" and row["priced"]
     assert {r["user"] for r in rows} == {f"u{i}" for i in range(5)}
-    tools = wait_until(lambda: _rows(running_stack, "SELECT tool_name, agent FROM tool_calls"))
+    tools = wait_until(lambda: _rows(running_stack, "SELECT tool_name, agent FROM tool_calls WHERE service = 'checkout'"))
     assert len(tools) == 5 and {t["tool_name"] for t in tools} == {"lookup"}
-    steps = wait_until(lambda: _rows(running_stack, "SELECT operation FROM agent_steps"))
+    steps = wait_until(lambda: _rows(running_stack, "SELECT operation FROM agent_steps WHERE service = 'checkout'"))
     assert [s["operation"] for s in steps] == ["invoke_agent"] * 5
 
 
 def test_large_prompts_spans_in_equals_spans_out(running_stack):
     """32 KiB prompts: with rotel's defaults these batches would exceed the record limit and vanish."""
+    before = _spans_ingested(running_stack)
     provider = _provider(running_stack, "rag-bot")
     tracer = provider.get_tracer("test")
     sent = 1500
@@ -84,18 +87,21 @@ def test_large_prompts_spans_in_equals_spans_out(running_stack):
                 "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text", "content": prompt}]}])}):
             pass
     provider.shutdown()
-    wait_until(lambda: _spans_ingested(running_stack) >= sent, timeout_s=60)
+    wait_until(lambda: _spans_ingested(running_stack) - before >= sent, timeout_s=60)
     time.sleep(1.0)
-    assert _spans_ingested(running_stack) == sent
-    rows = wait_until(lambda: _rows(running_stack, "SELECT count(*) n, count(DISTINCT output_tokens) d, "
-                                                   "max(length(prompt)) p FROM llm_calls")[0]["n"] == sent
-                      and _rows(running_stack, "SELECT count(DISTINCT output_tokens) d, max(length(prompt)) p FROM llm_calls"))
+    assert _spans_ingested(running_stack) - before == sent
+    mine = "FROM llm_calls WHERE service = 'rag-bot'"
+    rows = wait_until(lambda: _rows(running_stack, f"SELECT count(*) n {mine}")[0]["n"] == sent
+                      and _rows(running_stack, f"SELECT count(DISTINCT output_tokens) d, max(length(prompt)) p {mine}"))
     assert rows[0]["d"] == sent
     assert rows[0]["p"] == running_stack.settings.max_text_chars  # stored prompts are truncated
 
 
 def test_malformed_records_go_to_dead_letter_and_processing_continues(running_stack):
     bootstrap = running_stack.bootstrap_servers
+    ports = running_stack.worker_metrics_ports()
+    dead_before = scrape_counter(ports, "agentwatch_dead_letter_total")
+    rejected_before = scrape_counter(ports, "agentwatch_values_rejected_total")
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     garbage = [b"\xff\xfe not protobuf at all", b'{"resourceSpans": "nope"}', b"{ broken json"]
     for payload in garbage:
@@ -138,8 +144,8 @@ def test_malformed_records_go_to_dead_letter_and_processing_continues(running_st
     assert "llm_calls" in reasons[b"[1, 2, 3]"]
     assert all(dict(m.headers)["agentwatch.dlq.topic"] in (b"otlp_spans", b"llm_calls") for m in letters)
     assert all(c.proc.poll() is None for c in running_stack.children)  # the worker survived all of it
-    assert scrape_counter(running_stack.worker_metrics_ports(), "agentwatch_dead_letter_total") == 5 + 2 * len(empties)
-    assert scrape_counter(running_stack.worker_metrics_ports(), "agentwatch_values_rejected_total") == 1
+    assert scrape_counter(ports, "agentwatch_dead_letter_total") - dead_before == 5 + 2 * len(empties)
+    assert scrape_counter(ports, "agentwatch_values_rejected_total") - rejected_before == 1
 
 
 def test_openai_v2_instrumentation_log_records_arrive_via_otlp_logs(running_stack, tmp_path, monkeypatch):
