@@ -223,8 +223,13 @@ def overview_dashboard() -> dict[str, Any]:
                          "exporter's retry). Ids forgotten early mean the dedup memory's cap "
                          "(AGENTWATCH_DEDUP_SPANS) is too small for the rate."))
          .with_row(Row("Kafka and notifications"))
-         .with_panel(_timeseries("Consumer lag by topic", "short", [_q(
-             "sum by (topic) (agentwatch_consumer_lag)", "{{topic}}")]))
+         .with_panel(_timeseries("Consumer lag by topic", "short", [
+             _q("sum by (topic) (agentwatch_consumer_lag)", "{{topic}}"),
+             _q("sum(increase(agentwatch_offset_gaps_total[1h]))", "records the Kafka client skipped (last hour)")],
+             description="Lag: records on the broker a worker has not been handed yet. Skipped: "
+                         "offsets a worker's Kafka client jumped over within an assignment; the "
+                         "worker read them from the log and processed them, but anything above "
+                         "zero is a client fault (the worker log names the range)."))
          .with_panel(_timeseries("Notifier deliveries and failures / s", "ops", [
              _q(f"sum by (destination) (rate(agentwatch_notifier_deliveries_total[{_RATE}]))",
                 "delivered {{destination}}"),
