@@ -293,7 +293,11 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
     # Every copy stored, against one per span in rows_written: a record processed twice (a
     # worker stalled or killed before its commit) stores its rows again.
     rows_stored = sum(_rows_by_table(data_dir, stored_copies=True).values()) - rows_before
-    shutil.rmtree(data_dir, ignore_errors=True)  # kept only when the run fails
+    # Kept (and named) when the run fails or a worker's Kafka client skipped records: their logs
+    # say which records and where.
+    kept_dir = str(data_dir) if offset_gaps else None
+    if kept_dir is None:
+        shutil.rmtree(data_dir, ignore_errors=True)
     seconds = finished - started
     spans = len(records) * spans_per_record
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before}
@@ -309,8 +313,10 @@ def run_end_to_end(records: list[bytes], warmup: list[bytes], *, workers: int, e
             # when each topic last grew: the gap to "seconds" is commit/flush latency, not work.
             "stage_committed_s": stage_done,
             "topic_last_grew_s": {t: round(s, 3) for t, s in last_growth.items() if t in ("usage", *EVENT_TABLES)},
-            "rows_expected": expected_rows, "rows_written": rows_written, "rows_stored": rows_stored, "idle_wait_s": round(idle_wait_s, 1),
-            "probe_looks": looks, "offset_gaps": offset_gaps, "cpu_us_per_span": cpu_us, "worker_threads_cpu_us_per_span": thread_us}
+            "rows_expected": expected_rows, "rows_written": rows_written, "rows_stored": rows_stored,
+            "idle_wait_s": round(idle_wait_s, 1),
+            "probe_looks": looks, "offset_gaps": offset_gaps, "kept_data_dir": kept_dir,
+            "cpu_us_per_span": cpu_us, "worker_threads_cpu_us_per_span": thread_us}
 
 
 def _spread(values: Sequence[float]) -> dict[str, Any]:
