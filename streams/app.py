@@ -266,6 +266,21 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         async for chunk in read_range(record.topic, record.partition, first, end, "gap read"):
             yield chunk
 
+    async def process_skipped(record: Record, track: Unacked | None = None) -> tuple[list[Rows], list[Record]]:
+        """Process the records skipped before ``record`` (none, normally): their sends go out
+        now; their rows, and the records themselves, go with ``record``'s acknowledgement."""
+        rows: list[Rows] = []
+        records: list[Record] = []
+        async for chunk in skipped_before(record):
+            for r in chunk:
+                if track is not None:
+                    track.add(r)
+                out = dataflow.on_record(r)
+                await send(out.sends)
+                rows += out.rows
+                records.append(r)
+        return rows, records
+
     async def send(sends: list[Send]) -> None:
         for s in sends:
             await _send_until_accepted(out_topics[s.topic], s)
@@ -423,12 +438,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         stream = stream.noack()
         async for event in stream.events():
             record = _record(event)
-            skipped_rows: list[Rows] = []
-            async for skipped in skipped_before(record):
-                for r in skipped:
-                    out = dataflow.on_record(r)
-                    await send(out.sends)
-                    skipped_rows += out.rows
+            skipped_rows, _ = await process_skipped(record)
             out = dataflow.on_record(record)
             out.rows[:0] = skipped_rows
             await apply(out, lambda event=event: stream.ack(event))
@@ -458,15 +468,7 @@ def create_app(settings: Settings, dataflow: Dataflow, *, worker_index: int = 0,
         async for event in stream.events():
             record = _record(event)
             await replay_before(record)
-            skipped_rows: list[Rows] = []
-            skipped_records: list[Record] = []
-            async for skipped in skipped_before(record):
-                for r in skipped:
-                    unacked.add(r)
-                    out = dataflow.on_record(r)
-                    await send(out.sends)
-                    skipped_rows += out.rows
-                    skipped_records.append(r)
+            skipped_rows, skipped_records = await process_skipped(record, track=unacked)
             unacked.add(record)
 
             async def ack(event: Any = event, records: list[Record] = [*skipped_records, record]) -> None:
